@@ -1,0 +1,202 @@
+"""Checkpoint reader: finds the shards, validates headers and index, gives lazy tensor access.
+
+Reads no tensor data until asked; `tensor()` memory-maps. torch is imported only there.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moge_cli.config import MoGEConfig
+from moge_cli.errors import CheckpointError
+from moge_cli.names import detect_layout, layer_of
+from moge_cli.safetensors_format import TORCH_NAMES, TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class Checkpoint:
+    """A validated checkpoint: config, tensor locations, files. Tensor data stays on disk."""
+
+    root: Path  # directory holding config.json
+    source: Path  # what the user's path resolved to: root, or a single .safetensors file
+    config: MoGEConfig
+    tensors: dict[str, TensorInfo]  # name -> location, in file order
+    files: list[Path]  # weight files, in order
+    index_path: Path | None = None
+    index_total_size: int | None = None
+    unindexed: list[str] = field(default_factory=list)  # in a shard but not in the index
+    file_metadata: dict[Path, dict[str, str]] = field(default_factory=dict)
+    _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
+
+    @property
+    def layout(self) -> str:
+        return detect_layout(set(self.tensors))
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def layer_names(self, layer: int) -> list[str]:
+        return [n for n in self.tensors if layer_of(n) == layer]
+
+    def raw(self, name: str) -> memoryview:
+        """The tensor's bytes, memory-mapped (no copy, no torch)."""
+        info = self._info(name)
+        return memoryview(self._map(info.file))[info.start : info.end]
+
+    def tensor(self, name: str) -> Any:
+        """The tensor as a torch.Tensor backed by a private memory map (copy-on-write; the file is never modified)."""
+        import torch
+
+        info = self._info(name)
+        dtype = getattr(torch, TORCH_NAMES[info.dtype])
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        flat = torch.frombuffer(self._map(info.file), dtype=torch.uint8, offset=info.start, count=info.nbytes)
+        if info.start % flat.new_empty((), dtype=dtype).element_size():
+            flat = flat.clone()  # misaligned in the file: copy so the dtype view is legal
+        return flat.view(dtype).reshape(info.shape)
+
+    def layer(self, layer: int) -> dict[str, Any]:
+        """One decoder layer's tensors, memory-mapped."""
+        return {n: self.tensor(n) for n in self.layer_names(layer)}
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:  # a tensor still views it; the OS unmaps when it goes
+                pass
+        self._maps.clear()
+
+    def _info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.root}: no tensor named {name!r}") from None
+
+    def _map(self, path: Path) -> mmap.mmap:
+        if path not in self._maps:
+            with open(path, "rb") as f:
+                self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._maps[path]
+
+
+def open_checkpoint(path: str | os.PathLike, *, revision: str | None = None) -> Checkpoint:
+    """Resolve `path` (directory, .safetensors file, or cached Hugging Face repo id), validate, return it.
+
+    Raises ConfigError / CheckpointError (exit code 2) for anything unreadable or untrustworthy.
+    """
+    source, files, index = _resolve(path, revision)
+    root = source if source.is_dir() else source.parent
+    config = MoGEConfig.from_file(root / "config.json")
+    ckpt = Checkpoint(root=root, source=source, config=config, tensors={}, files=files, index_path=index)
+    owner: dict[str, Path] = {}
+    for f in files:
+        tensors, meta = read_header(f)
+        ckpt.file_metadata[f] = meta
+        for name, info in tensors.items():
+            if name in owner:
+                raise CheckpointError(f"{root}: tensor {name!r} is stored in two shards, {owner[name].name} and {f.name}")
+            owner[name] = f
+            ckpt.tensors[name] = info
+    if index is not None:
+        ckpt.index_total_size, ckpt.unindexed = _check_index_against_shards(index, owner)
+    return ckpt
+
+
+def _resolve(path: str | os.PathLike, revision: str | None) -> tuple[Path, list[Path], Path | None]:
+    """(source file or directory, weight files, index file or None)."""
+    p = Path(path)
+    if not p.exists():
+        if REPO_ID_RE.match(str(path)) and not str(path).startswith((".", "/")):
+            p = resolve_hub_repo(str(path), revision)
+        else:
+            raise CheckpointError(f"{path}: no such file or directory")
+    elif revision is not None:
+        raise CheckpointError(f"{path}: --revision applies to Hugging Face repo ids, not local paths")
+    if p.is_file():
+        if p.stat().st_size == 0:
+            raise CheckpointError(f"{p}: empty file (0 bytes); not a safetensors file")
+        return p, [p], None
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: not a file or directory")
+    index = p / INDEX_NAME
+    if index.is_file():
+        return p, _index_files(p, index), index
+    if (p / SINGLE_NAME).is_file():
+        return p, [p / SINGLE_NAME], None
+    shards = sorted(p.glob("*.safetensors"))
+    if shards:
+        return p, shards, None
+    if list(p.glob("pytorch_model*.bin")) or list(p.glob("*.pt")):
+        raise CheckpointError(f"{p}: holds PyTorch .bin/.pt weights; convert them first: moge convert {p} OUT")
+    raise CheckpointError(f"{p}: no {INDEX_NAME}, {SINGLE_NAME} or *.safetensors file here")
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{index}: not valid JSON ({e})") from None
+    wm = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise CheckpointError(f"{index}: no 'weight_map' object mapping tensor names to shard files")
+    return wm
+
+
+def _index_files(root: Path, index: Path) -> list[Path]:
+    """The shard files an index names, checked to be plain files inside `root`."""
+    real_root = root.resolve()
+    files: list[Path] = []
+    for fname in sorted(set(_read_index(index).values())):
+        rel = Path(fname)
+        if rel.is_absolute() or ".." in rel.parts or fname.startswith(("/", "\\")):
+            raise CheckpointError(f"{index}: shard path {fname!r} points outside the checkpoint directory")
+        f = root / rel
+        if not f.resolve().is_relative_to(real_root):
+            raise CheckpointError(f"{index}: shard {fname!r} is a link that leads outside the checkpoint directory")
+        if not f.is_file():
+            raise CheckpointError(f"{index}: names shard {fname!r}, which does not exist in {root}")
+        files.append(f)
+    return files
+
+
+def _check_index_against_shards(index: Path, owner: dict[str, Path]) -> tuple[int | None, list[str]]:
+    """Every indexed tensor is in its shard; returns (metadata.total_size, names the index lacks)."""
+    wm = _read_index(index)
+    for name, fname in wm.items():
+        if name not in owner:
+            raise CheckpointError(f"{index}: tensor {name!r} is indexed in {fname} but that shard does not hold it")
+        if owner[name].name != Path(fname).name:
+            raise CheckpointError(f"{index}: tensor {name!r} is indexed in {fname} but stored in {owner[name].name}")
+    try:
+        total = json.loads(index.read_text(encoding="utf-8")).get("metadata", {}).get("total_size")
+    except AttributeError:
+        total = None
+    return (total if isinstance(total, int) else None), [n for n in owner if n not in wm]
+
+
+def resolve_hub_repo(repo_id: str, revision: str | None) -> Path:
+    """Directory of a Hugging Face repo snapshot in the local cache; never touches the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        rev = f" --revision {revision}" if revision else ""
+        raise CheckpointError(
+            f"{repo_id}: not a local path, and not in the Hugging Face cache (revision {revision or 'main'}); "
+            f"download it first with: hf download {repo_id}{rev}"
+        ) from None

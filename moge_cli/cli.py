@@ -1,0 +1,30 @@
+"""Root Typer app: registers one module per command and handles errors once, at the edge."""
+
+from __future__ import annotations
+
+import typer
+
+from moge_cli.commands import load
+
+app = typer.Typer(
+    name="moge",
+    help="Load, convert, quantize, profile and run Mixture-of-Grouped-Experts (Pangu Pro MoE) checkpoints.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks (same as MOGE_DEBUG=1).")) -> None:
+    if debug:
+        import os
+
+        os.environ["MOGE_DEBUG"] = "1"
+
+
+app.command("load")(load.load_command)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,1 @@
+"""One module per `moge` subcommand: parse options, call the library function, render."""

@@ -1,0 +1,112 @@
+"""`moge load`: inspect and validate a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from moge_cli.commands.common import handle_errors, human_bytes, human_count, print_json, stderr_console, stdout_console
+
+
+@handle_errors
+def load_command(
+    path: str = typer.Argument(..., help="Checkpoint directory, .safetensors file, or cached Hugging Face repo id (org/name)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Revision of a Hugging Face repo id (cache only)."),
+    tensors: Optional[str] = typer.Option(
+        None, "--tensors", is_flag=False, flag_value="*", metavar="[GLOB]", help="List tensors (optionally those matching GLOB)."
+    ),
+    verify: bool = typer.Option(False, "--verify", help="Stream every tensor: NaN/Inf, all-zero, sha256 of every shard."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="With verification: write shard hashes to FILE."),
+    check: Optional[Path] = typer.Option(None, "--check", help="Verify shard hashes against a manifest FILE."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+) -> None:
+    """Inspect and validate a MoGE checkpoint. Exit 0 healthy, 1 problems found, 2 unreadable."""
+    from moge_cli.inspect import inspect_checkpoint
+
+    streaming = verify or manifest is not None or check is not None
+    options = dict(revision=revision, verify=streaming, manifest=manifest, check=check, tensors=tensors)
+    if streaming and not as_json:
+        report = _with_progress(lambda progress: inspect_checkpoint(path, progress=progress, **options))
+    else:
+        report = inspect_checkpoint(path, **options)
+    if as_json:
+        print_json(report)
+    else:
+        render(report)
+    if report["problems"]:
+        raise typer.Exit(1)
+
+
+def _with_progress(run: Callable[[Callable[[int, int], None]], dict[str, Any]]) -> dict[str, Any]:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=stderr_console(), transient=True) as bar:
+        task = bar.add_task("verifying", total=None)
+        return run(lambda n, total: bar.update(task, advance=n, total=total))
+
+
+def render(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    out = stdout_console()
+    p = report["params"]
+    summary = Table(show_header=False, box=None, pad_edge=False)
+    summary.add_column(style="bold cyan")
+    summary.add_column()
+    rows = [
+        ("path", report["path"]),
+        ("architecture", f"{report['model_type']}  ({report['num_layers']} layers, hidden {report['hidden_size']}, vocab {report['vocab_size']})"),
+        ("attention", f"{report['num_attention_heads']} heads / {report['num_key_value_heads']} kv heads, head_dim {report['head_dim']}"),
+        (
+            "experts",
+            f"{report['num_experts']} = {report['num_groups']} groups x {report['experts_per_group']} experts, "
+            f"{report['picks_per_group']} pick(s) per group ({report['num_experts_per_tok']} per token); "
+            f"width {report['moe_intermediate_size']}, shared expert {report['shared_expert_intermediate_size']}",
+        ),
+        ("dense layers", ", ".join(map(str, report["dense_layers"])) or "none"),
+        ("layout", report["layout"]),
+        ("dtype", report["dtype"] or "-"),
+        ("shards", f"{len(report['shards'])} file(s), {human_bytes(report['size_bytes'])} on disk, {report['num_tensors']} tensors"),
+        ("parameters", f"{human_count(p['total'])} total, {human_count(p['active'])} active per token ({p['total']:,} / {p['active']:,})"),
+    ]
+    for k, v in rows:
+        summary.add_row(k, v)
+    out.print(summary)
+
+    breakdown = Table(title="parameters by component", title_justify="left")
+    for col in ("component", "total", "active", "share"):
+        breakdown.add_column(col, justify="left" if col == "component" else "right")
+    for comp in ("embeddings", "attention", "router", "routed_experts", "shared_experts", "dense_mlp", "norms", "lm_head"):
+        if p[comp]:
+            active = p["active_routed_experts"] if comp == "routed_experts" else p[comp]
+            breakdown.add_row(comp, f"{p[comp]:,}", f"{active:,}", f"{100 * p[comp] / p['total']:.1f}%")
+    out.print(breakdown)
+
+    if "verify" in report:
+        v = report["verify"]
+        out.print(f"verified {v['tensors_checked']} tensors: {v['nan']} NaN, {v['inf']} Inf, {v['all_zero_tensors']} all-zero")
+        for name, f in v["files"].items():
+            out.print(f"  {f['sha256']}  {name}")
+    if "tensors" in report:
+        t = Table(title=f"{len(report['tensors'])} tensors", title_justify="left")
+        for col in ("name", "dtype", "shape", "shard", "bytes"):
+            t.add_column(col, justify="right" if col == "bytes" else "left")
+        for r in report["tensors"]:
+            t.add_row(r["name"], r["dtype"], str(r["shape"]), r["shard"], f"{r['bytes']:,}")
+        out.print(t)
+
+    problems = report["problems"]
+    if not problems:
+        out.print("[green]no problems found[/green]")
+        return
+    t = Table(title=f"{len(problems)} problem(s)", title_justify="left", title_style="bold red")
+    for col in ("kind", "tensor", "detail"):
+        t.add_column(col)
+    for pr in problems[:50]:
+        t.add_row(pr["kind"], pr["tensor"], pr["detail"])
+    out.print(t)
+    if len(problems) > 50:
+        out.print(f"... and {len(problems) - 50} more (use --json for all)")

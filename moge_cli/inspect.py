@@ -1,0 +1,159 @@
+"""`inspect_checkpoint`: the report behind `moge load` (schema check, parameter counts, sizes)."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from moge_cli.checkpoint import Checkpoint, open_checkpoint
+from moge_cli.config import MoGEConfig
+from moge_cli.names import LAYOUTS, PER_EXPERT, component_of, expected_tensors
+from moge_cli.safetensors_format import TORCH_NAMES
+
+COMPONENTS = ("embeddings", "attention", "router", "routed_experts", "shared_experts", "dense_mlp", "norms", "lm_head")
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a readable checkpoint. kind: missing, unexpected, shape, dtype, layout, index, nonfinite, zero, hash."""
+
+    kind: str
+    tensor: str
+    detail: str
+
+
+def count_params(cfg: MoGEConfig) -> dict[str, int]:
+    """Parameters of the model `cfg` describes: total, active (picked experts only), and per component."""
+    by_component = Counter()
+    for name, shape in expected_tensors(cfg, PER_EXPERT).items():
+        by_component[component_of(name)] += math.prod(shape)
+    routed = by_component["routed_experts"]
+    active_routed = routed * cfg.num_experts_per_tok // cfg.num_experts
+    total = sum(by_component.values())
+    params = {"total": total, "active": total - routed + active_routed}
+    params.update({c: by_component[c] for c in COMPONENTS})
+    params["active_routed_experts"] = active_routed
+    return params
+
+
+def schema_problems(ckpt: Checkpoint) -> list[Problem]:
+    """Missing, unexpected and wrongly shaped tensors against the config; mixed dtypes; index drift."""
+    layout = ckpt.layout
+    problems: list[Problem] = []
+    if layout not in LAYOUTS:
+        problems.append(Problem("layout", "", f"layout is {layout}: expected all expert tensors per-expert or all stacked"))
+    expected = expected_tensors(ckpt.config, layout if layout in LAYOUTS else PER_EXPERT)
+    if layout == "mixed":  # judge each layer by its own expert tensors rather than report everything twice
+        expected.update(expected_tensors(ckpt.config, "stacked"))
+        expected = {n: s for n, s in expected.items() if n in ckpt.tensors or ".experts." not in n}
+    for name, shape in expected.items():
+        info = ckpt.tensors.get(name)
+        if info is None:
+            problems.append(Problem("missing", name, f"expected shape {list(shape)}"))
+        elif info.shape != shape:
+            problems.append(Problem("shape", name, f"shape {list(info.shape)}, config says {list(shape)}"))
+    for name in ckpt.tensors:
+        if name not in expected:
+            problems.append(Problem("unexpected", name, f"not part of a {ckpt.config.model_type} checkpoint of this config"))
+    dtype = main_dtype(ckpt)
+    for name, info in ckpt.tensors.items():
+        if info.dtype in FLOAT_DTYPES and info.dtype != dtype:
+            problems.append(Problem("dtype", name, f"{TORCH_NAMES[info.dtype]} in a {TORCH_NAMES.get(dtype, dtype)} checkpoint"))
+    for name in ckpt.unindexed:
+        problems.append(Problem("index", name, "stored in a shard but missing from the index"))
+    if ckpt.index_total_size is not None:
+        total = sum(t.nbytes for t in ckpt.tensors.values())
+        if total != ckpt.index_total_size:
+            problems.append(Problem("index", "", f"index metadata.total_size is {ckpt.index_total_size}, tensors add up to {total}"))
+    return problems
+
+
+def main_dtype(ckpt: Checkpoint) -> str:
+    """The floating dtype holding most bytes (safetensors code), or '' for none."""
+    by_bytes = Counter()
+    for t in ckpt.tensors.values():
+        if t.dtype in FLOAT_DTYPES:
+            by_bytes[t.dtype] += t.nbytes
+    return by_bytes.most_common(1)[0][0] if by_bytes else ""
+
+
+def inspect_checkpoint(
+    path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    verify: bool = False,
+    manifest: str | os.PathLike | None = None,
+    check: str | os.PathLike | None = None,
+    tensors: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Inspect a checkpoint and return the report `moge load --json` prints.
+
+    verify: stream every tensor (NaN/Inf, all-zero) and hash every shard; manifest: write those
+    hashes to this file; check: compare shard hashes against a manifest written earlier;
+    tensors: a glob; matching tensors are listed under "tensors".
+    progress(n_bytes, total_bytes) is called as bytes are streamed. Raises MogeError if unreadable.
+    """
+    ckpt = open_checkpoint(path, revision=revision)
+    try:
+        report = summarize(ckpt)
+        if tensors is not None:
+            report["tensors"] = tensor_rows(ckpt, tensors)
+        if verify or manifest or check:
+            from moge_cli.verify import check_manifest, verify_checkpoint, write_manifest
+
+            result = verify_checkpoint(ckpt, progress=progress)
+            report["verify"] = result.summary()
+            report["problems"] += [asdict(p) for p in result.problems]
+            if manifest:
+                write_manifest(result, Path(manifest))
+            if check:
+                report["problems"] += [asdict(p) for p in check_manifest(result, Path(check))]
+        return report
+    finally:
+        ckpt.close()
+
+
+def tensor_rows(ckpt: Checkpoint, pattern: str = "*") -> list[dict[str, Any]]:
+    return [
+        {"name": t.name, "dtype": TORCH_NAMES[t.dtype], "shape": list(t.shape), "shard": t.file.name, "bytes": t.nbytes}
+        for t in ckpt.tensors.values()
+        if fnmatch.fnmatchcase(t.name, pattern)
+    ]
+
+
+def summarize(ckpt: Checkpoint) -> dict[str, Any]:
+    cfg = ckpt.config
+    dtype = main_dtype(ckpt)
+    return {
+        "path": str(ckpt.source),
+        "model_type": cfg.model_type,
+        "layout": ckpt.layout,
+        "dtype": TORCH_NAMES.get(dtype, dtype),
+        "num_layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "num_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok,
+        "num_groups": cfg.n_groups,
+        "experts_per_group": cfg.experts_per_group,
+        "picks_per_group": cfg.picks_per_group,
+        "moe_intermediate_size": cfg.moe_intermediate_size,
+        "shared_expert_intermediate_size": cfg.shared_expert_intermediate_size,
+        "dense_layers": cfg.dense_layers,
+        "params": count_params(cfg),
+        "num_tensors": len(ckpt.tensors),
+        "size_bytes": ckpt.size_bytes,
+        "tensor_bytes": sum(t.nbytes for t in ckpt.tensors.values()),
+        "shards": [f.name for f in ckpt.files],
+        "problems": [asdict(p) for p in schema_problems(ckpt)],
+    }
