@@ -53,6 +53,7 @@ class MoGEConfig:
     tie_word_embeddings: bool = False
     torch_dtype: str = "bfloat16"
     model_type: str = MODEL_TYPE
+    architectures: list[str] = field(default_factory=lambda: ["PanguProMoEForCausalLM"])
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys, kept verbatim
 
     def __post_init__(self) -> None:
@@ -166,7 +167,6 @@ class MoGEConfig:
             del d["intermediate_size"]
         if d["num_expert_groups"] == d["num_experts_per_tok"] and "num_expert_groups" not in self.extra:
             del d["num_expert_groups"]
-        d["architectures"] = ["PanguProMoEForCausalLM"]
         d.update(self.extra)
         return dict(sorted(d.items()))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from moge_cli.checkpoint import Checkpoint, open_checkpoint
-from moge_cli.config import MoGEConfig
+from moge_cli.config import MODEL_TYPE, MoGEConfig
 from moge_cli.names import LAYOUTS, PER_EXPERT, component_of, expected_tensors
 from moge_cli.safetensors_format import TORCH_NAMES
 
@@ -21,7 +21,10 @@ FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong with a readable checkpoint. kind: missing, unexpected, shape, dtype, layout, index, nonfinite, zero, hash."""
+    """One thing wrong with a readable checkpoint.
+
+    kind: missing, unexpected, shape, dtype, layout, index, config, nonfinite, zero, hash.
+    """
 
     kind: str
     tensor: str
@@ -46,6 +49,8 @@ def schema_problems(ckpt: Checkpoint) -> list[Problem]:
     """Missing, unexpected and wrongly shaped tensors against the config; mixed dtypes; index drift."""
     layout = ckpt.layout
     problems: list[Problem] = []
+    if ckpt.config.model_type != MODEL_TYPE:
+        problems.append(Problem("config", "", f"model_type is {ckpt.config.model_type!r}, expected {MODEL_TYPE!r}"))
     if layout not in LAYOUTS:
         problems.append(Problem("layout", "", f"layout is {layout}: expected all expert tensors per-expert or all stacked"))
     expected = expected_tensors(ckpt.config, layout if layout in LAYOUTS else PER_EXPERT)

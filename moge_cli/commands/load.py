@@ -13,10 +13,9 @@ from moge_cli.commands.common import handle_errors, human_bytes, human_count, pr
 @handle_errors
 def load_command(
     path: str = typer.Argument(..., help="Checkpoint directory, .safetensors file, or cached Hugging Face repo id (org/name)."),
+    glob: Optional[str] = typer.Argument(None, metavar="[GLOB]", help="With --tensors: list only tensors matching GLOB."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Revision of a Hugging Face repo id (cache only)."),
-    tensors: Optional[str] = typer.Option(
-        None, "--tensors", is_flag=False, flag_value="*", metavar="[GLOB]", help="List tensors (optionally those matching GLOB)."
-    ),
+    tensors: bool = typer.Option(False, "--tensors", help="List tensors: name, dtype, shape, shard, bytes (filter with GLOB)."),
     verify: bool = typer.Option(False, "--verify", help="Stream every tensor: NaN/Inf, all-zero, sha256 of every shard."),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="With verification: write shard hashes to FILE."),
     check: Optional[Path] = typer.Option(None, "--check", help="Verify shard hashes against a manifest FILE."),
@@ -26,7 +25,8 @@ def load_command(
     from moge_cli.inspect import inspect_checkpoint
 
     streaming = verify or manifest is not None or check is not None
-    options = dict(revision=revision, verify=streaming, manifest=manifest, check=check, tensors=tensors)
+    listing = glob or "*" if tensors or glob else None
+    options = dict(revision=revision, verify=streaming, manifest=manifest, check=check, tensors=listing)
     if streaming and not as_json:
         report = _with_progress(lambda progress: inspect_checkpoint(path, progress=progress, **options))
     else:

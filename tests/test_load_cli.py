@@ -1,0 +1,360 @@
+"""`moge load` through the CLI: output, exit codes, and a corpus of broken checkpoints."""
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fixtures.make import write_checkpoint
+from moge_cli.cli import app
+from moge_cli.config import PRESETS, MoGEConfig
+
+TINY = MoGEConfig.from_dict(PRESETS["tiny-moge"])
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def moge(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> Path:
+    return write_checkpoint(TINY, tmp_path_factory.mktemp("good"), dtype="float32", max_shard_bytes=200_000, tokenizer=False)
+
+
+@pytest.fixture()
+def ck(good, tmp_path) -> Path:
+    dst = tmp_path / "ck"
+    shutil.copytree(good, dst)
+    return dst
+
+
+def shards(d: Path) -> list[Path]:
+    return sorted(d.glob("model-*.safetensors"))
+
+
+def split(path: Path) -> tuple[dict, bytes]:
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def join(path: Path, header, body: bytes) -> None:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
+
+
+def edit_header(path: Path, fn) -> None:
+    header, body = split(path)
+    fn(header)
+    join(path, header, body)
+
+
+def first_tensor(header: dict) -> str:
+    return next(k for k in header if k != "__metadata__")
+
+
+def edit_index(d: Path, fn) -> None:
+    p = d / "model.safetensors.index.json"
+    index = json.loads(p.read_text())
+    fn(index["weight_map"])
+    p.write_text(json.dumps(index))
+
+
+# ---- healthy -----------------------------------------------------------------------------------
+def test_committed_fixture_is_healthy():
+    r = moge("load", REPO / "fixtures" / "tiny-moge")
+    assert r.exit_code == 0, r.output
+    for fragment in ("PanguProMoE", "4 groups x 2 experts", "1 pick(s) per group", "per-expert", "bfloat16", "no problems found"):
+        assert fragment in r.stdout
+
+
+def test_json_report_fields(good):
+    r = moge("load", good, "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    for key in ("path", "model_type", "layout", "dtype", "num_layers", "hidden_size", "num_experts", "num_groups",
+                "experts_per_group", "picks_per_group", "params", "size_bytes", "shards", "problems"):  # fmt: skip
+        assert key in data, key
+    assert data["params"]["total"] == 214_736 and data["params"]["active"] == 165_584
+    assert data["size_bytes"] == sum(p.stat().st_size for p in shards(good))
+    assert data["shards"] == [p.name for p in shards(good)]
+
+
+def test_tensors_table_with_glob(good):
+    r = moge("load", good, "--json", "--tensors", "*.mlp.gate.weight")
+    rows = json.loads(r.stdout)["tensors"]
+    assert [row["name"] for row in rows] == [f"model.layers.{i}.mlp.gate.weight" for i in range(2)]
+    assert rows[0]["shape"] == [8, 64] and rows[0]["dtype"] == "float32" and rows[0]["bytes"] == 2048
+    r = moge("load", good, "--tensors")  # no glob: every tensor
+    assert r.exit_code == 0 and "81 tensors" in r.stdout
+
+
+def test_verify_manifest_check_cli(ck, tmp_path):
+    man = tmp_path / "m.json"
+    r = moge("load", ck, "--verify", "--manifest", man)
+    assert r.exit_code == 0, r.output
+    assert "0 NaN, 0 Inf, 0 all-zero" in r.stdout and man.is_file()
+    assert moge("load", ck, "--check", man).exit_code == 0
+    victim = shards(ck)[0]
+    data = bytearray(victim.read_bytes())
+    data[-2] ^= 0x40
+    victim.write_bytes(bytes(data))
+    r = moge("load", ck, "--check", man, "--json")
+    assert r.exit_code == 1
+    assert [p["kind"] for p in json.loads(r.stdout)["problems"]] == ["hash"]
+
+
+def test_load_and_help_do_not_import_torch(good):
+    code = (
+        "import sys\nfrom moge_cli.cli import app\n"
+        "try:\n    app(['load', sys.argv[1], '--json'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\nassert 'numpy' not in sys.modules, 'numpy imported'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(good)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+# ---- schema problems: readable, exit 1 ----------------------------------------------------------
+def test_schema_problem_exit_1_with_report(ck):
+    def drop(h):
+        del h[first_tensor(h)]
+
+    shard = shards(ck)[-1]
+    name = first_tensor(split(shard)[0])
+    edit_header(shard, drop)
+    edit_index(ck, lambda wm: wm.pop(name))
+    r = moge("load", ck, "--json")
+    assert r.exit_code == 1
+    problems = json.loads(r.stdout)["problems"]
+    # the tensor is gone, and the index's total_size no longer adds up
+    assert [(p["kind"], p["tensor"]) for p in problems] == [("missing", name), ("index", "")]
+    r = moge("load", ck)
+    assert r.exit_code == 1 and "missing" in r.stdout and name in r.stdout
+
+
+# ---- unreadable: exit 2, one `error:` line naming the file ------------------------------------
+def truncate_shard(d):
+    p = shards(d)[1]
+    p.write_bytes(p.read_bytes()[:-100])
+    return p.name, "outside"
+
+
+def zero_byte_shard(d):
+    shards(d)[0].write_bytes(b"")
+    return shards(d)[0].name, "too short"
+
+
+def header_past_end(d):
+    p = shards(d)[0]
+    p.write_bytes(struct.pack("<Q", 10**6) + b"{}")
+    return p.name, "runs past the end"
+
+
+def header_over_cap(d):
+    p = shards(d)[0]
+    p.write_bytes(struct.pack("<Q", 2**62) + b"{}")
+    return p.name, "exceeds"
+
+
+def invalid_json(d):
+    p = shards(d)[0]
+    _, body = split(p)
+    join(p, b"{this is not json", body)
+    return p.name, "not valid JSON"
+
+
+def unknown_dtype(d):
+    p = shards(d)[0]
+    edit_header(p, lambda h: h[first_tensor(h)].update(dtype="F12"))
+    return p.name, "unknown dtype 'F12'"
+
+
+def shape_mismatch(d):
+    p = shards(d)[0]
+    edit_header(p, lambda h: h[first_tensor(h)].update(shape=[3, 3]))
+    return p.name, "needs 36 bytes"
+
+
+def absurd_shape(d):
+    p = shards(d)[0]
+    edit_header(p, lambda h: h[first_tensor(h)].update(shape=[2**40, 2**40, 2**40]))
+    return p.name, "needs"
+
+
+def negative_shape(d):
+    p = shards(d)[0]
+    edit_header(p, lambda h: h[first_tensor(h)].update(shape=[-4, 16]))
+    return p.name, "non-negative"
+
+
+def overlapping(d):
+    p = shards(d)[0]
+
+    def fn(h):
+        names = [k for k in h if k != "__metadata__"]
+        a, b = sorted(names, key=lambda k: h[k]["data_offsets"][0])[:2]
+        size = h[b]["data_offsets"][1] - h[b]["data_offsets"][0]
+        h[b]["data_offsets"] = [h[a]["data_offsets"][0], h[a]["data_offsets"][0] + size]
+
+    edit_header(p, fn)
+    return p.name, "overlap"
+
+
+def offsets_out_of_file(d):
+    p = shards(d)[0]
+    edit_header(p, lambda h: h[first_tensor(h)].update(data_offsets=[10**9, 10**9 + 4]))
+    return p.name, "outside"
+
+
+def index_missing_shard(d):
+    edit_index(d, lambda wm: wm.update({"model.norm.weight": "model-00009-of-00009.safetensors"}))
+    return "model-00009-of-00009.safetensors", "does not exist"
+
+
+def index_dotdot(d):
+    edit_index(d, lambda wm: wm.update({"model.norm.weight": "../elsewhere.safetensors"}))
+    return "../elsewhere.safetensors", "outside the checkpoint"
+
+
+def index_absolute(d):
+    edit_index(d, lambda wm: wm.update({"model.norm.weight": "/etc/passwd"}))
+    return "/etc/passwd", "outside the checkpoint"
+
+
+def index_symlink_escape(d):
+    outside = d.parent / "outside.safetensors"
+    shutil.copy(shards(d)[0], outside)
+    (d / "link.safetensors").symlink_to(outside)
+    edit_index(d, lambda wm: wm.update({"model.norm.weight": "link.safetensors"}))
+    return "link.safetensors", "outside the checkpoint"
+
+
+def index_tensor_not_in_shard(d):
+    edit_index(d, lambda wm: wm.update({"model.layers.9.ghost.weight": shards(d)[0].name}))
+    return "model.layers.9.ghost.weight", "does not hold it"
+
+
+def tensor_in_two_shards(d):
+    a, b = shards(d)[:2]
+    ha = split(a)[0]
+    name = first_tensor(ha)
+    begin, end = ha[name]["data_offsets"]
+    hb, body = split(b)
+    hb[name] = {"dtype": ha[name]["dtype"], "shape": ha[name]["shape"], "data_offsets": [len(body), len(body) + end - begin]}
+    join(b, hb, body + b"\x00" * (end - begin))  # a valid second copy, appended to shard b
+    return name, "two shards"
+
+
+def index_not_json(d):
+    (d / "model.safetensors.index.json").write_text("{oops")
+    return "model.safetensors.index.json", "not valid JSON"
+
+
+def config_missing(d):
+    (d / "config.json").unlink()
+    return "config.json", "not found"
+
+
+def config_not_json(d):
+    (d / "config.json").write_text("nope")
+    return "config.json", "not valid JSON"
+
+
+def config_inconsistent(d):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_experts"] = 6
+    (d / "config.json").write_text(json.dumps(cfg))
+    return "config.json", "num_experts (6) is not divisible"
+
+
+def config_wrong_type(d):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["hidden_size"] = "64"
+    (d / "config.json").write_text(json.dumps(cfg))
+    return "config.json", "hidden_size must be an integer"
+
+
+def config_negative(d):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_hidden_layers"] = -2
+    (d / "config.json").write_text(json.dumps(cfg))
+    return "config.json", "num_hidden_layers must be a positive integer"
+
+
+def empty_directory(d):
+    shutil.rmtree(d)
+    d.mkdir()
+    return str(d), "no model.safetensors.index.json"
+
+
+def not_safetensors(d):
+    p = d / "notes.safetensors"
+    p.write_text("hello, I am a text file pretending to be weights\n" * 3)
+    return "notes.safetensors", "header length"
+
+
+@pytest.mark.parametrize(
+    "breaker",
+    [truncate_shard, zero_byte_shard, header_past_end, header_over_cap, invalid_json, unknown_dtype, shape_mismatch,
+     absurd_shape, negative_shape, overlapping, offsets_out_of_file, index_missing_shard, index_dotdot, index_absolute,
+     index_symlink_escape, index_tensor_not_in_shard, tensor_in_two_shards, index_not_json, config_missing,
+     config_not_json, config_inconsistent, config_wrong_type, config_negative, empty_directory, not_safetensors],
+)  # fmt: skip
+def test_broken_checkpoint_exit_2(ck, breaker):
+    names, fragment = breaker(ck)
+    target = ck / "notes.safetensors" if breaker is not_safetensors else ck
+    r = moge("load", target, "--json")
+    assert r.exit_code == 2, r.output
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert names in lines[0] and fragment in lines[0], lines[0]
+    assert "Traceback" not in r.output
+
+
+def test_nonexistent_path_exit_2(tmp_path):
+    r = moge("load", tmp_path / "nowhere")
+    assert r.exit_code == 2 and r.stderr.startswith("error: ") and "no such file or directory" in r.stderr
+
+
+def test_bin_checkpoint_points_to_convert(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x00" * 16)
+    r = moge("load", tmp_path)
+    assert r.exit_code == 2 and "moge convert" in r.stderr
+
+
+def test_debug_shows_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOGE_DEBUG", "1")
+    r = moge("load", tmp_path / "nowhere")
+    assert r.exit_code != 0 and r.exception is not None and type(r.exception).__name__ == "CheckpointError"
+
+
+def test_model_type_mismatch_is_a_problem(ck):
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["model_type"] = "qwen2_moe"
+    (ck / "config.json").write_text(json.dumps(cfg))
+    r = moge("load", ck, "--json")
+    assert r.exit_code == 1
+    assert json.loads(r.stdout)["problems"][0]["kind"] == "config"
+
+
+def test_72b_skeleton_figures(tmp_path):
+    from fixtures.make import write_skeleton
+
+    skel = write_skeleton(MoGEConfig.from_name("pangu-pro-moe-72b"), tmp_path / "72b")
+    r = moge("load", skel, "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["params"]["total"] == 71_988_781_056
+    assert data["params"]["active"] == 16_498_139_136
+    assert data["tensor_bytes"] == 143_977_562_112
+    assert (data["num_groups"], data["experts_per_group"], data["picks_per_group"]) == (8, 8, 1)
+    assert data["num_tensors"] == 9939 and data["dtype"] == "bfloat16" and data["layout"] == "per-expert"
+    assert data["size_bytes"] > data["tensor_bytes"]  # plus the headers
