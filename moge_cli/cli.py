@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from moge_cli.commands import load
+from moge_cli.commands import generate, load
 
 app = typer.Typer(
     name="moge",
@@ -24,6 +24,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks (sa
 
 
 app.command("load")(load.load_command)
+app.command("generate")(generate.generate_command)
 
 
 def main() -> None:

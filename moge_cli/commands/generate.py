@@ -1,0 +1,182 @@
+"""`moge generate`: run a checkpoint on a prompt (or an interactive chat) and report its speed."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, List, Optional
+
+import typer
+
+from moge_cli.commands.common import handle_errors, human_bytes, print_json
+from moge_cli.errors import UsageError
+
+DEFAULT_MAX_NEW_TOKENS = 128
+EXIT_WORDS = ("/exit", "/quit")
+
+
+@handle_errors
+def generate_command(
+    model_path: str = typer.Argument(..., metavar="MODEL", help="Checkpoint directory or cached Hugging Face repo id (org/name)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Revision of a Hugging Face repo id (cache only)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text (default: read stdin when it is not a terminal)."),
+    prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", metavar="ID,ID,...", help="Token ids, bypassing the tokenizer (works without one)."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the chat format (Pangu turns, or the checkpoint's chat_template)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt (implies --chat; default: an empty system block)."),
+    interactive: bool = typer.Option(False, "--interactive", "-i", help="Multi-turn chat in the terminal; /reset clears, /exit or EOF quits."),
+    max_new_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, "--max-new-tokens", "-n", help="Most tokens to generate (per turn)."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy (deterministic); > 0 samples."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample from the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Sample from the smallest set with this probability mass (1 = off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed: the same seed gives the same output."),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop when this text appears (repeatable); it is not printed."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)."),
+    device: str = typer.Option("cpu", "--device", help="torch device: cpu, cuda, cuda:1, mps..."),
+    as_json: bool = typer.Option(False, "--json", help="No streaming: print one JSON object with ids, text and speed."),
+) -> None:
+    """Generate text from a MoGE checkpoint, streaming it to stdout; speed and peak memory go to stderr."""
+    from moge_cli.checkpoint import open_checkpoint
+    from moge_cli.tokenizer import eos_ids_from_dir, has_tokenizer, load_tokenizer
+
+    chat = chat or system is not None
+    if prompt is not None and prompt_ids is not None:
+        raise UsageError("give --prompt or --prompt-ids, not both")
+    if interactive and (prompt is not None or prompt_ids is not None or as_json):
+        raise UsageError("--interactive reads its prompts from the terminal; drop --prompt, --prompt-ids and --json")
+    if prompt_ids is not None and chat:
+        raise UsageError("--chat and --system format text prompts; they cannot be used with --prompt-ids")
+    ids = parse_ids(prompt_ids) if prompt_ids is not None else None
+    if ids is None and prompt is None and not interactive:
+        prompt = read_stdin()
+
+    root = open_checkpoint(model_path, revision=revision).root  # fails fast, before torch is imported
+    tokenizer = None
+    if has_tokenizer(root):
+        tokenizer = load_tokenizer(root)
+    elif ids is None:
+        raise UsageError(f"{root}: no tokenizer.model or tokenizer.json; text prompts need one (use --prompt-ids)")
+    stop_ids = tokenizer.eos_ids if tokenizer is not None else eos_ids_from_dir(root)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop or ())
+
+    from moge_cli.generate import check_sampling
+
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    if stop and tokenizer is None:
+        raise UsageError("--stop needs a tokenizer, and this checkpoint has none")
+
+    from moge_cli.model import load_model
+
+    model = load_model(str(root), dtype=dtype, device=device)
+    if interactive:
+        run_interactive(model, tokenizer, system=system, max_new_tokens=max_new_tokens, **sampling)
+        return
+    if ids is None:
+        from moge_cli.chat import chat_prompt, encode_prompt, messages_for
+
+        text = chat_prompt(tokenizer, messages_for(prompt, system)) if chat else prompt
+        ids = encode_prompt(tokenizer, text)
+
+    from moge_cli.generate import run_generation
+
+    stream: dict[str, Any] = {}
+    if not as_json:
+        stream = dict(on_text=_writer()) if tokenizer is not None else dict(on_token=_id_writer())
+    result = run_generation(model, ids, tokenizer=tokenizer, max_new_tokens=max_new_tokens, stop_ids=stop_ids, **sampling, **stream)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    _end_line(result.text if tokenizer is not None else result.generated_ids)
+    sys.stderr.write(stats_line(result) + "\n")
+
+
+def parse_ids(text: str) -> list[int]:
+    """`1,2,3` (spaces allowed) -> [1, 2, 3]."""
+    parts = [p.strip() for p in text.replace(" ", ",").split(",") if p.strip()]
+    try:
+        ids = [int(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"--prompt-ids: {text!r} is not a comma-separated list of integer token ids") from None
+    if not ids:
+        raise UsageError("--prompt-ids: no token ids given")
+    if any(i < 0 for i in ids):
+        raise UsageError("--prompt-ids: token ids cannot be negative")
+    return ids
+
+
+def read_stdin() -> str:
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UsageError("no prompt: give --prompt TEXT or --prompt-ids IDS, or pipe the prompt on stdin")
+    text = sys.stdin.read().rstrip("\n")  # `echo text |` adds one
+    if not text:
+        raise UsageError("the prompt read from stdin is empty")
+    return text
+
+
+def stats_line(result: Any) -> str:
+    return (
+        f"prefill {result.prefill_tokens} tokens, {result.prefill_tokens_per_s:.1f} tokens/s | "
+        f"decode {result.decode_tokens} tokens, {result.decode_tokens_per_s:.1f} tokens/s | "
+        f"peak memory {human_bytes(result.peak_memory_bytes)} | finish: {result.finish_reason}"
+    )
+
+
+def run_interactive(model: Any, tokenizer: Any, *, system: Optional[str], max_new_tokens: int, **sampling: Any) -> None:
+    """Read a line, answer it, keep the KV cache between turns. /reset clears, /exit or EOF quits."""
+    if tokenizer is None:
+        raise UsageError("--interactive needs a tokenizer, and this checkpoint has none")
+    from moge_cli.chat import ChatSession
+
+    session = ChatSession(model, tokenizer, system=system)
+    err = sys.stderr
+    err.write("interactive chat: /reset clears the conversation, /exit or Ctrl-D quits\n")
+    while True:
+        err.write(">>> ")
+        err.flush()
+        line = sys.stdin.readline()
+        if not line:  # EOF
+            err.write("\n")
+            return
+        user = line.rstrip("\n")
+        if user.strip() in EXIT_WORDS:
+            return
+        if user.strip() == "/reset":
+            session.reset()
+            err.write("conversation cleared\n")
+            continue
+        if not user.strip():
+            continue
+        try:
+            result = session.send(
+                user, max_new_tokens=max_new_tokens, on_text=_writer(), on_notice=lambda m: err.write(f"[{m}]\n"), **sampling
+            )
+        except UsageError as e:  # e.g. one turn longer than the context: say so and keep the session
+            err.write(f"error: {e}\n")
+            continue
+        _end_line(result.text)
+        err.write(stats_line(result) + f" | context {session.context_length} tokens\n")
+
+
+def _writer() -> Callable[[str], None]:
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    return write
+
+
+def _id_writer() -> Callable[[int], None]:
+    first = [True]
+
+    def write(token: int) -> None:
+        sys.stdout.write(("" if first[0] else ",") + str(token))
+        sys.stdout.flush()
+        first[0] = False
+
+    return write
+
+
+def _end_line(printed: Any) -> None:
+    """Finish the streamed output with a newline (when anything was printed and it lacks one)."""
+    if printed and not (isinstance(printed, str) and printed.endswith("\n")):
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
