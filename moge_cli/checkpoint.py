@@ -100,18 +100,29 @@ def open_checkpoint(path: str | os.PathLike, *, revision: str | None = None) -> 
     source, files, index = _resolve(path, revision)
     root = source if source.is_dir() else source.parent
     config = MoGEConfig.from_file(root / "config.json")
+    weight_map: dict[str, str] = {}
+    if index is not None:
+        weight_map, total_size = _read_index(index)
+        files = _index_files(root, index, weight_map)
     ckpt = Checkpoint(root=root, source=source, config=config, tensors={}, files=files, index_path=index)
-    owner: dict[str, Path] = {}
+    owner: dict[str, str] = {}  # tensor name -> shard file name
     for f in files:
         tensors, meta = read_header(f)
         ckpt.file_metadata[f] = meta
-        for name, info in tensors.items():
+        fname = f.relative_to(root).as_posix()
+        for name in tensors:
             if name in owner:
-                raise CheckpointError(f"{root}: tensor {name!r} is stored in two shards, {owner[name].name} and {f.name}")
-            owner[name] = f
-            ckpt.tensors[name] = info
+                raise CheckpointError(f"{root}: tensor {name!r} is stored in two shards, {owner[name]} and {fname}")
+            owner[name] = fname
+        ckpt.tensors.update(tensors)
     if index is not None:
-        ckpt.index_total_size, ckpt.unindexed = _check_index_against_shards(index, owner)
+        ckpt.index_total_size = total_size
+        for name, fname in weight_map.items():
+            if name not in owner:
+                raise CheckpointError(f"{index}: tensor {name!r} is indexed in {fname} but that shard does not hold it")
+            if owner[name] != fname:
+                raise CheckpointError(f"{index}: tensor {name!r} is indexed in {fname} but stored in {owner[name]}")
+        ckpt.unindexed = [n for n in owner if n not in weight_map]
     return ckpt
 
 
@@ -133,7 +144,7 @@ def _resolve(path: str | os.PathLike, revision: str | None) -> tuple[Path, list[
         raise CheckpointError(f"{p}: not a file or directory")
     index = p / INDEX_NAME
     if index.is_file():
-        return p, _index_files(p, index), index
+        return p, [], index  # the files come from the index
     if (p / SINGLE_NAME).is_file():
         return p, [p / SINGLE_NAME], None
     shards = sorted(p.glob("*.safetensors"))
@@ -144,7 +155,8 @@ def _resolve(path: str | os.PathLike, revision: str | None) -> tuple[Path, list[
     raise CheckpointError(f"{p}: no {INDEX_NAME}, {SINGLE_NAME} or *.safetensors file here")
 
 
-def _read_index(index: Path) -> dict[str, str]:
+def _read_index(index: Path) -> tuple[dict[str, str], int | None]:
+    """(weight_map, metadata.total_size or None) of an index file."""
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -152,14 +164,16 @@ def _read_index(index: Path) -> dict[str, str]:
     wm = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
         raise CheckpointError(f"{index}: no 'weight_map' object mapping tensor names to shard files")
-    return wm
+    meta = data.get("metadata")
+    total = meta.get("total_size") if isinstance(meta, dict) else None
+    return wm, (total if isinstance(total, int) and not isinstance(total, bool) else None)
 
 
-def _index_files(root: Path, index: Path) -> list[Path]:
+def _index_files(root: Path, index: Path, weight_map: dict[str, str]) -> list[Path]:
     """The shard files an index names, checked to be plain files inside `root`."""
     real_root = root.resolve()
     files: list[Path] = []
-    for fname in sorted(set(_read_index(index).values())):
+    for fname in sorted(set(weight_map.values())):
         rel = Path(fname)
         if rel.is_absolute() or ".." in rel.parts or fname.startswith(("/", "\\")):
             raise CheckpointError(f"{index}: shard path {fname!r} points outside the checkpoint directory")
@@ -170,21 +184,6 @@ def _index_files(root: Path, index: Path) -> list[Path]:
             raise CheckpointError(f"{index}: names shard {fname!r}, which does not exist in {root}")
         files.append(f)
     return files
-
-
-def _check_index_against_shards(index: Path, owner: dict[str, Path]) -> tuple[int | None, list[str]]:
-    """Every indexed tensor is in its shard; returns (metadata.total_size, names the index lacks)."""
-    wm = _read_index(index)
-    for name, fname in wm.items():
-        if name not in owner:
-            raise CheckpointError(f"{index}: tensor {name!r} is indexed in {fname} but that shard does not hold it")
-        if owner[name].name != Path(fname).name:
-            raise CheckpointError(f"{index}: tensor {name!r} is indexed in {fname} but stored in {owner[name].name}")
-    try:
-        total = json.loads(index.read_text(encoding="utf-8")).get("metadata", {}).get("total_size")
-    except AttributeError:
-        total = None
-    return (total if isinstance(total, int) else None), [n for n in owner if n not in wm]
 
 
 def resolve_hub_repo(repo_id: str, revision: str | None) -> Path:

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from moge_cli.checkpoint import Checkpoint, open_checkpoint
 from moge_cli.config import MODEL_TYPE, MoGEConfig
-from moge_cli.names import LAYOUTS, PER_EXPERT, component_of, expected_tensors
+from moge_cli.names import LAYOUTS, PER_EXPERT, STACKED, component_of, expected_tensors
 from moge_cli.safetensors_format import TORCH_NAMES
 
 COMPONENTS = ("embeddings", "attention", "router", "routed_experts", "shared_experts", "dense_mlp", "norms", "lm_head")
@@ -34,7 +34,7 @@ class Problem:
 def count_params(cfg: MoGEConfig) -> dict[str, int]:
     """Parameters of the model `cfg` describes: total, active (picked experts only), and per component."""
     by_component = Counter()
-    for name, shape in expected_tensors(cfg, PER_EXPERT).items():
+    for name, shape in expected_tensors(cfg, STACKED).items():  # same counts as per-expert, far fewer names
         by_component[component_of(name)] += math.prod(shape)
     routed = by_component["routed_experts"]
     active_routed = routed * cfg.num_experts_per_tok // cfg.num_experts
@@ -55,7 +55,7 @@ def schema_problems(ckpt: Checkpoint) -> list[Problem]:
         problems.append(Problem("layout", "", f"layout is {layout}: expected all expert tensors per-expert or all stacked"))
     expected = expected_tensors(ckpt.config, layout if layout in LAYOUTS else PER_EXPERT)
     if layout == "mixed":  # judge each layer by its own expert tensors rather than report everything twice
-        expected.update(expected_tensors(ckpt.config, "stacked"))
+        expected.update(expected_tensors(ckpt.config, STACKED))
         expected = {n: s for n, s in expected.items() if n in ckpt.tensors or ".experts." not in n}
     for name, shape in expected.items():
         info = ckpt.tensors.get(name)

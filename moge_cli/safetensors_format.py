@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from moge_cli.errors import CheckpointError
 
@@ -34,9 +34,11 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's cap
 ALIGN = 8
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor's bytes live: file, dtype, shape and absolute byte range."""
+class TensorInfo(NamedTuple):
+    """Where one tensor's bytes live: file, dtype, shape and absolute byte range.
+
+    A NamedTuple: the 72B checkpoint has ~10k of these and building them is on `moge load`'s start-up path.
+    """
 
     name: str
     dtype: str  # safetensors code, e.g. "BF16"
@@ -96,26 +98,29 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 
 
 def _entry(path: Path, name: str, e: object, data_start: int, data_size: int) -> TensorInfo:
-    where = f"{path}: tensor {name!r}"
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: tensor {name!r}: {what}")
+
     if not isinstance(e, dict):
-        raise CheckpointError(f"{where}: header entry is not a JSON object")
+        raise bad("header entry is not a JSON object")
     dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
     if dtype not in DTYPE_SIZES:
-        raise CheckpointError(f"{where}: unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-        raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-    ):
-        raise CheckpointError(f"{where}: data_offsets {offsets!r} is not [begin, end]")
+        raise bad(f"unknown dtype {dtype!r}")
+    if type(shape) is not list:
+        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+    for s in shape:
+        if type(s) is not int or s < 0:
+            raise bad(f"shape {shape!r} is not a list of non-negative integers")
+    if type(offsets) is not list or len(offsets) != 2:
+        raise bad(f"data_offsets {offsets!r} is not [begin, end]")
     begin, end = offsets
+    if type(begin) is not int or type(end) is not int:
+        raise bad(f"data_offsets {offsets!r} is not [begin, end]")
     if not 0 <= begin <= end <= data_size:
-        raise CheckpointError(f"{where}: data_offsets [{begin}, {end}] fall outside the {data_size}-byte data area (truncated file?)")
+        raise bad(f"data_offsets [{begin}, {end}] fall outside the {data_size}-byte data area (truncated file?)")
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
     if expected != end - begin:
-        raise CheckpointError(f"{where}: shape {shape} x {dtype} needs {expected} bytes but its span is {end - begin}")
+        raise bad(f"shape {shape} x {dtype} needs {expected} bytes but its span is {end - begin}")
     return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
 
 

@@ -64,9 +64,13 @@ def stderr_console():
 
 
 def stdout_console():
+    """Rich console on stdout; when piped, wide enough that tensor names and hashes are not cut."""
     from rich.console import Console
 
-    return Console()
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 160))
+    return console
 
 
 def human_bytes(n: float) -> str:

@@ -89,7 +89,7 @@ def render(report: dict[str, Any]) -> None:
         v = report["verify"]
         out.print(f"verified {v['tensors_checked']} tensors: {v['nan']} NaN, {v['inf']} Inf, {v['all_zero_tensors']} all-zero")
         for name, f in v["files"].items():
-            out.print(f"  {f['sha256']}  {name}")
+            out.print(f"  {f['sha256']}  {name}", soft_wrap=True)
     if "tensors" in report:
         t = Table(title=f"{len(report['tensors'])} tensors", title_justify="left")
         for col in ("name", "dtype", "shape", "shard", "bytes"):

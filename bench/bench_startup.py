@@ -1,0 +1,67 @@
+"""Start-up cost of `moge --help` and `moge load --json` on the 72B skeleton, as ratios to `python -c "import json"`.
+
+    python bench/bench_startup.py [--repeat 15]
+
+Each command runs as a fresh process; we keep the best wall time and the best CPU time (user+sys,
+which is steadier on a shared machine) of --repeat runs. Also checks that neither imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fixtures.make import write_skeleton  # noqa: E402
+from moge_cli.config import MoGEConfig  # noqa: E402
+
+
+def run_best(cmd: list[str], repeat: int) -> tuple[float, float]:
+    """(best wall seconds, best CPU seconds) of `repeat` runs of cmd."""
+    best_wall = best_cpu = float("inf")
+    for _ in range(repeat):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
+        wall = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        best_wall, best_cpu = min(best_wall, wall), min(best_cpu, cpu)
+    return best_wall, best_cpu
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=15)
+    args = ap.parse_args()
+    py = sys.executable
+    tmp = Path(tempfile.mkdtemp(prefix="moge-skel-"))
+    try:
+        skel = write_skeleton(MoGEConfig.from_name("pangu-pro-moe-72b"), tmp / "72b")
+        cases = {
+            "python -c 'import json' (baseline)": [py, "-c", "import json"],
+            "moge --help": [py, "-m", "moge_cli", "--help"],
+            "moge load 72B-skeleton --json": [py, "-m", "moge_cli", "load", str(skel), "--json"],
+        }
+        probe = "import sys, runpy; sys.argv=['moge','load',sys.argv[1],'--json']\ntry: runpy.run_module('moge_cli', run_name='__main__')\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+        torch_loaded = subprocess.run([py, "-c", probe, str(skel)], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        results = {name: run_best(cmd, args.repeat) for name, cmd in cases.items()}
+        base_wall, base_cpu = next(iter(results.values()))
+        print(f"| command | best wall | x baseline | best CPU | x baseline |\n|---|---|---|---|---|")
+        for name, (wall, cpu) in results.items():
+            print(f"| {name} | {wall * 1000:.0f} ms | {wall / base_wall:.1f}x | {cpu * 1000:.0f} ms | {cpu / max(base_cpu, 1e-3):.1f}x |")
+        print(f"\ntorch imported by `moge load`: {torch_loaded}; cpus: {os.cpu_count()}; target: load under 5x baseline")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
