@@ -1,0 +1,403 @@
+"""The MoGE (Pangu Pro MoE) decoder as a torch module, with a preallocated KV cache and a loader."""
+
+# B batch, T new tokens, S cache positions, N = B*T tokens, V vocab, H hidden, D head_dim,
+# nH heads, nKV kv heads, E experts, k picks per token, I expert width, Is shared width.
+#
+# Precision: weights and the residual stream are in the model dtype; RMSNorm, RoPE, router
+# logits and softmax, and attention run in float32. Norm weights, the router gate and
+# router_scale are kept in float32 whatever the dtype (they are small and they decide routing).
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import dense_mlp, moe_experts, route
+from moge_cli.checkpoint import Checkpoint, open_checkpoint
+from moge_cli.config import MoGEConfig
+from moge_cli.errors import CheckpointError, UsageError
+from moge_cli.names import PER_EXPERT, STACKED, expected_tensors
+from moge_cli.safetensors_format import TORCH_NAMES
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_LEN = 4096  # new_cache's default cap; config.max_position_embeddings may be 131072
+# bf16/fp16 GEMMs are slow on CPUs without native support (fp32 is ~7x faster on AVX2), so
+# prefill chunks of at least this many tokens run their matmuls on float32 copies of the weights.
+UPCAST_MIN_TOKENS = 16
+LOAD_CHUNK_BYTES = 1 << 20  # file bytes mapped at a time while loading
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.bfloat16) -> torch.dtype:
+    """torch dtype for a dtype name / torch dtype / None (-> default); only float32, bfloat16, float16."""
+    if dtype is None:
+        return default
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype.removeprefix("torch."), dtype)  # type: ignore[arg-type]
+    if dtype not in DTYPES.values():
+        raise UsageError(f"unsupported dtype {dtype!s}; use one of {', '.join(DTYPES)}")
+    return dtype  # type: ignore[return-value]
+
+
+def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+# ---- KV cache ------------------------------------------------------------------------------------
+@dataclass
+class KVCache:
+    """Preallocated keys and values of every layer; positions 0..length-1 are filled."""
+
+    k: torch.Tensor  # [L, B, nKV, S, D], model dtype
+    v: torch.Tensor  # [L, B, nKV, S, D]
+    length: int = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+# ---- pure pieces ---------------------------------------------------------------------------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * weight in float32, returned in x's dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
+
+
+def rope_tables(positions: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [positions, D] float32 for neox RoPE (angles in float64 so long positions stay exact)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # [D/2]
+    angles = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq  # [P, D/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [P, D]
+    return angles.cos().float().to(device), angles.sin().float().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, n, T, D] float32, cos/sin [T, D]: x*cos + rotate_half(x)*sin (halves, not pairs)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; for many low-precision tokens the matmul runs on float32 copies (see UPCAST_MIN_TOKENS)."""
+    if x.dtype == torch.float32 or x.device.type != "cpu" or x.numel() < UPCAST_MIN_TOKENS * x.shape[-1]:
+        return F.linear(x, w, b)
+    return F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
+
+
+# ---- layers --------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """GQA with q/k/v/o biases, neox RoPE, causal, float32 softmax; q/k/v fused in one matmul."""
+
+    def __init__(self, cfg: MoGEConfig, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        qkv = (self.n_heads + 2 * self.n_kv) * self.head_dim
+        self.qkv_weight = _param((qkv, cfg.hidden_size), dtype, device)  # rows: q, k, v
+        self.qkv_bias = _param((qkv,), dtype, device)
+        self.o_weight = _param((cfg.hidden_size, self.n_heads * self.head_dim), dtype, device)
+        self.o_bias = _param((cfg.hidden_size,), dtype, device)
+
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        nH, nKV, D = self.n_heads, self.n_kv, self.head_dim
+        q, k, v = _linear(x, self.qkv_weight, self.qkv_bias).split([nH * D, nKV * D, nKV * D], dim=-1)
+        q = apply_rope(q.view(B, T, nH, D).transpose(1, 2).float(), cos, sin)  # [B, nH, T, D]
+        k = apply_rope(k.view(B, T, nKV, D).transpose(1, 2).float(), cos, sin)  # [B, nKV, T, D]
+        v = v.view(B, T, nKV, D).transpose(1, 2)  # [B, nKV, T, D]
+        start = 0 if cache is None else cache.length
+        if cache is None:  # round k like the cache would, so both paths give the same numbers
+            k, v = k.to(x.dtype).float(), v.float()
+        else:
+            cache.k[layer, :, :, start : start + T] = k
+            cache.v[layer, :, :, start : start + T] = v
+            k = cache.k[layer, :, :, : start + T].float()  # [B, nKV, S, D]
+            v = cache.v[layer, :, :, : start + T].float()
+        o = _attend(q, k, v, start)  # [B, nH, T, D] float32
+        o = o.transpose(1, 2).reshape(B, T, nH * D).to(x.dtype)
+        return _linear(o, self.o_weight, self.o_bias)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """Causal GQA attention of queries at positions start.. over keys 0..S-1, all float32."""
+    T, S = q.shape[2], k.shape[2]
+    if k.shape[1] != q.shape[1]:  # GQA: each kv head serves nH/nKV query heads
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if T == 1:  # one query sees every key
+        return F.scaled_dot_product_attention(q, k, v)
+    if start == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    # is_causal aligns the mask top-left; queries that continue a cache need it bottom-right.
+    mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(start, start + T, device=q.device)[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask [T, S]
+
+
+class MoE(nn.Module):
+    """MoGE block: grouped top-K' routing over E stacked experts plus an always-on shared expert."""
+
+    def __init__(self, cfg: MoGEConfig, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        E, H, I, Is = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
+        self.n_groups, self.picks = cfg.n_groups, cfg.picks_per_group
+        self.gate = _param((E, H), torch.float32, device)
+        self.router_scale = _param((E,), torch.float32, device)
+        self.gate_up = _param((E, 2 * I, H), dtype, device)  # rows 0..I-1 gate_proj, I..2I-1 up_proj
+        self.down = _param((E, H, I), dtype, device)
+        self.shared_w13 = _param((2 * Is, H), dtype, device)
+        self.shared_w2 = _param((H, Is), dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, H]
+        logits = F.linear(x.float(), self.gate)  # [N, E]
+        expert_ids, weights = route(logits, self.n_groups, self.picks, self.router_scale)  # [N, k] each
+        gate_up, down, w13, w2, xc = self.gate_up, self.down, self.shared_w13, self.shared_w2, x
+        if _upcast(x):
+            gate_up, down, w13, w2, xc = gate_up.float(), down.float(), w13.float(), w2.float(), x.float()
+        y = moe_experts(xc, expert_ids, weights, gate_up, down) + dense_mlp(xc, w13, w2)
+        return y.to(x.dtype)
+
+
+class DenseMLP(nn.Module):
+    """mlp_only_layers: one SwiGLU MLP of width intermediate_size (Qwen2-MoE convention)."""
+
+    def __init__(self, cfg: MoGEConfig, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.w13 = _param((2 * cfg.intermediate_size, cfg.hidden_size), dtype, device)  # gate rows, then up
+        self.w2 = _param((cfg.hidden_size, cfg.intermediate_size), dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, H]
+        if _upcast(x):
+            return dense_mlp(x.float(), self.w13.float(), self.w2.float()).to(x.dtype)
+        return dense_mlp(x, self.w13, self.w2)
+
+
+def _upcast(x: torch.Tensor) -> bool:
+    return x.dtype != torch.float32 and x.device.type == "cpu" and x.shape[0] >= UPCAST_MIN_TOKENS
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm: h = x + attn(norm(x)); y = h + mlp(norm(h))."""
+
+    def __init__(self, cfg: MoGEConfig, layer: int, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.layer, self.eps = layer, cfg.rms_norm_eps
+        self.input_layernorm = _param((cfg.hidden_size,), torch.float32, device)
+        self.post_attention_layernorm = _param((cfg.hidden_size,), torch.float32, device)
+        self.self_attn = Attention(cfg, dtype, device)
+        self.mlp = DenseMLP(cfg, dtype, device) if layer in cfg.mlp_only_layers else MoE(cfg, dtype, device)
+
+    def forward(self, x, cos, sin, cache: KVCache | None) -> torch.Tensor:  # x [B, T, H]
+        x = x + self.self_attn(rms_norm(x, self.input_layernorm, self.eps), cos, sin, cache, self.layer)
+        h = rms_norm(x, self.post_attention_layernorm, self.eps)
+        return x + self.mlp(h.view(-1, h.shape[-1])).view(h.shape)
+
+
+class MoGEForCausalLM(nn.Module):
+    """Pangu Pro MoE decoder. forward(input_ids [B, T], cache=None) -> float32 logits [B, T, V]."""
+
+    def __init__(self, cfg: MoGEConfig, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.config = cfg
+        self.dtype = dtype
+        V, H = cfg.vocab_size, cfg.hidden_size
+        self.embed_tokens = _param((V, H), dtype, device)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_hidden_layers))
+        self.norm = _param((H,), torch.float32, device)
+        self.lm_head = _param((V, H), dtype, device)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.eval()
+
+    @classmethod
+    def from_config(
+        cls, cfg: MoGEConfig, dtype: str | torch.dtype | None = None, device: str | torch.device = "meta"
+    ) -> "MoGEForCausalLM":
+        """The model with uninitialised parameters (torch.empty; no storage at all on "meta")."""
+        return cls(cfg, resolve_dtype(dtype), torch.device(device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for batch_size sequences of up to max_len positions
+        (default: max_position_embeddings, capped at 4096)."""
+        cfg = self.config
+        if max_len is None:
+            max_len = min(cfg.max_position_embeddings, DEFAULT_MAX_LEN)
+        if batch_size <= 0 or max_len <= 0:
+            raise UsageError(f"new_cache: batch_size and max_len must be positive, got {batch_size}, {max_len}")
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        return KVCache(
+            torch.empty(shape, dtype=self.dtype, device=self.device),
+            torch.empty(shape, dtype=self.dtype, device=self.device),
+        )
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [B, T, V] float32 for int ids [B, T]; with a cache, continue at cache.length and advance it."""
+        B, T = _check_ids(input_ids, self.config.vocab_size)
+        start = 0 if cache is None else cache.length
+        if cache is not None and (cache.batch_size != B or start + T > cache.max_len):
+            raise UsageError(
+                f"cache holds {cache.batch_size} sequences of up to {cache.max_len} positions ({start} used); "
+                f"got {B} x {T} more tokens; make a bigger one with new_cache(batch_size, max_len)"
+            )
+        cos, sin = self._rope_tables(start + T)
+        cos, sin = cos[start : start + T], sin[start : start + T]  # [T, D]
+        x = F.embedding(input_ids.to(self.device), self.embed_tokens)  # [B, T, H]
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache)
+        if cache is not None:
+            cache.length += T
+        x = rms_norm(x, self.norm, self.config.rms_norm_eps)
+        return _linear(x, self.lm_head).float()  # [B, T, V]
+
+    def _rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rope is None or self._rope[0].shape[0] < n:
+            size = max(256, 1 << (n - 1).bit_length())
+            cfg = self.config
+            self._rope = rope_tables(size, cfg.head_dim, cfg.rope_theta, self.device)
+        return self._rope
+
+
+def _check_ids(input_ids: torch.Tensor, vocab: int) -> tuple[int, int]:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+        raise UsageError("model input must be an integer tensor of token ids [batch, tokens]")
+    B, T = input_ids.shape
+    if T == 0:
+        raise UsageError("model input holds no tokens")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab:
+        raise UsageError(f"token id {hi if hi >= vocab else lo} is outside the vocabulary 0..{vocab - 1}")
+    return B, T
+
+
+# ---- loading ------------------------------------------------------------------------------------
+# model parameter -> checkpoint tensors whose flattened contents, concatenated in order, fill it.
+GLOBAL_SOURCES = {
+    "embed_tokens": ["model.embed_tokens.weight"],
+    "norm": ["model.norm.weight"],
+    "lm_head": ["lm_head.weight"],
+}
+LAYER_SOURCES = {  # "layers.{L}." + key <- "model.layers.{L}." + each value
+    "input_layernorm": ["input_layernorm.weight"],
+    "post_attention_layernorm": ["post_attention_layernorm.weight"],
+    "self_attn.qkv_weight": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+    "self_attn.qkv_bias": ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"],
+    "self_attn.o_weight": ["self_attn.o_proj.weight"],
+    "self_attn.o_bias": ["self_attn.o_proj.bias"],
+}
+MOE_SOURCES = {
+    "mlp.gate": ["mlp.gate.weight"],
+    "mlp.router_scale": ["mlp.router_scale"],
+    "mlp.shared_w13": ["mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight"],
+    "mlp.shared_w2": ["mlp.shared_expert.down_proj.weight"],
+}
+STACKED_SOURCES = {"mlp.gate_up": ["mlp.experts.gate_up_proj"], "mlp.down": ["mlp.experts.down_proj"]}
+PER_EXPERT_SOURCES = {  # expanded for e = 0..E-1 in order: stacking happens in the fill
+    "mlp.gate_up": ["mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"],
+    "mlp.down": ["mlp.experts.{e}.down_proj.weight"],
+}
+DENSE_SOURCES = {"mlp.w13": ["mlp.gate_proj.weight", "mlp.up_proj.weight"], "mlp.w2": ["mlp.down_proj.weight"]}
+
+
+def parameter_sources(cfg: MoGEConfig, layout: str) -> dict[str, list[str]]:
+    """Every model parameter -> the checkpoint tensors (in `layout`) it is built from."""
+    out = dict(GLOBAL_SOURCES)
+    for L in range(cfg.num_hidden_layers):
+        table = dict(LAYER_SOURCES)
+        if L in cfg.mlp_only_layers:
+            table.update(DENSE_SOURCES)
+        else:
+            table.update(MOE_SOURCES)
+            if layout == STACKED:
+                table.update(STACKED_SOURCES)
+            else:
+                for key, names in PER_EXPERT_SOURCES.items():
+                    table[key] = [n.format(e=e) for e in range(cfg.num_experts) for n in names]
+        out.update({f"layers.{L}.{key}": [f"model.layers.{L}.{n}" for n in names] for key, names in table.items()})
+    return out
+
+
+def load_model(path, *, dtype=None, device="cpu", revision=None) -> MoGEForCausalLM:
+    """Load a per-expert or stacked checkpoint (path, repo id or open Checkpoint) for inference.
+
+    dtype: "float32" / "bfloat16" / "float16" / torch dtype, or None for the checkpoint's dtype.
+    The model is built on the meta device and each parameter is then materialised from the
+    memory-mapped file (per-expert tensors stacked straight into [E, 2I, H] / [E, H, I]); the
+    mapped pages are released after every parameter, so file data never sits beside the model.
+    """
+    ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path, revision=revision)
+    try:
+        sources = _checked_sources(ckpt)
+        dtype = resolve_dtype(dtype, default=_checkpoint_dtype(ckpt))
+        model = MoGEForCausalLM.from_config(ckpt.config, dtype, "meta")
+        for name, p in list(model.named_parameters()):
+            t = torch.empty(p.shape, dtype=p.dtype, device=device)
+            _fill(t, ckpt, sources[name])
+            module, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(module), leaf, nn.Parameter(t, requires_grad=False))
+    finally:
+        ckpt.close()
+    return model
+
+
+def _checked_sources(ckpt) -> dict[str, list[str]]:
+    """parameter_sources for the checkpoint's layout, after checking it holds exactly those tensors."""
+    layout = ckpt.layout
+    if layout == "mixed":
+        raise CheckpointError(f"{ckpt.root}: holds both per-expert and stacked expert tensors; convert it to one layout")
+    layout = PER_EXPERT if layout == "unknown" else layout
+    expected = expected_tensors(ckpt.config, layout)
+    missing = [n for n in expected if n not in ckpt.tensors]
+    unexpected = [n for n in ckpt.tensors if n not in expected]
+    wrong = [f"{n} {list(i.shape)} (expected {list(expected[n])})" for n, i in ckpt.tensors.items()
+             if n in expected and tuple(i.shape) != expected[n]]  # fmt: skip
+    for what, names in (("is missing", missing), ("has unexpected", unexpected), ("has wrongly shaped", wrong)):
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            raise CheckpointError(
+                f"{ckpt.root}: {what} tensor(s) for its config ({layout} layout): {', '.join(names[:3])}{more}; "
+                f"the model cannot run it (check config.json, or run moge load --check)"
+            )
+    return parameter_sources(ckpt.config, layout)
+
+
+def _checkpoint_dtype(ckpt) -> torch.dtype:
+    """The dtype holding most of the checkpoint's bytes."""
+    bytes_by_code: dict[str, int] = {}
+    for info in ckpt.tensors.values():
+        bytes_by_code[info.dtype] = bytes_by_code.get(info.dtype, 0) + info.nbytes
+    code = max(bytes_by_code, key=bytes_by_code.get)
+    name = TORCH_NAMES.get(code, code)
+    if name not in DTYPES:
+        raise UsageError(f"{ckpt.root}: weights are {name}; pass dtype= one of {', '.join(DTYPES)} to load them")
+    return DTYPES[name]
+
+
+def _fill(dest: torch.Tensor, ckpt, names: list[str]) -> None:
+    """Copy (and cast) the named tensors, flattened and concatenated in order, into dest.
+
+    Reads go through the memory map in pieces of LOAD_CHUNK_BYTES, and the map is closed after
+    each piece, so at most one piece of file pages is ever resident beside the model.
+    """
+    flat, offset = dest.view(-1), 0
+    for name in names:
+        info = ckpt.tensors[name]
+        step = max(1, LOAD_CHUNK_BYTES * info.numel // max(info.nbytes, 1))  # elements per piece
+        for a in range(0, info.numel, step):
+            src = ckpt.tensor(name).view(-1)[a : a + step]  # memory-mapped, no copy
+            flat[offset + a : offset + a + src.numel()].copy_(src)
+            del src
+            ckpt.close()  # unmap: the pages just read leave this process's resident set
+        offset += info.numel
+    assert offset == flat.numel(), (names, offset, flat.numel())
