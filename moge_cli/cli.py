@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from moge_cli.commands import generate, load
+from moge_cli.commands import convert
 
 app = typer.Typer(
     name="moge",
@@ -25,6 +26,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks (sa
 
 app.command("load")(load.load_command)
 app.command("generate")(generate.generate_command)
+app.command("convert")(convert.convert_command)
 
 
 def main() -> None:

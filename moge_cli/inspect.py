@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from moge_cli.checkpoint import Checkpoint, open_checkpoint
 from moge_cli.config import MODEL_TYPE, MoGEConfig
+from moge_cli.ep import ep_info, inspect_ep_dir, is_ep_dir, local_expected
 from moge_cli.names import LAYOUTS, PER_EXPERT, STACKED, component_of, expected_tensors
 from moge_cli.safetensors_format import TORCH_NAMES
 
@@ -57,6 +58,8 @@ def schema_problems(ckpt: Checkpoint) -> list[Problem]:
     if layout == "mixed":  # judge each layer by its own expert tensors rather than report everything twice
         expected.update(expected_tensors(ckpt.config, STACKED))
         expected = {n: s for n, s in expected.items() if n in ckpt.tensors or ".experts." not in n}
+    if (ep := ep_info(ckpt.config)) is not None:  # a rank of `convert --ep`: its own experts, by local id
+        expected = local_expected(expected, len(ep["experts"]))
     for name, shape in expected.items():
         info = ckpt.tensors.get(name)
         if info is None:
@@ -105,6 +108,8 @@ def inspect_checkpoint(
     tensors: a glob; matching tensors are listed under "tensors".
     progress(n_bytes, total_bytes) is called as bytes are streamed. Raises MogeError if unreadable.
     """
+    if revision is None and is_ep_dir(path):  # the top of a `convert --ep` split: every rank plus the plan
+        return inspect_ep_dir(Path(path), inspect_checkpoint, verify=verify, manifest=manifest, check=check, tensors=tensors, progress=progress)
     ckpt = open_checkpoint(path, revision=revision)
     try:
         report = summarize(ckpt)
@@ -161,4 +166,5 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
         "tensor_bytes": sum(t.nbytes for t in ckpt.tensors.values()),
         "shards": [f.name for f in ckpt.files],
         "problems": [asdict(p) for p in schema_problems(ckpt)],
+        **({"ep": ep} if (ep := ep_info(cfg)) else {}),
     }

@@ -72,6 +72,11 @@ def render(report: dict[str, Any]) -> None:
         ("shards", f"{len(report['shards'])} file(s), {human_bytes(report['size_bytes'])} on disk, {report['num_tensors']} tensors"),
         ("parameters", f"{human_count(p['total'])} total, {human_count(p['active'])} active per token ({p['total']:,} / {p['active']:,})"),
     ]
+    if "ep" in report:  # one rank of `moge convert --ep`
+        e = report["ep"]
+        rows.append(("expert parallel", f"rank {e['rank']} of {e['world_size']}: global experts {e['experts']} as local 0..{len(e['experts']) - 1}"))
+    if "ep_plan" in report:  # the top directory of a split
+        rows.append(("expert parallel", "; ".join(f"{r['path']}: experts {r['experts'][0]}..{r['experts'][-1]}" for r in report["ep_plan"]["ranks"])))
     for k, v in rows:
         summary.add_row(k, v)
     out.print(summary)

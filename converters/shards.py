@@ -1,0 +1,231 @@
+"""Output side: shard planning by size, a streaming safetensors writer, the index, the atomic staging dir.
+
+A shard's header is written first (every size is known from the plan), then each tensor's bytes
+in order, either straight from a source file with sendfile(2) (no copy through user space) or from
+a buffer. Nothing is held beyond one buffer; the file is never seeked backwards.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from moge_cli.errors import MogeError, UsageError
+from moge_cli.safetensors_format import build_header
+
+from converters.plan import OutTensor
+
+INDEX_NAME = "model.safetensors.index.json"
+METADATA = {"format": "pt"}
+SEND_BYTES = 64 * 1024 * 1024  # one sendfile call: bounded so progress and Ctrl-C stay responsive
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+class WriteError(MogeError):
+    """Writing the output failed (disk full, not writable...); the partial output has been removed."""
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000, '512MiB' -> 536870912, '1000' -> 1000 (KB/MB/GB/TB decimal, KiB/MiB/GiB/TiB binary)."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+        if not m or m.group(2).upper() not in _UNITS:
+            raise UsageError(f"size {text!r}: expected a number with an optional unit (KB, MB, GB, KiB, MiB, GiB), e.g. 5GB")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if value <= 0:
+        raise UsageError(f"size {text!r} must be positive")
+    return value
+
+
+@dataclass
+class Shard:
+    file: str  # name inside the output directory
+    tensors: list[OutTensor]
+
+    def header(self) -> bytes:
+        head, _ = build_header([(t.name, t.dtype, t.shape) for t in self.tensors], METADATA)
+        return head
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def file_bytes(self) -> int:
+        return len(self.header()) + self.data_bytes
+
+
+def plan_shards(tensors: list[OutTensor], max_bytes: int) -> list[Shard]:
+    """Fill shards in order with up to max_bytes of tensor data; a tensor is never split (a bigger one gets its own)."""
+    groups: list[list[OutTensor]] = [[]]
+    used = 0
+    for t in tensors:
+        if groups[-1] and used + t.nbytes > max_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(t)
+        used += t.nbytes
+    n = len(groups)
+    return [Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def index_json(shards: list[Shard]) -> bytes:
+    weight_map = {t.name: s.file for s in shards for t in s.tensors}
+    index = {"metadata": {"total_size": sum(s.data_bytes for s in shards)}, "weight_map": dict(sorted(weight_map.items()))}
+    return (json.dumps(index, indent=2) + "\n").encode()
+
+
+# Low-level writes, module functions so tests can inject failures.
+def _write(fd: int, data: memoryview) -> None:
+    while data:
+        n = os.write(fd, data)
+        data = data[n:]
+
+
+def _sendfile(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+    return os.sendfile(out_fd, in_fd, offset, count)
+
+
+class ShardFile:
+    """One output shard being streamed: header on open, then tensor bytes strictly in header order."""
+
+    def __init__(self, path: Path, shard: Shard, progress: Callable[[int], None] | None = None):
+        self.path, self.shard, self.progress = path, shard, progress
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self.pos = 0
+        self._sendfile_ok = True
+        self.write(memoryview(shard.header()), count=False)
+
+    def write(self, data: memoryview | bytes, count: bool = True) -> None:
+        data = memoryview(data).cast("B")
+        _write(self.fd, data)
+        self.pos += len(data)
+        if count and self.progress:
+            self.progress(len(data))
+
+    def send(self, in_fd: int, offset: int, count: int) -> None:
+        """Copy `count` bytes at `offset` of an open source file, in the kernel where it can."""
+        end = offset + count
+        while offset < end:
+            n = min(SEND_BYTES, end - offset)
+            if self._sendfile_ok:
+                try:
+                    sent = _sendfile(self.fd, in_fd, offset, n)
+                except OSError as e:
+                    if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                        raise
+                    self._sendfile_ok = False  # a filesystem without sendfile: read and write instead
+                    continue
+                if sent == 0:
+                    raise WriteError(f"{self.path}: source file ended early while copying (was it truncated?)")
+            else:
+                buf = os.pread(in_fd, n, offset)
+                if not buf:
+                    raise WriteError(f"{self.path}: source file ended early while copying (was it truncated?)")
+                _write(self.fd, memoryview(buf))
+                sent = len(buf)
+            offset += sent
+            self.pos += sent
+            if self.progress:
+                self.progress(sent)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        want = self.shard.file_bytes
+        if self.pos != want:  # a recipe that wrote too little or too much: the header would lie
+            raise WriteError(f"{self.path}: wrote {self.pos} bytes, the header promises {want}")
+
+
+def write_shards(out_dir: Path, shards: list[Shard], emit: Callable[[ShardFile, OutTensor], None], progress=None) -> list[Path]:
+    """Write every shard (emit(shard_file, tensor) writes one tensor's bytes) and the index; return the files."""
+    paths = []
+    for shard in shards:
+        sf = ShardFile(out_dir / shard.file, shard, progress)
+        try:
+            for t in shard.tensors:
+                before = sf.pos
+                emit(sf, t)
+                if sf.pos - before != t.nbytes:
+                    raise WriteError(f"{t.name}: wrote {sf.pos - before} bytes, expected {t.nbytes}")
+        except BaseException:
+            os.close(sf.fd)
+            raise
+        sf.close()
+        paths.append(out_dir / shard.file)
+    (out_dir / INDEX_NAME).write_bytes(index_json(shards))
+    return paths
+
+
+# ---- destination: checks and the atomic staging directory ---------------------------------------
+def check_destination(src_root: Path, dst: Path, force: bool) -> Path:
+    """Refuse dst equal to / inside the source (or holding it), and an existing dst without force."""
+    src, out = src_root.resolve(), dst.resolve()
+    if out == src or out.is_relative_to(src):
+        raise UsageError(f"{dst}: the destination is inside the source checkpoint {src_root}; write somewhere else")
+    if src.is_relative_to(out):
+        raise UsageError(f"{dst}: the destination contains the source checkpoint {src_root}; write somewhere else")
+    if os.path.lexists(dst) and not force:
+        raise UsageError(f"{dst}: already exists; pass --force to replace it")
+    return out
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def check_free_space(where: Path, need: int) -> None:
+    free = free_bytes(where)
+    if free < need:
+        raise UsageError(f"{where}: not enough free disk space: the output needs {need:,} bytes, {free:,} are free")
+
+
+@contextmanager
+def staging_dir(dst: Path) -> Iterator[Path]:
+    """A temporary directory beside dst, renamed to dst on success and removed on any error or Ctrl-C.
+
+    An existing dst (only reached with --force) is moved aside first and deleted after the rename.
+    """
+    created = [p for p in reversed(dst.parents) if not p.exists()]
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.parent / f".{dst.name}.moge-tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except PermissionError as e:
+        raise UsageError(f"{dst}: cannot create the output here ({e.strerror}); is the directory writable?") from None
+    try:
+        yield tmp
+        old = dst.parent / f".{dst.name}.moge-old-{os.getpid()}"
+        if os.path.lexists(dst):
+            os.replace(dst, old)
+        try:
+            os.replace(tmp, dst)
+        except BaseException:
+            if os.path.lexists(old):
+                os.replace(old, dst)
+            raise
+        if os.path.lexists(old):
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in reversed(created):
+            try:
+                p.rmdir()
+            except OSError:
+                pass
+        if isinstance(e, OSError) and not isinstance(e, MogeError):
+            why = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file size limit reached"}.get(
+                e.errno, e.strerror or str(e)
+            )
+            raise WriteError(f"{dst}: writing the output failed ({why}); the partial output was removed") from e
+        raise

@@ -1,0 +1,67 @@
+"""Conversion sources: a safetensors checkpoint (through the reader) or a PyTorch state dict, one interface.
+
+Both give `config_dict`, `tensors` (name -> TensorInfo, in file order), `flat(name)` (a 1-D tensor
+backed by the file), `raw(name)` (its bytes) and `file_range(name)` ((path, offset) of the bytes in a
+file, for sendfile; None for PyTorch files), plus `root` and `close()`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from moge_cli.checkpoint import Checkpoint, open_checkpoint
+from moge_cli.errors import ConfigError
+
+# Non-weight files copied unchanged (config.json is rewritten, weights and indexes are regenerated).
+COPY_PATTERNS = (
+    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "generation_config.json", "chat_template.jinja", "*.py", "README*", "LICENSE*",
+)  # fmt: skip
+
+
+class SafetensorsSource:
+    """A validated safetensors checkpoint; tensor bytes are read where they lie (mmap / sendfile)."""
+
+    direct = True
+    notes: list[str] = []
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self.root, self.source, self.files, self.tensors = ckpt.root, ckpt.source, ckpt.files, ckpt.tensors
+        try:
+            self.config_dict: dict[str, Any] = json.loads((ckpt.root / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{ckpt.root / 'config.json'}: cannot read ({e})") from None
+
+    def flat(self, name: str):
+        return self.ckpt.tensor(name).reshape(-1)
+
+    def raw(self, name: str) -> memoryview:
+        return self.ckpt.raw(name)
+
+    def file_range(self, name: str) -> tuple[Path, int]:
+        info = self.tensors[name]
+        return info.file, info.start
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+
+def open_source(path: str | os.PathLike):
+    """A safetensors or PyTorch checkpoint at `path` (directory, file, or cached Hugging Face repo id), validated."""
+    from converters.torch_input import TorchSource, torch_files
+
+    p = Path(path)
+    found = torch_files(p) if p.exists() else None
+    if found is not None:
+        return TorchSource(*found, source=p)
+    return SafetensorsSource(open_checkpoint(path))
+
+
+def files_to_copy(root: Path) -> list[Path]:
+    """The non-weight files of a checkpoint directory that the output gets unchanged."""
+    return sorted(p for p in root.iterdir() if p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in COPY_PATTERNS))

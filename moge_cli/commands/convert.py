@@ -1,0 +1,99 @@
+"""`moge convert`: layout, dtype, sharding, layer extraction and expert-parallel splits, streamed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from moge_cli.commands.common import handle_errors, human_bytes, print_json, stderr_console, stdout_console
+
+
+@handle_errors
+def convert_command(
+    src: str = typer.Argument(..., help="Source: checkpoint directory, .safetensors file, pytorch_model*.bin / .pt, or cached repo id."),
+    dst: Path = typer.Argument(..., help="Destination directory (must not exist unless --force; not inside the source)."),
+    layout: Optional[str] = typer.Option(None, "--layout", help="per-expert | stacked (default: keep)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16 | float16 | float32 (default: keep)."),
+    clamp: bool = typer.Option(False, "--clamp", help="Casting to float16: clamp values beyond +-65504 (counted) instead of refusing."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest shard (tensor bytes): 5GB, 500MB, 2GiB..."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Keep these decoder layers, renumbered from 0: 0-1,5."),
+    ep: Optional[int] = typer.Option(None, "--ep", min=1, help="Expert-parallel split into N rank directories of whole groups."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (shards, tensors, dtype changes, memory, disk); write nothing."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing destination."),
+    verify: bool = typer.Option(False, "--verify", help="Re-read the output and compare every tensor with its source; exit 1 on a mismatch."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary (or the --dry-run plan) as JSON on stdout."),
+) -> None:
+    """Convert a checkpoint in one streaming pass. Exit 0 done, 1 --verify mismatch, 2 error (nothing left behind), 130 Ctrl-C."""
+    from converters import convert
+
+    options: dict[str, Any] = dict(
+        layout=layout, dtype=dtype, clamp=clamp, max_shard_size=max_shard_size, layers=layers, ep=ep, dry_run=dry_run, force=force, verify=verify
+    )
+    if quiet or dry_run:
+        result = convert(src, dst, **options)
+    else:
+        result = _with_progress(lambda progress: convert(src, dst, progress=progress, **options))
+    for note in result.get("notes", []):
+        stderr_console().print(f"note: {note}", highlight=False)
+    if as_json:
+        print_json(result)
+    elif dry_run:
+        render_plan(result)
+    else:
+        render_summary(result)
+
+
+def _with_progress(run):
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=stderr_console(), transient=True) as bar:
+        task = bar.add_task("converting", total=None)
+        return run(lambda n, total: bar.update(task, advance=n, total=total))
+
+
+def render_summary(r: dict[str, Any]) -> None:
+    out = stdout_console()
+    rate = r["bytes_out"] / r["seconds"] if r["seconds"] else 0
+    out.print(
+        f"wrote {r['tensors']} tensors in {len(r['outputs'])} shard(s), {human_bytes(r['bytes_out'])} "
+        f"in {r['seconds']:.1f} s ({human_bytes(rate)}/s), peak anonymous memory {human_bytes(r['peak_rss_bytes'])} -> {r['destination']}",
+        highlight=False,
+    )
+    if r["clamped"]["values"]:
+        worst = ", ".join(f"{n} ({c})" for n, c in list(r["clamped"]["tensors"].items())[:5])
+        out.print(f"clamped {r['clamped']['values']} value(s) to +-65504; worst: {worst}", highlight=False)
+    if r["verified"]:
+        out.print("[green]verified: every tensor matches its source[/green]")
+
+
+def render_plan(r: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    out = stdout_console()
+    out.print(
+        f"plan: {r['source']} -> {r['destination']}: layout {r['layout']['from']} -> {r['layout']['to']}, "
+        f"{r['tensors']} tensors, {len(r['outputs'])} shard(s)",
+        highlight=False,
+    )
+    changes = ", ".join(f"{k}: {n} tensors" for k, n in r["dtype_changes"].items()) or "none"
+    out.print(f"dtype changes: {changes}", highlight=False)
+    out.print(
+        f"disk: {human_bytes(r['disk_bytes'])}; estimated peak anonymous memory: {human_bytes(r['estimated_peak_rss_bytes'])} "
+        f"(largest tensor {human_bytes(r['largest_tensor_bytes'])}); copied: {', '.join(r['copied_files']) or 'nothing'}",
+        highlight=False,
+    )
+    for shard in r["outputs"]:
+        t = Table(title=f"{shard['file']}  ({human_bytes(shard['bytes'])})", title_justify="left")
+        for col in ("tensor", "dtype", "shape", "bytes", "from"):
+            t.add_column(col, justify="right" if col == "bytes" else "left")
+        for row in shard["tensors"]:
+            t.add_row(row["name"], row["dtype"], str(row["shape"]), f"{row['bytes']:,}", row["from"])
+        out.print(t)
+    if r["ep_plan"]:
+        for rank in r["ep_plan"]["ranks"]:
+            out.print(f"{rank['path']}: groups {rank['groups']}, experts {rank['experts']}", highlight=False)
+    out.print("dry run: nothing written")

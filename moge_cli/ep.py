@@ -1,0 +1,130 @@
+"""Expert-parallel splits written by `moge convert --ep N`: rank directories and ep_plan.json.
+
+A rank directory is a complete-looking checkpoint. Its config.json is the global config (num_experts
+stays the global count, so the router tensors keep their [E, H] / [1, E] shapes) plus
+`moge_ep: {"rank", "world_size", "experts": [global ids]}`. Its expert tensors hold only those
+experts, named by LOCAL id 0..El-1 (per-expert) or stacked [El, ...]; local id i is global id
+experts[i]. Non-expert tensors are replicated on every rank. The top directory holds rank-0 ...
+rank-{N-1} and ep_plan.json, which maps every global expert id to (rank, local id).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+from moge_cli.config import MoGEConfig
+from moge_cli.errors import CheckpointError, ConfigError, UsageError
+from moge_cli.names import PER_EXPERT_RE, STACKED_RE
+
+EP_PLAN_NAME = "ep_plan.json"
+
+
+def ep_info(cfg: MoGEConfig) -> dict[str, Any] | None:
+    """The validated `moge_ep` of a rank directory's config, or None for a whole checkpoint."""
+    ep = cfg.extra.get("moge_ep")
+    if ep is None:
+        return None
+    ok = isinstance(ep, dict) and all(isinstance(ep.get(k), int) for k in ("rank", "world_size")) and isinstance(ep.get("experts"), list)
+    if not ok or not 0 <= ep["rank"] < ep["world_size"]:
+        raise ConfigError(f"config.json: moge_ep must be {{'rank', 'world_size', 'experts'}} with 0 <= rank < world_size, got {ep!r}")
+    experts = ep["experts"]
+    if (
+        len(experts) * ep["world_size"] != cfg.num_experts
+        or len(set(experts)) != len(experts)
+        or not all(isinstance(e, int) and 0 <= e < cfg.num_experts for e in experts)
+    ):
+        raise ConfigError(
+            f"config.json: moge_ep.experts must list {cfg.num_experts // max(ep['world_size'], 1)} distinct expert ids "
+            f"in 0..{cfg.num_experts - 1} (num_experts / world_size), got {experts!r}"
+        )
+    return {"rank": ep["rank"], "world_size": ep["world_size"], "experts": list(experts)}
+
+
+def local_expected(expected: dict[str, tuple[int, ...]], n_local: int) -> dict[str, tuple[int, ...]]:
+    """expected_tensors of a whole checkpoint narrowed to a rank holding n_local experts (local ids)."""
+    out = {}
+    for name, shape in expected.items():
+        if (m := PER_EXPERT_RE.match(name)) and int(m.group(2)) >= n_local:
+            continue
+        out[name] = (n_local, *shape[1:]) if STACKED_RE.match(name) else shape
+    return out
+
+
+def is_ep_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / EP_PLAN_NAME).is_file() and not (p / "config.json").exists()
+
+
+def read_ep_plan(root: Path) -> dict[str, Any]:
+    path = root / EP_PLAN_NAME
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+        ranks = plan["ranks"]
+        n = int(plan["world_size"])
+        if not isinstance(ranks, list) or len(ranks) != n or [r["rank"] for r in ranks] != list(range(n)):
+            raise ValueError("ranks must list rank 0 .. world_size-1 in order")
+        for r in ranks:
+            rel = Path(r["path"])
+            if rel.is_absolute() or ".." in rel.parts:
+                raise ValueError(f"rank path {r['path']!r} points outside the directory")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a valid expert-parallel plan ({e})") from None
+    return plan
+
+
+def plan_problems(plan: dict[str, Any], rank_eps: list[dict[str, Any] | None]) -> list[tuple[str, str]]:
+    """(tensor, detail) for every way the plan and the rank directories disagree."""
+    out = []
+    owners: dict[int, list[tuple[int, int]]] = {}
+    for r, entry in enumerate(plan["ranks"]):
+        for local, e in enumerate(entry["experts"]):
+            owners.setdefault(e, []).append((r, local))
+        want = {"rank": r, "world_size": plan["world_size"], "experts": entry["experts"]}
+        if rank_eps[r] != want:
+            out.append((entry["path"], f"config.json moge_ep is {rank_eps[r]}, the plan says {want}"))
+    for e in range(plan["num_experts"]):
+        if len(owners.get(e, [])) != 1:
+            out.append((f"expert {e}", f"held by {len(owners.get(e, []))} ranks, expected exactly 1"))
+    for m in plan.get("experts", []):
+        if owners.get(m.get("expert")) != [(m.get("rank"), m.get("local"))]:
+            out.append((f"expert {m.get('expert')}", f"mapped to rank {m.get('rank')} local {m.get('local')}, ranks hold {owners.get(m.get('expert'))}"))
+    return out
+
+
+def inspect_ep_dir(root: Path, inspect_one: Callable[..., dict[str, Any]], **options: Any) -> dict[str, Any]:
+    """The `moge load` report of a split: rank 0's report, totals over ranks, every rank's problems, plan checks."""
+    if options.get("manifest") or options.get("check"):
+        raise UsageError(f"{root}: manifests are per checkpoint; pass one rank directory ({root}/rank-0)")
+    plan = read_ep_plan(root)
+    reports = [inspect_one(root / r["path"], **options) for r in plan["ranks"]]
+    report = dict(reports[0])
+    report["path"] = str(root)
+    report.pop("ep", None)
+    problems = [asdict_problem("ep", t, d) for t, d in plan_problems(plan, [r.get("ep") for r in reports])]
+    for entry, rep in zip(plan["ranks"], reports):
+        problems += [{**p, "tensor": f"{entry['path']}/{p['tensor']}"} for p in rep["problems"]]
+    report["problems"] = problems
+    report["num_tensors"] = sum(r["num_tensors"] for r in reports)
+    report["size_bytes"] = sum(r["size_bytes"] for r in reports)
+    report["tensor_bytes"] = sum(r["tensor_bytes"] for r in reports)
+    report["shards"] = [f"{e['path']}/{s}" for e, r in zip(plan["ranks"], reports) for s in r["shards"]]
+    if "tensors" in report:
+        report["tensors"] = [{**t, "shard": f"{e['path']}/{t['shard']}"} for e, r in zip(plan["ranks"], reports) for t in r["tensors"]]
+    if "verify" in report:
+        v = {k: sum(r["verify"][k] for r in reports) for k in ("tensors_checked", "nan", "inf", "all_zero_tensors")}
+        v["files"] = {f"{e['path']}/{f}": h for e, r in zip(plan["ranks"], reports) for f, h in r["verify"]["files"].items()}
+        report["verify"] = v
+    report["ep_plan"] = {
+        "world_size": plan["world_size"],
+        "ranks": [{"rank": e["rank"], "path": e["path"], "groups": e.get("groups"), "experts": e["experts"]} for e in plan["ranks"]],
+    }
+    return report
+
+
+def asdict_problem(kind: str, tensor: str, detail: str) -> dict[str, str]:
+    from moge_cli.inspect import Problem
+
+    return asdict(Problem(kind, tensor, detail))

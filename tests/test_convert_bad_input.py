@@ -1,0 +1,184 @@
+"""`moge convert` on bad input and failing writes: a clear error, and nothing left behind."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import converters.shards as shards
+from converters import convert
+from converters.shards import WriteError
+from fixtures.make import write_checkpoint
+from moge_cli.cli import app
+from moge_cli.config import MoGEConfig
+from moge_cli.errors import CheckpointError, ConfigError, UsageError
+
+TINY = MoGEConfig.from_name("tiny-moge")
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> Path:
+    return write_checkpoint(TINY, tmp_path_factory.mktemp("good") / "ck", max_shard_bytes=100_000, tokenizer=False)
+
+
+@pytest.fixture()
+def work(good, tmp_path) -> Path:
+    """A private copy of the source in work/src; outputs go to work/out. Only src may remain afterwards."""
+    shutil.copytree(good, tmp_path / "src")
+    return tmp_path
+
+
+def left_behind(work: Path) -> list[str]:
+    return sorted(p.name for p in work.iterdir() if p.name != "src")
+
+
+def first_shard(d: Path) -> Path:
+    return sorted(d.glob("model-*.safetensors"))[0]
+
+
+def edit_header(path: Path, fn) -> None:
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    fn(header)
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+def drop_tensor(path: Path, name: str) -> None:
+    """Remove a tensor from a shard header and from the index (a consistent but incomplete checkpoint)."""
+    edit_header(path, lambda h: h.pop(name))
+    index = path.parent / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    del data["weight_map"][name]
+    data["metadata"].pop("total_size", None)
+    index.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "damage,error,match",
+    [
+        (lambda d: first_shard(d).write_bytes(first_shard(d).read_bytes()[:-10]), CheckpointError, "outside the"),
+        (lambda d: first_shard(d).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all"), CheckpointError, "not valid JSON"),
+        (lambda d: edit_header(first_shard(d), lambda h: h["model.embed_tokens.weight"].update(dtype="Q7")), CheckpointError, "unknown dtype"),
+        (lambda d: (d / "config.json").unlink(), ConfigError, "config.json not found"),
+        (lambda d: first_shard(d).unlink(), CheckpointError, "does not exist"),
+    ],
+    ids=["truncated", "garbage-header", "bad-dtype", "no-config", "missing-shard"],
+)
+def test_reader_rejections_write_nothing(work, damage, error, match):
+    damage(work / "src")
+    with pytest.raises(error, match=match):
+        convert(work / "src", work / "out", layout="stacked")
+    assert left_behind(work) == []
+
+
+def test_missing_expert_cannot_be_stacked(work):
+    name = "model.layers.1.mlp.experts.5.up_proj.weight"
+    index = json.loads((work / "src" / "model.safetensors.index.json").read_text())
+    drop_tensor(work / "src" / index["weight_map"][name], name)
+    with pytest.raises(CheckpointError, match=r"layer 1: cannot stack the experts, missing 1 .*5\.up_proj"):
+        convert(work / "src", work / "out", layout="stacked")
+    assert left_behind(work) == []
+    convert(work / "src", work / "out", dtype="float32")  # per-expert output passes the gap on; load reports it
+
+
+def test_injected_disk_full_removes_partial_output(work, monkeypatch):
+    real, calls = shards._sendfile, []
+
+    def fail_on_third(out_fd, in_fd, offset, count):
+        calls.append(count)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(out_fd, in_fd, offset, count)
+
+    monkeypatch.setattr(shards, "_sendfile", fail_on_third)
+    with pytest.raises(WriteError, match="disk full.*partial output was removed"):
+        convert(work / "src", work / "out", layout="stacked")
+    assert left_behind(work) == []
+    calls.clear()
+    res = runner.invoke(app, ["convert", str(work / "src"), str(work / "out"), "--quiet"])
+    assert res.exit_code == 2 and "disk full" in res.output and left_behind(work) == []
+
+
+def test_failed_force_keeps_the_old_destination(work, monkeypatch):
+    (work / "out").mkdir()
+    (work / "out" / "keep").write_text("old")
+    monkeypatch.setattr(shards, "_write", lambda fd, data: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(WriteError, match="Input/output error"):
+        convert(work / "src", work / "out", dtype="float16", force=True)
+    assert left_behind(work) == ["out"] and (work / "out" / "keep").read_text() == "old"
+
+
+def test_interrupt_removes_partial_output(work, monkeypatch):
+    seen = []
+
+    def progress(n, total):
+        seen.append(n)
+        if len(seen) == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert(work / "src", work / "deep" / "er" / "out", layout="stacked", progress=progress)
+    assert left_behind(work) == []  # the parents it created are gone too
+    monkeypatch.setattr(shards, "_sendfile", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    res = runner.invoke(app, ["convert", str(work / "src"), str(work / "out"), "--quiet"])
+    assert res.exit_code == 130 and "interrupted" in res.output and left_behind(work) == []
+
+
+def test_not_enough_free_space_refused_before_writing(work, monkeypatch):
+    monkeypatch.setattr(shards, "free_bytes", lambda path: 10_000)
+    with pytest.raises(UsageError, match="not enough free disk space"):
+        convert(work / "src", work / "out")
+    assert left_behind(work) == []
+
+
+def test_unwritable_destination(work, monkeypatch):
+    real_mkdir = Path.mkdir
+
+    def deny(self, *a, **k):
+        if ".moge-tmp-" in self.name:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", deny)
+    with pytest.raises(UsageError, match="cannot create the output here.*writable"):
+        convert(work / "src", work / "out")
+    assert left_behind(work) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_directory(work):
+    ro = work / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        res = runner.invoke(app, ["convert", str(work / "src"), str(ro / "out"), "--quiet"])
+        assert res.exit_code == 2 and "writable" in res.output and list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o700)
+
+
+def test_real_write_failure_at_file_size_limit(work):
+    """A real failing write(2)/sendfile(2): RLIMIT_FSIZE makes the kernel refuse bytes past 150 KB."""
+    code = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000)); "
+        "from moge_cli.cli import app; sys.argv = ['moge'] + sys.argv[1:]; app()"
+    )
+    args = [sys.executable, "-c", code, "convert", str(work / "src"), str(work / "out"), "--layout", "stacked", "--max-shard-size", "10MB", "--quiet"]
+    res = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "file size limit reached" in res.stderr and "partial output was removed" in res.stderr
+    assert left_behind(work) == []
