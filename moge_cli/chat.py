@@ -89,13 +89,14 @@ class ChatSession:
     (a template that rewrites history, a reply cut by a stop string) the cache is rebuilt.
     """
 
-    model: Any
-    tokenizer: Tokenizer
+    model: Any = field(repr=False)
+    tokenizer: Tokenizer = field(repr=False)
     system: str | None = None
+    max_len: int | None = None  # KV cache size (None: the model's default)
     messages: list[dict[str, str]] = field(default_factory=list)
     fed_ids: list[int] = field(default_factory=list)  # ids whose keys/values are in the cache
     pending_ids: list[int] = field(default_factory=list)  # generated but not yet fed (the last token)
-    cache: Any = None
+    cache: Any = field(default=None, repr=False)
     cached_text: str | None = None  # the text fed_ids + pending_ids stand for
 
     def reset(self) -> None:
@@ -134,20 +135,26 @@ class ChatSession:
             notice("conversation history no longer matches the cache: rebuilding it")
             self._drop_cache()
             new_ids = encode_prompt(self.tokenizer, full)
+        if self.cache is None:
+            self.cache = self.model.new_cache(batch_size=1, max_len=self.max_len)
         capacity = context_capacity(self.model, self.cache)
         if len(self.fed_ids) + len(new_ids) >= capacity and self.messages:
             notice(f"context full ({self.context_length} of {capacity} tokens): conversation reset")
-            self.reset()
+            self.messages = []
+            self._drop_cache()  # free the old cache before making the new one
+            self.cache = self.model.new_cache(batch_size=1, max_len=self.max_len)
             full = chat_prompt(self.tokenizer, self._head() + [turn])
             new_ids = encode_prompt(self.tokenizer, full)
         if len(new_ids) >= capacity:
             raise UsageError(f"this turn is {len(new_ids)} tokens; the model's context is {capacity} tokens")
-        if self.cache is None:
-            self.cache = self.model.new_cache(batch_size=1)
-        result = run_generation(
-            self.model, new_ids, tokenizer=self.tokenizer, max_new_tokens=max_new_tokens, on_text=on_text,
-            cache=self.cache, **sampling,
-        )  # fmt: skip
+        try:
+            result = run_generation(
+                self.model, new_ids, tokenizer=self.tokenizer, max_new_tokens=max_new_tokens, on_text=on_text,
+                cache=self.cache, **sampling,
+            )  # fmt: skip
+        except BaseException:  # the cache may hold part of this turn: start the next one from scratch
+            self._drop_cache()
+            raise
         self.fed_ids += new_ids + result.generated_ids[:-1]
         self.pending_ids = result.generated_ids[-1:]
         self.messages += [turn, {"role": "assistant", "content": result.text}]

@@ -48,7 +48,8 @@ def generate_command(
     if ids is None and prompt is None and not interactive:
         prompt = read_stdin()
 
-    root = open_checkpoint(model_path, revision=revision).root  # fails fast, before torch is imported
+    ckpt = open_checkpoint(model_path, revision=revision)  # fails fast, before torch is imported
+    root = ckpt.root
     tokenizer = None
     if has_tokenizer(root):
         tokenizer = load_tokenizer(root)
@@ -65,7 +66,7 @@ def generate_command(
 
     from moge_cli.model import load_model
 
-    model = load_model(str(root), dtype=dtype, device=device)
+    model = load_model(ckpt, dtype=dtype, device=device)
     if interactive:
         run_interactive(model, tokenizer, system=system, max_new_tokens=max_new_tokens, **sampling)
         return
@@ -150,6 +151,9 @@ def run_interactive(model: Any, tokenizer: Any, *, system: Optional[str], max_ne
             )
         except UsageError as e:  # e.g. one turn longer than the context: say so and keep the session
             err.write(f"error: {e}\n")
+            continue
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session (its cache is rebuilt next turn)
+            err.write("\n[reply interrupted]\n")
             continue
         _end_line(result.text)
         err.write(stats_line(result) + f" | context {session.context_length} tokens\n")
