@@ -19,15 +19,6 @@ TINY_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-moge"
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's matmuls are microseconds: one thread avoids OpenMP stalls on busy shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model():
     from moge_cli.model import load_model

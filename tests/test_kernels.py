@@ -26,16 +26,6 @@ H, I = 32, 16
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    # The shapes here are tiny: extra threads only add barriers, and on a busy machine
-    # OpenMP waits made these tests several times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _experts(E: int, dtype=torch.float32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     gate_up = torch.randn(E, 2 * I, H, generator=g) / H**0.5  # [E, 2I, H]
