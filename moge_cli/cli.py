@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from moge_cli.commands import generate, load
-from moge_cli.commands import convert
+from moge_cli.commands import convert, generate, load, profile
 
 app = typer.Typer(
     name="moge",
@@ -27,6 +26,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks (sa
 app.command("load")(load.load_command)
 app.command("generate")(generate.generate_command)
 app.command("convert")(convert.convert_command)
+app.command("profile")(profile.profile_command)
 
 
 def main() -> None:

@@ -19,6 +19,8 @@ from kernels import dense_mlp, moe_experts, route
 from moge_cli.checkpoint import Checkpoint, open_checkpoint
 from moge_cli.config import MoGEConfig
 from moge_cli.errors import CheckpointError, UsageError
+from moge_cli.instrument import routing as record_routing
+from moge_cli.instrument import section
 from moge_cli.names import PER_EXPERT, STACKED, expected_tensors
 from moge_cli.safetensors_format import TORCH_NAMES
 
@@ -82,7 +84,7 @@ def rope_tables(positions: int, head_dim: int, theta: float, device) -> tuple[to
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, n, T, D] float32, cos/sin [T, D]: x*cos + rotate_half(x)*sin (halves, not pairs)."""
+    """x [B, T, n, D] float32, cos/sin [T, 1, D]: x*cos + rotate_half(x)*sin (halves, not pairs)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -110,12 +112,11 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         nH, nKV, D = self.n_heads, self.n_kv, self.head_dim
-        q, k, v = _linear(x, self.qkv_weight, self.qkv_bias).split([nH * D, nKV * D, nKV * D], dim=-1)
-        q = apply_rope(q.view(B, T, nH, D).transpose(1, 2).float(), cos, sin)  # [B, nH, T, D]
-        k = apply_rope(k.view(B, T, nKV, D).transpose(1, 2).float(), cos, sin)  # [B, nKV, T, D]
-        v = v.view(B, T, nKV, D).transpose(1, 2)  # [B, nKV, T, D]
-        start = 0 if cache is None else cache.length
-        if cache is None:  # round k like the cache would, so both paths give the same numbers
+        qkv = _linear(x, self.qkv_weight, self.qkv_bias).view(B, T, nH + 2 * nKV, D)
+        qk = apply_rope(qkv[:, :, : nH + nKV].float(), cos, sin)  # [B, T, nH+nKV, D], q and k heads at once
+        q, k, v = qk[:, :, :nH].transpose(1, 2), qk[:, :, nH:].transpose(1, 2), qkv[:, :, nH + nKV :].transpose(1, 2)
+        start = 0 if cache is None else cache.length  # q [B, nH, T, D], k and v [B, nKV, T, D]
+        if cache is None:  # round k and v like the cache would, so both paths give the same numbers
             k, v = k.to(x.dtype).float(), v.float()
         else:
             cache.k[layer, :, :, start : start + T] = k
@@ -129,12 +130,12 @@ class Attention(nn.Module):
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
     """Causal GQA attention of queries at positions start.. over keys 0..S-1, all float32."""
-    T, S = q.shape[2], k.shape[2]
-    if k.shape[1] != q.shape[1]:  # GQA: each kv head serves nH/nKV query heads
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if T == 1:  # one query sees every key
-        return F.scaled_dot_product_attention(q, k, v)
+    B, nH, T, D = q.shape
+    nKV, S = k.shape[1], k.shape[2]
+    if T == 1:  # one query sees every key: fold the query heads of a kv head into its query rows
+        return F.scaled_dot_product_attention(q.reshape(B, nKV, nH // nKV, D), k, v).view(B, nH, 1, D)
+    if nKV != nH:  # GQA: each kv head serves nH/nKV query heads
+        k, v = k.repeat_interleave(nH // nKV, dim=1), v.repeat_interleave(nH // nKV, dim=1)
     if start == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     # is_causal aligns the mask top-left; queries that continue a cache need it bottom-right.
@@ -145,8 +146,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> to
 class MoE(nn.Module):
     """MoGE block: grouped top-K' routing over E stacked experts plus an always-on shared expert."""
 
-    def __init__(self, cfg: MoGEConfig, dtype: torch.dtype, device) -> None:
+    def __init__(self, cfg: MoGEConfig, dtype: torch.dtype, device, layer: int = 0) -> None:
         super().__init__()
+        self.layer = layer
         E, H, I, Is = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
         self.n_groups, self.picks = cfg.n_groups, cfg.picks_per_group
         self.gate = _param((E, H), torch.float32, device)
@@ -157,12 +159,17 @@ class MoE(nn.Module):
         self.shared_w2 = _param((H, Is), dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, H]
-        logits = F.linear(x.float(), self.gate)  # [N, E]
-        expert_ids, weights = route(logits, self.n_groups, self.picks, self.router_scale)  # [N, k] each
+        with section("router"):
+            logits = F.linear(x.float(), self.gate)  # [N, E]
+            expert_ids, weights = route(logits, self.n_groups, self.picks, self.router_scale)  # [N, k] each
+        record_routing(self.layer, logits, expert_ids)
         gate_up, down, w13, w2, xc = self.gate_up, self.down, self.shared_w13, self.shared_w2, x
         if _upcast(x):
             gate_up, down, w13, w2, xc = gate_up.float(), down.float(), w13.float(), w2.float(), x.float()
-        y = moe_experts(xc, expert_ids, weights, gate_up, down) + dense_mlp(xc, w13, w2)
+        with section("routed_experts"):
+            y = moe_experts(xc, expert_ids, weights, gate_up, down)
+        with section("shared_expert"):
+            y = y + dense_mlp(xc, w13, w2)
         return y.to(x.dtype)
 
 
@@ -175,9 +182,10 @@ class DenseMLP(nn.Module):
         self.w2 = _param((cfg.hidden_size, cfg.intermediate_size), dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, H]
-        if _upcast(x):
-            return dense_mlp(x.float(), self.w13.float(), self.w2.float()).to(x.dtype)
-        return dense_mlp(x, self.w13, self.w2)
+        with section("dense_mlp"):
+            if _upcast(x):
+                return dense_mlp(x.float(), self.w13.float(), self.w2.float()).to(x.dtype)
+            return dense_mlp(x, self.w13, self.w2)
 
 
 def _upcast(x: torch.Tensor) -> bool:
@@ -193,10 +201,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = _param((cfg.hidden_size,), torch.float32, device)
         self.post_attention_layernorm = _param((cfg.hidden_size,), torch.float32, device)
         self.self_attn = Attention(cfg, dtype, device)
-        self.mlp = DenseMLP(cfg, dtype, device) if layer in cfg.mlp_only_layers else MoE(cfg, dtype, device)
+        self.mlp = DenseMLP(cfg, dtype, device) if layer in cfg.mlp_only_layers else MoE(cfg, dtype, device, layer)
 
     def forward(self, x, cos, sin, cache: KVCache | None) -> torch.Tensor:  # x [B, T, H]
-        x = x + self.self_attn(rms_norm(x, self.input_layernorm, self.eps), cos, sin, cache, self.layer)
+        with section("attention"):
+            x = x + self.self_attn(rms_norm(x, self.input_layernorm, self.eps), cos, sin, cache, self.layer)
         h = rms_norm(x, self.post_attention_layernorm, self.eps)
         return x + self.mlp(h.view(-1, h.shape[-1])).view(h.shape)
 
@@ -252,14 +261,16 @@ class MoGEForCausalLM(nn.Module):
                 f"got {B} x {T} more tokens; make a bigger one with new_cache(batch_size, max_len)"
             )
         cos, sin = self._rope_tables(start + T)
-        cos, sin = cos[start : start + T], sin[start : start + T]  # [T, D]
-        x = F.embedding(input_ids.to(self.device), self.embed_tokens)  # [B, T, H]
+        cos, sin = cos[start : start + T, None], sin[start : start + T, None]  # [T, 1, D]
+        with section("embedding"):
+            x = F.embedding(input_ids.to(self.device), self.embed_tokens)  # [B, T, H]
         for layer in self.layers:
             x = layer(x, cos, sin, cache)
         if cache is not None:
             cache.length += T
-        x = rms_norm(x, self.norm, self.config.rms_norm_eps)
-        return _linear(x, self.lm_head).float()  # [B, T, V]
+        with section("lm_head"):
+            x = rms_norm(x, self.norm, self.config.rms_norm_eps)
+            return _linear(x, self.lm_head).float()  # [B, T, V]
 
     def _rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].shape[0] < n:

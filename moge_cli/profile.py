@@ -1,0 +1,212 @@
+"""`moge_cli.profile(...)`: where the time, the memory and the tokens go (the library behind `moge profile`).
+
+Runtime: prefill + greedy decode with the model's sections timed, achieved weight bandwidth vs the
+machine's read bandwidth measured in the same run. Routing: per-layer expert load and the MoGE
+Imbalance Score against plain top-k on the same tokens. Optional perplexity and weight statistics.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from moge_cli.errors import UsageError
+
+COMPONENTS = ("embedding", "attention", "router", "routed_experts", "shared_expert", "dense_mlp", "lm_head", "sampling")
+BANDWIDTH_BUFFER_BYTES = 512 * 1024 * 1024
+
+
+def measure_read_bandwidth(device: Any = "cpu", nbytes: int = BANDWIDTH_BUFFER_BYTES, repeats: int = 5) -> float:
+    """Bytes/s of streaming reads: best of `repeats` sums over a buffer far larger than the caches."""
+    import torch
+
+    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    sync = torch.cuda.synchronize if buf.device.type == "cuda" else (lambda: None)
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        buf.sum()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def active_weight_bytes(model: Any) -> int:
+    """Weight bytes batch-1 decode reads per token: everything once, except only k/E of the routed
+    experts and one row of the embedding table."""
+    cfg = model.config
+    total = 0
+    for name, p in model.named_parameters():
+        nbytes = p.numel() * p.element_size()
+        if name == "embed_tokens":
+            nbytes //= cfg.vocab_size
+        elif name.endswith(("mlp.gate_up", "mlp.down")):
+            nbytes = nbytes * cfg.num_experts_per_tok // cfg.num_experts
+        total += nbytes
+    return total
+
+
+def peak_memory_bytes(device: Any) -> int:
+    import resource
+
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _prompt_ids(model_path: Path, prompt: str | None, text_file: str | None, prompt_ids: list[int] | None) -> tuple[list[int], Any]:
+    from moge_cli.tokenizer import has_tokenizer, load_tokenizer
+
+    tok = load_tokenizer(model_path) if has_tokenizer(model_path) else None
+    given = [x is not None for x in (prompt, text_file, prompt_ids)]
+    if sum(given) != 1:
+        raise UsageError("give exactly one of --prompt, --text-file or --prompt-ids")
+    if prompt_ids is not None:
+        return list(prompt_ids), tok
+    if tok is None:
+        raise UsageError(f"{model_path}: no tokenizer.model or tokenizer.json; use --prompt-ids")
+    text = prompt if prompt is not None else Path(text_file).read_text(encoding="utf-8")
+    return tok.encode(text, add_bos=True), tok
+
+
+def _time_components(rec: Any, total: float) -> dict[str, Any]:
+    rows = {c: rec.seconds.get(c, 0.0) for c in COMPONENTS}
+    rows["other"] = max(total - sum(rows.values()), 0.0)
+    return {c: {"seconds": s, "percent": 100 * s / total if total else 0.0} for c, s in rows.items()}
+
+
+def runtime_profile(model: Any, ids: list[int], *, decode: int, devices: int | None) -> dict[str, Any]:
+    """Prefill `ids`, decode `decode` tokens greedily; time per component, routing per layer."""
+    import numpy as np
+    import torch
+
+    from moge_cli.instrument import Recorder
+    from moge_cli.routing_stats import layer_routing_stats
+
+    cfg = model.config
+    cuda = model.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else None
+    max_len = min(len(ids) + decode + 1, cfg.max_position_embeddings)
+    if len(ids) + decode > max_len:
+        raise UsageError(f"{len(ids)} prompt tokens + {decode} decode tokens exceed the context ({cfg.max_position_embeddings})")
+    cache = model.new_cache(1, max_len)
+    x = torch.tensor([ids], dtype=torch.long, device=model.device)
+
+    with Recorder(sync=sync, keep_routing=True) as pre:
+        t0 = time.perf_counter()
+        logits = model(x, cache=cache)
+        with pre.section("sampling"):
+            nxt = int(logits[0, -1].argmax())
+        prefill_s = time.perf_counter() - t0
+    generated = [nxt]
+    with Recorder(sync=sync, keep_routing=True) as dec:
+        t0 = time.perf_counter()
+        for _ in range(decode - 1):
+            logits = model(torch.tensor([[nxt]], device=model.device), cache=cache)
+            with dec.section("sampling"):
+                nxt = int(logits[0, -1].argmax())
+            generated.append(nxt)
+        decode_s = time.perf_counter() - t0
+    steps = max(decode - 1, 0)
+
+    layers = []
+    for layer in cfg.moe_layers:
+        probs = torch.cat(pre.probs[layer] + dec.probs[layer]).numpy()  # [T, E]
+        picks = torch.cat(pre.picks[layer] + dec.picks[layer]).numpy()  # [T, k]
+        stats = layer_routing_stats(probs, picks, n_groups=cfg.n_groups, num_experts_per_tok=cfg.num_experts_per_tok, devices=devices)
+        layers.append({"layer": layer, **stats})
+    is_moge = [l["imbalance_moge"] for l in layers]
+    is_topk = [l["imbalance_topk"] for l in layers]
+    return {
+        "prompt_tokens": len(ids),
+        "generated_ids": generated,
+        "prefill": {"tokens_per_s": len(ids) / prefill_s, "seconds": prefill_s, "components": _time_components(pre, prefill_s)},
+        "decode": {
+            "tokens": steps,
+            "tokens_per_s": steps / decode_s if steps else 0.0,
+            "seconds": decode_s,
+            "components": _time_components(dec, decode_s),
+        },
+        "routing": {
+            "devices": devices or cfg.n_groups,
+            "tokens": len(ids) + steps,
+            "mean_imbalance_moge": float(np.mean(is_moge)) if layers else 0.0,
+            "mean_imbalance_topk": float(np.mean(is_topk)) if layers else 0.0,
+            "layers": layers,
+        },
+    }
+
+
+def profile(
+    model: str | os.PathLike,
+    *,
+    prompt: str | None = None,
+    text_file: str | os.PathLike | None = None,
+    prompt_ids: list[int] | None = None,
+    decode: int = 32,
+    dtype: str | None = None,
+    device: str = "cpu",
+    devices: int | None = None,
+    perplexity_file: str | os.PathLike | None = None,
+    weights: bool = False,
+    revision: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Profile a checkpoint; returns the dict `moge profile --json` prints.
+
+    One of prompt / text_file / prompt_ids gives the tokens; decode: greedy tokens after them;
+    devices: how many devices whole expert groups are placed on for the Imbalance Score
+    (default one group per device); perplexity_file: also report perplexity on that text;
+    weights: also stream per-tensor weight statistics.
+    """
+    from moge_cli.checkpoint import open_checkpoint
+    from moge_cli.model import load_model
+
+    say = progress or (lambda msg: None)
+    ckpt = open_checkpoint(model, revision=revision)
+    root = ckpt.root
+    if devices is not None and (devices <= 0 or ckpt.config.n_groups % devices):
+        raise UsageError(f"--devices {devices}: whole groups must be spread evenly; choose a divisor of {ckpt.config.n_groups}")
+    if decode < 1:
+        raise UsageError(f"--decode must be at least 1, got {decode}")
+    ids, tok = _prompt_ids(root, prompt, text_file, prompt_ids)
+    if not ids:
+        raise UsageError("the prompt is empty")
+    say("loading model")
+    net = load_model(model, dtype=dtype, device=device, revision=revision)
+    say(f"profiling {len(ids)} prompt tokens + {decode} decode tokens")
+    report: dict[str, Any] = {"model": str(ckpt.source), "dtype": str(net.dtype).removeprefix("torch."), "device": str(net.device)}
+    report.update(runtime_profile(net, ids, decode=decode, devices=devices))
+    report["peak_memory_bytes"] = peak_memory_bytes(net.device)  # before the bandwidth buffer exists
+    say("measuring memory bandwidth")
+    bandwidth = measure_read_bandwidth(net.device)
+    weight_bytes = active_weight_bytes(net)
+    achieved = weight_bytes * report["decode"]["tokens_per_s"]
+    report["bandwidth"] = {
+        "active_weight_bytes_per_token": weight_bytes,
+        "achieved_bytes_per_s": achieved,
+        "measured_read_bytes_per_s": bandwidth,
+        "percent_of_measured": 100 * achieved / bandwidth,
+        "decode_ceiling_tokens_per_s": bandwidth / weight_bytes,
+    }
+    if tok is not None:
+        report["generated_text"] = tok.decode(report["generated_ids"])
+    if perplexity_file is not None:
+        from moge_cli.perplexity import perplexity
+
+        if tok is None:
+            raise UsageError(f"{root}: --perplexity needs a tokenizer")
+        say("computing perplexity")
+        text = Path(perplexity_file).read_text(encoding="utf-8")
+        report["perplexity"] = perplexity(net, tok.encode(text, add_bos=True))
+    if weights:
+        from moge_cli.weight_stats import weight_profile
+
+        say("streaming weight statistics")
+        report["weights"] = weight_profile(ckpt)
+    return report

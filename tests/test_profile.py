@@ -1,0 +1,129 @@
+"""`moge profile` end to end: a router forced into exact ties gives known counts and Imbalance Scores."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fixtures.make import write_checkpoint
+from moge_cli.cli import app
+from moge_cli.config import PRESETS, MoGEConfig
+from moge_cli.profile import profile
+
+TINY = MoGEConfig.from_dict(PRESETS["tiny-moge"])  # E=8 in 4 groups of 2, 1 pick per group, k=4
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def zero_router(tmp_path_factory) -> Path:
+    """tiny-moge with every router gate zeroed: all probabilities tie at 1/E, so MoGE picks the
+    first expert of each group (0, 2, 4, 6) and plain top-4 picks experts 0-3 (groups 0 and 1)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from moge_cli.checkpoint import open_checkpoint
+
+    src = write_checkpoint(TINY, tmp_path_factory.mktemp("src"), dtype="float32", tokenizer=False)
+    ckpt = open_checkpoint(src)
+    state = {n: ckpt.tensor(n).clone() for n in ckpt.tensors}
+    for n in state:
+        if n.endswith(".mlp.gate.weight"):
+            state[n] = torch.zeros_like(state[n])
+    out = tmp_path_factory.mktemp("zero")
+    shutil.copy(src / "config.json", out)
+    save_file(state, out / "model.safetensors")
+    return out
+
+
+def test_forced_ties_known_counts_and_imbalance(zero_router):
+    prompt = [5, 9, 2, 7, 7, 1]
+    r = profile(zero_router, prompt_ids=prompt, decode=4)
+    tokens = len(prompt) + 3  # the last decoded token is sampled, never run through the model
+    assert r["routing"]["tokens"] == tokens
+    for layer in r["routing"]["layers"]:
+        assert layer["expert_counts"] == [tokens, 0, tokens, 0, tokens, 0, tokens, 0]
+        assert layer["group_counts"] == [tokens] * 4
+        assert layer["never_picked"] == [1, 3, 5, 7]
+        assert layer["imbalance_moge"] == 0.0
+        assert layer["imbalance_topk"] == pytest.approx(2.0)  # devices get 2T, 2T, 0, 0
+    two = profile(zero_router, prompt_ids=prompt, decode=4, devices=2)
+    assert all(l["imbalance_topk"] == pytest.approx(4.0) for l in two["routing"]["layers"])  # 4T vs 0
+
+
+def test_report_shape_and_components(zero_router):
+    r = profile(zero_router, prompt_ids=[1, 2, 3, 4], decode=3)
+    for phase in ("prefill", "decode"):
+        comps = r[phase]["components"]
+        assert set(comps) >= {"embedding", "attention", "router", "routed_experts", "shared_expert", "lm_head", "sampling", "other"}
+        assert sum(c["percent"] for c in comps.values()) == pytest.approx(100.0, abs=0.5)
+        assert comps["routed_experts"]["seconds"] > 0 and comps["attention"]["seconds"] > 0
+    assert r["decode"]["tokens"] == 2 and len(r["generated_ids"]) == 3
+    bw = r["bandwidth"]
+    assert bw["measured_read_bytes_per_s"] > 0 and bw["active_weight_bytes_per_token"] > 0
+    # float32 tiny-moge: every weight once, but only 4 of 8 experts and one embedding row
+    c = TINY
+    experts = c.num_hidden_layers * c.num_experts * 3 * c.moe_intermediate_size * c.hidden_size * 4
+    embedding_rest = (c.vocab_size - 1) * c.hidden_size * 4
+    assert bw["active_weight_bytes_per_token"] == 214_736 * 4 - experts // 2 - embedding_rest
+    assert r["peak_memory_bytes"] > 0
+
+
+def test_cli_json_perplexity_weights_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    text = tmp_path / "t.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 4)
+    png = tmp_path / "load.png"
+    res = runner.invoke(app, ["profile", str(REPO / "fixtures" / "tiny-moge"), "--text-file", str(text), "--decode", "3",
+                              "--perplexity", str(text), "--weights", "--plot", str(png), "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    layer = r["routing"]["layers"][0]
+    assert len(layer["expert_counts"]) == 8 and len(layer["group_counts"]) == 4
+    assert sum(layer["expert_counts"]) == 4 * r["routing"]["tokens"]  # k=4 picks per token
+    assert layer["group_counts"] == [r["routing"]["tokens"]] * 4  # MoGE: one pick in every group
+    assert r["perplexity"]["tokens"] > 10 and r["perplexity"]["perplexity"] > 1
+    assert "routed_experts" in r["weights"]["components"] and r["weights"]["advice"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_table_output():
+    res = runner.invoke(app, ["profile", str(REPO / "fixtures" / "tiny-moge"), "--prompt", "import os", "--decode", "2"])
+    assert res.exit_code == 0, res.output
+    for fragment in ("time per component", "routed_experts", "IS MoGE", "mean Imbalance Score", "decode weight bandwidth"):
+        assert fragment in res.stdout
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--prompt-ids", "1,2", "--devices", "3"], "divisor of 4"),
+        (["--prompt-ids", "1,2", "--prompt", "x"], "exactly one of"),
+        (["--prompt-ids", "1,2", "--decode", "0"], "--decode"),
+        (["--prompt-ids", "1,x"], "error:"),
+    ],
+)
+def test_cli_bad_input(args, fragment):
+    res = runner.invoke(app, ["profile", str(REPO / "fixtures" / "tiny-moge"), *args])
+    assert res.exit_code == 2
+    assert res.stderr.startswith("error:") and fragment in res.stderr
+
+
+def test_plot_without_matplotlib_says_how(monkeypatch, zero_router, tmp_path):
+    import builtins
+
+    from moge_cli.errors import UsageError
+    from moge_cli.plot import plot_routing
+
+    real = builtins.__import__
+
+    def no_mpl(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    with pytest.raises(UsageError, match=r"moge-toolkit\[plot\]"):
+        plot_routing({"routing": {"layers": [{}], "devices": 4}}, tmp_path / "x.png")
