@@ -35,9 +35,12 @@ IDS = torch.tensor([[5, 17, 3, 90, 42, 42, 7, 61, 0, 33, 12]])  # [1, T]
 
 
 def make(tmp_path_factory, shape: str, layout: str = "per-expert", dtype: str = "float32") -> Path:
+    """A seed-1 random checkpoint (written once per session); stacked ones sharded, to cover that too."""
     out = tmp_path_factory.getbasetemp() / f"{shape}-{layout}-{dtype}"
     if not (out / "config.json").exists():
-        write_checkpoint(MoGEConfig.from_dict(SHAPES[shape]), out, seed=1, dtype=dtype, layout=layout, tokenizer=False)
+        shard = 40_000 if layout == "stacked" else None
+        cfg = MoGEConfig.from_dict(SHAPES[shape])
+        write_checkpoint(cfg, out, seed=1, dtype=dtype, layout=layout, max_shard_bytes=shard, tokenizer=False)
     return out
 
 
@@ -100,10 +103,13 @@ def test_batch_rows_match_single_sequences(tmp_path_factory):
 def test_per_expert_and_stacked_give_the_same_logits(tmp_path_factory, shape):
     per_expert = load_model(make(tmp_path_factory, shape, "per-expert"))
     stacked_dir = make(tmp_path_factory, shape, "stacked")
-    assert open_checkpoint(stacked_dir).layout in ("stacked", "unknown")
+    assert open_checkpoint(stacked_dir).layout == "stacked" and len(open_checkpoint(stacked_dir).files) > 1
     assert torch.equal(load_model(stacked_dir)(IDS), per_expert(IDS))
-    ref = reference_logits(open_checkpoint(stacked_dir), None, IDS[0, :4])  # the reference reads stacked too
+    stacked = open_checkpoint(stacked_dir)
+    ref = reference_logits(stacked, None, IDS[0, :4])  # the reference reads stacked too
     torch.testing.assert_close(per_expert(IDS[:, :4])[0].double(), ref, atol=1e-4, rtol=0)
+    state = {name: stacked.tensor(name) for name in stacked.tensors}  # and a plain state dict
+    assert torch.equal(reference_logits(state, stacked.config, IDS[0, :4]), ref)
 
 
 def test_bfloat16_load_runs_and_is_close(tmp_path_factory):
