@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,13 +46,13 @@ def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | st
 
 
 # ---- KV cache ------------------------------------------------------------------------------------
-@dataclass
 class KVCache:
     """Preallocated keys and values of every layer; positions 0..length-1 are filled."""
 
-    k: torch.Tensor  # [L, B, nKV, S, D], model dtype
-    v: torch.Tensor  # [L, B, nKV, S, D]
-    length: int = 0
+    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v = k, v  # [L, B, nKV, S, D] each, model dtype
+        self.k_layers, self.v_layers = k.unbind(0), v.unbind(0)  # per-layer views [B, nKV, S, D]
+        self.length = 0
 
     @property
     def max_len(self) -> int:
@@ -76,17 +74,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rope_tables(positions: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [positions, D] float32 for neox RoPE (angles in float64 so long positions stay exact)."""
+    """cos and signed sin [positions, D] float32 for neox RoPE (angles in float64: long positions stay exact).
+
+    The sin table's first half is negated so that rotate_half(x) * sin == roll(x, D/2) * signed_sin.
+    """
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # [D/2]
     angles = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq  # [P, D/2]
-    angles = torch.cat([angles, angles], dim=-1)  # [P, D]
-    return angles.cos().float().to(device), angles.sin().float().to(device)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], -1).float().to(device), torch.cat([-sin, sin], -1).float().to(device)  # [P, D]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, n, D] float32, cos/sin [T, 1, D]: x*cos + rotate_half(x)*sin (halves, not pairs)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, n, D] float32, tables [T, 1, D]: x*cos + rotate_half(x)*sin, rotating halves (neox), not pairs."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -119,10 +119,10 @@ class Attention(nn.Module):
         if cache is None:  # round k and v like the cache would, so both paths give the same numbers
             k, v = k.to(x.dtype).float(), v.float()
         else:
-            cache.k[layer, :, :, start : start + T] = k
-            cache.v[layer, :, :, start : start + T] = v
-            k = cache.k[layer, :, :, : start + T].float()  # [B, nKV, S, D]
-            v = cache.v[layer, :, :, : start + T].float()
+            ck, cv = cache.k_layers[layer], cache.v_layers[layer]
+            ck.narrow(2, start, T).copy_(k)
+            cv.narrow(2, start, T).copy_(v)
+            k, v = ck.narrow(2, 0, start + T).float(), cv.narrow(2, 0, start + T).float()  # [B, nKV, S, D]
         o = _attend(q, k, v, start)  # [B, nH, T, D] float32
         o = o.transpose(1, 2).reshape(B, T, nH * D).to(x.dtype)
         return _linear(o, self.o_weight, self.o_bias)
