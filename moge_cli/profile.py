@@ -91,10 +91,12 @@ def runtime_profile(model: Any, ids: list[int], *, decode: int, devices: int | N
     cfg = model.config
     cuda = model.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else None
-    max_len = min(len(ids) + decode + 1, cfg.max_position_embeddings)
-    if len(ids) + decode > max_len:
-        raise UsageError(f"{len(ids)} prompt tokens + {decode} decode tokens exceed the context ({cfg.max_position_embeddings})")
-    cache = model.new_cache(1, max_len)
+    context = cfg.max_position_embeddings
+    if decode >= context:
+        raise UsageError(f"--decode {decode} leaves no room for a prompt in the {context}-token context")
+    given = len(ids)
+    ids = ids[: context - decode]  # a long text is profiled on its first context-length window
+    cache = model.new_cache(1, len(ids) + decode)
     x = torch.tensor([ids], dtype=torch.long, device=model.device)
 
     with Recorder(sync=sync, keep_routing=True) as pre:
@@ -124,6 +126,7 @@ def runtime_profile(model: Any, ids: list[int], *, decode: int, devices: int | N
     is_topk = [l["imbalance_topk"] for l in layers]
     return {
         "prompt_tokens": len(ids),
+        "prompt_tokens_given": given,
         "generated_ids": generated,
         "prefill": {"tokens_per_s": len(ids) / prefill_s, "seconds": prefill_s, "components": _time_components(pre, prefill_s)},
         "decode": {

@@ -65,6 +65,8 @@ def render(r: dict[str, Any]) -> None:
     out = stdout_console()
     bw = r["bandwidth"]
     out.print(f"[bold]{r['model']}[/bold]  ({r['dtype']} on {r['device']})")
+    if r["prompt_tokens_given"] > r["prompt_tokens"]:
+        out.print(f"[yellow]the text has {r['prompt_tokens_given']} tokens; profiled the first {r['prompt_tokens']} (context length)[/yellow]")
     out.print(
         f"prefill {r['prompt_tokens']} tokens: {r['prefill']['tokens_per_s']:.1f} tok/s   "
         f"decode {r['decode']['tokens']} tokens: {r['decode']['tokens_per_s']:.1f} tok/s   "
