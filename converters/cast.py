@@ -8,42 +8,80 @@ and pass through unchanged either way.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
-from moge_cli.errors import UsageError
+from moge_cli.errors import CheckpointError, UsageError
 from moge_cli.safetensors_format import TORCH_NAMES
 
 FP16_MAX = 65504.0
-CHUNK_ELEMS = 1 << 21  # elements cast at a time: 2M (4 MB of bf16 in, 4 MB of fp16 out), cache-sized
+CHUNK_ELEMS = 1 << 18  # elements cast at a time: 512 KB of bf16 in, 1 MB of float32, 512 KB out: stays in L2
+BLOCK_ELEMS = 1 << 20  # elements per task of the caster pool: cast, then written with one pwrite
 
 
 def torch_dtype(code: str) -> torch.dtype:
     return getattr(torch, TORCH_NAMES[code])
 
 
-def cast_chunk(x: torch.Tensor, dtype: torch.dtype, clamp: bool, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """x cast to dtype (written into `out[:n]` when given) and the number of float16 overflows.
+class Caster:
+    """Casts one dtype to another into caller-given slices, CHUNK_ELEMS at a time, counting float16 overflows.
 
-    With clamp, overflowing values become +-65504 instead of +-inf. A cheap min/max screen skips
-    the exact count for the usual chunk that holds nothing beyond float16's range.
+    `block` is an output buffer of BLOCK_ELEMS elements for the caller to fill (one Caster per
+    thread). bfloat16 -> float16 goes through a cache-sized float32 buffer: two vectorized copies
+    are several times faster than torch's direct path and give the same bits (bfloat16 -> float32
+    is exact; the direct path goes through float too). Not float16 -> bfloat16: there the NaN
+    payloads would differ.
     """
-    y = out[: x.numel()] if out is not None else torch.empty(x.shape, dtype=dtype)
-    y.copy_(x)
-    if dtype != torch.float16 or x.dtype == torch.float16 or x.numel() == 0 or not x.is_floating_point():
-        return y, 0
-    lo, hi = torch.aminmax(x)
-    lo, hi = float(lo), float(hi)
-    if -FP16_MAX <= lo and hi <= FP16_MAX:  # false for NaN too: then count exactly
-        return y, 0
-    xf = _wide(x)
-    finite = torch.isfinite(xf)
-    n = int(((xf.abs() > FP16_MAX) & finite).sum())
-    if n and clamp:
-        y.copy_(torch.where(finite, xf.clamp(-FP16_MAX, FP16_MAX), xf))
-    return y, n
+
+    def __init__(self, src: torch.dtype, dst: torch.dtype, clamp: bool, block: int = BLOCK_ELEMS):
+        self.src, self.dst, self.clamp = src, dst, clamp
+        self.block = torch.empty(block, dtype=dst)
+        self.mid = torch.empty(CHUNK_ELEMS, dtype=torch.float32) if (src, dst) == (torch.bfloat16, torch.float16) else None
+        self.checks = dst == torch.float16 and src != torch.float16 and src.is_floating_point
+        self.raw: torch.Tensor | None = None  # read buffer of cast_file_into
+
+    def cast_into(self, x: torch.Tensor, y: torch.Tensor) -> int:
+        """y[:] = x cast (clamped when clamp=True); returns the number of finite values beyond +-65504."""
+        n = 0
+        for a in range(0, x.numel(), CHUNK_ELEMS):
+            n += self._chunk(x[a : a + CHUNK_ELEMS], y[a : a + CHUNK_ELEMS])
+        return n
+
+    def cast_file_into(self, fd: int, offset: int, y: torch.Tensor) -> int:
+        """Like cast_into for the y.numel() source values at byte `offset` of an open file, read with
+        pread into a cache-sized buffer (no page faults on a shared memory map, no copy kept)."""
+        if self.raw is None:
+            self.raw = torch.empty(CHUNK_ELEMS * self.src.itemsize, dtype=torch.uint8)
+            self.raw_view = memoryview(self.raw.numpy())
+        n, size = 0, self.src.itemsize
+        for a in range(0, y.numel(), CHUNK_ELEMS):
+            k = min(CHUNK_ELEMS, y.numel() - a)
+            got = os.preadv(fd, [self.raw_view[: k * size]], offset + a * size)
+            if got != k * size:
+                raise CheckpointError(f"source file ended early at byte {offset + a * size + got} (truncated?)")
+            n += self._chunk(self.raw[: k * size].view(self.src), y[a : a + k])
+        return n
+
+    def _chunk(self, x: torch.Tensor, y: torch.Tensor) -> int:
+        k = x.numel()
+        if self.mid is not None:
+            y.copy_(self.mid[:k].copy_(x))
+        else:
+            y.copy_(x)
+        if not self.checks or k == 0:
+            return 0
+        lo, hi = torch.aminmax(y)
+        if -FP16_MAX < float(lo) and float(hi) < FP16_MAX:  # the usual chunk; false for NaN, then count exactly
+            return 0
+        xf = _wide(x)
+        finite = torch.isfinite(xf)
+        n = int(((xf.abs() > FP16_MAX) & finite).sum())
+        if n and self.clamp:
+            y.copy_(torch.where(finite, xf.clamp(-FP16_MAX, FP16_MAX), xf))
+        return n
 
 
 def cast_exact(x: torch.Tensor, dtype: torch.dtype, clamp: bool) -> torch.Tensor:

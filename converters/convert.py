@@ -1,9 +1,10 @@
 """`convert()`: plan from the source headers, stream every output shard into a staging directory, verify, rename.
 
 Memory: a tensor that keeps its dtype is copied file-to-file with sendfile (safetensors input) or
-from its memory map (PyTorch input) and never enters anonymous memory; a cast goes through two
-fixed buffers of CHUNK_ELEMS elements. Nothing scales with the model or with a tensor's size,
-except a PyTorch tensor that is not contiguous in its file (copied once to lay it out).
+from its memory map (PyTorch input) and never enters anonymous memory; a cast goes through fixed
+buffers (per cast thread: one block of BLOCK_ELEMS outputs and a float32 chunk). Nothing scales with
+the model or with a tensor's size, except a PyTorch tensor that is not contiguous in its file
+(copied once to lay it out).
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,13 +23,15 @@ import torch
 
 from moge_cli.safetensors_format import DTYPE_SIZES, TORCH_NAMES
 
-from converters.cast import CHUNK_ELEMS, CastStats, Fp16OverflowError, cast_chunk, torch_dtype
+from converters.cast import BLOCK_ELEMS, CHUNK_ELEMS, Caster, CastStats, Fp16OverflowError, torch_dtype
 from converters.plan import OutTensor, Plan, RankPlan, build_plan
 from converters.shards import INDEX_NAME, Shard, ShardFile, check_destination, check_free_space, parse_size, plan_shards, staging_dir, write_shards
 from converters.sources import files_to_copy, open_source
 
 EP_PLAN_NAME = "ep_plan.json"
 COPY_CHUNK = 64 * 1024 * 1024  # bytes per write when copying from a memory map
+CAST_THREADS = max(1, min(4, os.cpu_count() or 1))  # casting is the one CPU-bound step; the kernel copies the rest
+MAX_IN_FLIGHT = 4 * CAST_THREADS  # queued cast blocks before the caller waits (each thread has its own buffers)
 
 
 def rss_anon() -> int:
@@ -41,13 +47,16 @@ def rss_anon() -> int:
 
 
 class PeakRss:
-    """The highest RssAnon seen, sampled after every tensor and every cast chunk."""
+    """The highest RssAnon seen, sampled after tensors and cast blocks, at most every `every` seconds."""
 
-    def __init__(self) -> None:
+    def __init__(self, every: float = 0.01) -> None:
         self.start = self.peak = rss_anon()
+        self.every, self.last = every, time.monotonic()
 
-    def sample(self) -> None:
-        self.peak = max(self.peak, rss_anon())
+    def sample(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last >= self.every:
+            self.peak, self.last = max(self.peak, rss_anon()), now
 
 
 class _Overflow(Exception):
@@ -61,52 +70,122 @@ class Emitter:
         self.source, self.clamp, self.peak = source, clamp, peak
         self.stats = CastStats()
         self._fds: dict[Path, int] = {}
-        self._bufs: dict[torch.dtype, torch.Tensor] = {}
+        self._local = threading.local()
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: deque = deque()  # (future, stats label or None, elements, bytes, shard file) of queued blocks
         self._counted: set[tuple] = set()  # recipes already counted (replicated tensors of --ep count once)
 
     def __call__(self, sf: ShardFile, t: OutTensor, label: str | None = None) -> None:
-        esize = DTYPE_SIZES[t.src_dtype]
-        count = t.parts not in self._counted
-        self._counted.add(t.parts)
-        for part in t.parts:
-            if t.cast:
-                self._cast(sf, t, part, label or t.name, count)
-            elif self.source.direct:
-                path, start = self.source.file_range(part.source)
-                sf.send(self._fd(path), start + part.start * esize, part.count * esize)
-            else:
-                raw = self.source.raw(part.source)
-                a, b = part.start * esize, (part.start + part.count) * esize
-                for c in range(a, b, COPY_CHUNK):
-                    sf.write(raw[c : min(b, c + COPY_CHUNK)])
+        if t.cast:
+            self._cast(sf, t, label or t.name)
+        else:
+            esize = DTYPE_SIZES[t.src_dtype]
+            for part in t.parts:
+                if self.source.direct:
+                    path, start = self.source.file_range(part.source)
+                    sf.send(self._fd(path), start + part.start * esize, part.count * esize)
+                else:
+                    raw = self.source.raw(part.source)
+                    a, b = part.start * esize, (part.start + part.count) * esize
+                    for c in range(a, b, COPY_CHUNK):
+                        sf.write(raw[c : min(b, c + COPY_CHUNK)])
         self.peak.sample()
 
-    def _cast(self, sf: ShardFile | None, t: OutTensor, part, label: str, count: bool) -> None:
-        dtype = torch_dtype(t.dtype)
-        flat = self.source.flat(part.source)
-        buf = self._bufs.get(dtype)
-        if buf is None:
-            buf = self._bufs[dtype] = torch.empty(CHUNK_ELEMS, dtype=dtype)
-        end = part.start + part.count
-        for a in range(part.start, end, CHUNK_ELEMS):
-            x = flat[a : min(end, a + CHUNK_ELEMS)]
-            y, over = cast_chunk(x, dtype, self.clamp, out=buf)
-            if count:
-                self.stats.add(label, x.numel(), over)
-            if over and not self.clamp and sf is not None:
-                raise _Overflow
-            if sf is not None:
-                sf.write(y.view(torch.uint8).numpy())
-            self.peak.sample()
+    def _cast(self, sf: ShardFile | None, t: OutTensor, label: str) -> None:
+        """Cast t in blocks on the pool's threads, each pwritten at its offset in a reserved range.
+
+        Torch ops and pwrite release the GIL, so blocks (of this tensor and the next ones) are cast
+        and written in parallel, each in its thread's own buffers; the caller moves on at once and
+        waits only at the shard's barrier (before a sequential write or the close) or when
+        MAX_IN_FLIGHT blocks are queued.
+        """
+        count = t.parts not in self._counted  # replicated tensors of --ep are counted once
+        self._counted.add(t.parts)
+        key, in_size, out_size = (t.src_dtype, t.dtype), DTYPE_SIZES[t.src_dtype], DTYPE_SIZES[t.dtype]
+        pieces = []  # (source: (fd, byte offset) or 1-D tensor, first element, elements, byte offset in the output)
+        done = 0
+        for part in t.parts:
+            if self.source.direct:
+                path, start = self.source.file_range(part.source)
+                src = (self._fd(path), start)
+            else:
+                src = self.source.flat(part.source)
+            for a in range(part.start, part.start + part.count, BLOCK_ELEMS):
+                k = min(BLOCK_ELEMS, part.start + part.count - a)
+                pieces.append((src, a, k, done * out_size))
+                done += k
+        if sf is None:  # the overflow scan: no writes, in this thread
+            for src, a, k, _ in pieces:
+                self.stats.add(label, k, self._cast_piece(key, src, a, k, in_size)[0])
+            return
+        base = sf.reserve(t.nbytes)
+        for src, a, k, off in pieces:
+            future = self._pool().submit(self._piece, key, src, a, k, in_size, sf, base + off)
+            self._pending.append((future, label if count else None, k, k * out_size, sf))
+        sf.barrier, sf.on_abort = self._drain, self._cancel
+        while len(self._pending) > MAX_IN_FLIGHT:
+            self._drain_one()
+
+    def _drain_one(self) -> None:
+        future, label, k, nbytes, sf = self._pending.popleft()
+        try:
+            over = future.result()
+        except BaseException:
+            self._cancel()
+            raise
+        if label is not None:
+            self.stats.add(label, k, over)
+        if sf.progress:
+            sf.progress(nbytes)
+        self.peak.sample()
+        if over and not self.clamp:
+            self._cancel()
+            raise _Overflow
+
+    def _drain(self) -> None:
+        """Wait for every queued block (a shard's barrier): the bytes before the next write are all there."""
+        while self._pending:
+            self._drain_one()
+
+    def _cancel(self) -> None:
+        """After an error: drop queued blocks and wait for the running ones, so no thread writes any more."""
+        futures = [p[0] for p in self._pending]
+        self._pending.clear()
+        for f in futures:
+            f.cancel()
+        wait(futures)
+
+    def _piece(self, key: tuple[str, str], src, a: int, k: int, in_size: int, sf: ShardFile, offset: int) -> int:
+        over, y = self._cast_piece(key, src, a, k, in_size)
+        sf.write_at(y.view(torch.uint8).numpy(), offset)
+        return over
+
+    def _cast_piece(self, key: tuple[str, str], src, a: int, k: int, in_size: int) -> tuple[int, torch.Tensor]:
+        """Cast k source elements from element a into this thread's block: (overflows, the block's first k)."""
+        caster = self._caster(key)
+        y = caster.block[:k]
+        if isinstance(src, tuple):  # (fd, byte offset of the tensor) of a safetensors file
+            return caster.cast_file_into(src[0], src[1] + a * in_size, y), y
+        return caster.cast_into(src[a : a + k], y), y
+
+    def _caster(self, key: tuple[str, str]) -> Caster:
+        """This thread's Caster for (source dtype, output dtype): its buffers are its own."""
+        casters = self._local.__dict__.setdefault("casters", {})
+        if key not in casters:
+            casters[key] = Caster(torch_dtype(key[0]), torch_dtype(key[1]), self.clamp)
+        return casters[key]
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=CAST_THREADS, thread_name_prefix="moge-cast")
+        return self._executor
 
     def scan(self, tensors: list[tuple[str, OutTensor]]) -> CastStats:
         """Count float16 overflows of every cast without writing (the refusal report)."""
         self.stats, self._counted = CastStats(), set()
         for label, t in tensors:
-            if t.cast and t.parts not in self._counted:
-                self._counted.add(t.parts)
-                for part in t.parts:
-                    self._cast(None, t, part, label, True)
+            if t.cast:
+                self._cast(None, t, label)
         return self.stats
 
     def _fd(self, path: Path) -> int:
@@ -115,6 +194,8 @@ class Emitter:
         return self._fds[path]
 
     def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -151,16 +232,18 @@ def convert(
     peak = PeakRss()
     max_bytes = parse_size(max_shard_size)
     source = open_source(src)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # casts are memory-bound, in cache-sized chunks: a thread pool costs more than it gains
     try:
         plan = build_plan(source.tensors, source.config_dict, layout=layout, dtype=dtype, layers=layers, ep=ep)
         layouts = [(r, plan_shards(r.tensors, max_bytes)) for r in plan.ranks]
         copies = files_to_copy(source.root)
         disk = _disk_bytes(plan, layouts, copies)
         bytes_in = sum(source.tensors[n].nbytes for n in plan.sources_used)
-        if dry_run:
-            return describe(plan, layouts, source, dst, copies, disk, bytes_in, peak)
         dst = Path(dst)
         check_destination(source.root, dst, force)
+        if dry_run:
+            return describe(plan, layouts, source, dst, copies, disk, bytes_in, peak)
         check_free_space(next(p for p in [dst.parent, *dst.parent.parents] if p.exists()), disk)
         total = sum(s.data_bytes for _, shards in layouts for s in shards)
         tick = (lambda n: progress(n, total)) if progress else None
@@ -179,13 +262,14 @@ def convert(
                             shutil.copyfile(f, out / f.name)
                     if plan.ep_plan:
                         (tmp / EP_PLAN_NAME).write_text(json.dumps(plan.ep_plan, indent=2) + "\n")
+                    peak.sample(force=True)
                 except _Overflow:
                     raise Fp16OverflowError(emitter.scan(_labelled(layouts))) from None
                 if verify:
                     from converters.verify import verify_output
 
                     verify_output(source, layouts, tmp, clamp)
-                    peak.sample()
+                    peak.sample(force=True)
         finally:
             emitter.close()
         stats = emitter.stats
@@ -206,6 +290,7 @@ def convert(
             "notes": list(source.notes),
         }
     finally:
+        torch.set_num_threads(threads)
         source.close()
 
 
@@ -225,7 +310,7 @@ def estimated_peak(plan: Plan, source, base: int) -> int:
     """A conservative RssAnon estimate: now (interpreter, torch, plan) + cast buffers + what must be laid out."""
     n = base
     if any(t.cast for t in plan.tensors):
-        n += CHUNK_ELEMS * (4 + 8 + 8)  # output buffer, plus float32 copy and masks in a chunk that overflows
+        n += (CAST_THREADS + 1) * (BLOCK_ELEMS * 4 + CHUNK_ELEMS * 28)  # per casting thread: block, read and float32 buffers, temporaries
     if not source.direct:  # a PyTorch tensor that is not contiguous is copied once
         n += max((source.tensors[s].nbytes for s in plan.sources_used), default=0)
     return n

@@ -1,8 +1,10 @@
 """Output side: shard planning by size, a streaming safetensors writer, the index, the atomic staging dir.
 
 A shard's header is written first (every size is known from the plan), then each tensor's bytes
-in order, either straight from a source file with sendfile(2) (no copy through user space) or from
-a buffer. Nothing is held beyond one buffer; the file is never seeked backwards.
+in order: copied from a source file (runs of adjacent bytes merged; sendfile(2) when source and
+destination offsets agree within a page, else read+write through a 1 MB buffer), written from a
+buffer, or, for casts, written at their offsets by the caster threads (write_at, then advance).
+Nothing is held beyond fixed buffers.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from moge_cli.safetensors_format import build_header
 from converters.plan import OutTensor
 
 INDEX_NAME = "model.safetensors.index.json"
+PAGE = 4096
 METADATA = {"format": "pt"}
 SEND_BYTES = 64 * 1024 * 1024  # one sendfile call: bounded so progress and Ctrl-C stay responsive
+COPY_BUFFER = 1024 * 1024  # read+write copies: small enough to stay in cache between the two
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
@@ -95,54 +99,137 @@ def _sendfile(out_fd: int, in_fd: int, offset: int, count: int) -> int:
     return os.sendfile(out_fd, in_fd, offset, count)
 
 
+_BUFFER: memoryview | None = None
+
+
+def _copy_buffer() -> memoryview:
+    """The 1 MB buffer that misaligned copies go through (shared: shards are written one at a time)."""
+    global _BUFFER
+    if _BUFFER is None:
+        _BUFFER = memoryview(bytearray(COPY_BUFFER))
+    return _BUFFER
+
+
+def _pwrite(fd: int, data: memoryview, offset: int) -> int:
+    return os.pwrite(fd, data, offset)
+
+
 class ShardFile:
-    """One output shard being streamed: header on open, then tensor bytes strictly in header order."""
+    """One output shard being streamed: header on open, then tensor bytes in header order.
+
+    `pos` is where the next tensor starts. Bytes get there three ways, each at its own explicit
+    offset, so they need no ordering among themselves: write() (now), send() (a copy from a source
+    file, deferred so adjacent ranges merge) and reserve() + write_at() (a range handed to other
+    threads, which pwrite it while the caller goes on). `barrier`, when set, is called before the
+    file is closed: the owner of reserved ranges waits for them there. `on_abort` is called before
+    the file is closed after an error.
+    """
 
     def __init__(self, path: Path, shard: Shard, progress: Callable[[int], None] | None = None):
         self.path, self.shard, self.progress = path, shard, progress
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self.pos = 0
+        self.barrier: Callable[[], None] | None = None
+        self.on_abort: Callable[[], None] | None = None
+        self._fd_pos = 0  # the descriptor's own offset (write and sendfile write there)
         self._sendfile_ok = True
+        self._run: list[int] | None = None  # pending copy: [source fd, source offset, count, output offset]
+        self._buf = _copy_buffer()
         self.write(memoryview(shard.header()), count=False)
 
     def write(self, data: memoryview | bytes, count: bool = True) -> None:
+        self.flush()
         data = memoryview(data).cast("B")
+        self._seek(self.pos)
         _write(self.fd, data)
         self.pos += len(data)
+        self._fd_pos = self.pos
         if count and self.progress:
             self.progress(len(data))
 
+    def reserve(self, n: int) -> int:
+        """Claim the next n bytes for write_at; returns their offset. Their progress is the caller's to report."""
+        at, self.pos = self.pos, self.pos + n
+        return at
+
+    def write_at(self, data: memoryview | bytes, offset: int) -> None:
+        """pwrite `data` at `offset` inside a reserved range (any thread)."""
+        data = memoryview(data).cast("B")
+        while data:
+            n = _pwrite(self.fd, data, offset)
+            data, offset = data[n:], offset + n
+
     def send(self, in_fd: int, offset: int, count: int) -> None:
-        """Copy `count` bytes at `offset` of an open source file, in the kernel where it can."""
+        """Copy `count` bytes at `offset` of an open source file, in the kernel where it can.
+
+        Lazy: a range that continues the previous one in the same file extends it, so runs of
+        adjacent source bytes go out in one copy (each call has a fixed cost, inode update
+        included, that per-tensor calls would pay thousands of times). `pos` counts it at once.
+        """
+        if self._run and self._run[0] == in_fd and self._run[1] + self._run[2] == offset:
+            self._run[2] += count
+        else:
+            self.flush()
+            self._run = [in_fd, offset, count, self.pos]
+        self.pos += count
+
+    def flush(self) -> None:
+        """Copy the pending run of source bytes (see send).
+
+        sendfile when the run sits at the same offset within a page in both files; otherwise the
+        kernel would split every page, and a read into a cache-sized buffer plus a write is cheaper.
+        """
+        if not self._run:
+            return
+        in_fd, offset, count, at = self._run
+        self._run = None
+        self._seek(at)
         end = offset + count
+        kernel = self._sendfile_ok and (offset - at) % PAGE == 0
         while offset < end:
-            n = min(SEND_BYTES, end - offset)
-            if self._sendfile_ok:
+            n = min(SEND_BYTES if kernel else len(self._buf), end - offset)
+            if kernel:
                 try:
                     sent = _sendfile(self.fd, in_fd, offset, n)
                 except OSError as e:
                     if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                         raise
-                    self._sendfile_ok = False  # a filesystem without sendfile: read and write instead
+                    self._sendfile_ok = kernel = False  # a filesystem without sendfile: read and write instead
                     continue
-                if sent == 0:
-                    raise WriteError(f"{self.path}: source file ended early while copying (was it truncated?)")
             else:
-                buf = os.pread(in_fd, n, offset)
-                if not buf:
-                    raise WriteError(f"{self.path}: source file ended early while copying (was it truncated?)")
-                _write(self.fd, memoryview(buf))
-                sent = len(buf)
+                sent = os.preadv(in_fd, [self._buf[:n]], offset)
+                _write(self.fd, self._buf[:sent])
+            if sent == 0:
+                raise WriteError(f"{self.path}: source file ended early while copying (was it truncated?)")
             offset += sent
-            self.pos += sent
+            self._fd_pos += sent
             if self.progress:
                 self.progress(sent)
 
+    def _seek(self, where: int) -> None:
+        if self._fd_pos != where:
+            os.lseek(self.fd, where, os.SEEK_SET)
+            self._fd_pos = where
+
     def close(self) -> None:
-        os.close(self.fd)
+        try:
+            if self.barrier is not None:
+                barrier, self.barrier = self.barrier, None
+                barrier()
+            self.flush()
+        finally:
+            os.close(self.fd)
         want = self.shard.file_bytes
         if self.pos != want:  # a recipe that wrote too little or too much: the header would lie
             raise WriteError(f"{self.path}: wrote {self.pos} bytes, the header promises {want}")
+
+    def abort(self) -> None:
+        """Close after an error, once threads writing reserved ranges have stopped."""
+        try:
+            if self.on_abort is not None:
+                self.on_abort()
+        finally:
+            os.close(self.fd)
 
 
 def write_shards(out_dir: Path, shards: list[Shard], emit: Callable[[ShardFile, OutTensor], None], progress=None) -> list[Path]:
@@ -157,7 +244,7 @@ def write_shards(out_dir: Path, shards: list[Shard], emit: Callable[[ShardFile, 
                 if sf.pos - before != t.nbytes:
                     raise WriteError(f"{t.name}: wrote {sf.pos - before} bytes, expected {t.nbytes}")
         except BaseException:
-            os.close(sf.fd)
+            sf.abort()
             raise
         sf.close()
         paths.append(out_dir / shard.file)

@@ -86,6 +86,26 @@ def test_cast_is_the_exact_cast_and_updates_config(src, tmp_path):
     no_problems(tmp_path / "f16")
 
 
+@pytest.mark.parametrize("src_dtype,dst_dtype", [("bfloat16", "float16"), ("float32", "float16"), ("float16", "bfloat16"), ("float32", "bfloat16")])
+@pytest.mark.parametrize("clamp", [False, True])
+def test_chunked_cast_matches_the_reference_cast(src_dtype, dst_dtype, clamp):
+    from converters.cast import Caster, cast_exact
+
+    specials = [65504.0, 65519.0, 65520.0, -7e4, 1e6, float("inf"), float("-inf"), float("nan"), 6e-8, -0.0]
+    x = torch.cat([torch.randn(5000) * 3e4, torch.tensor(specials)]).to(getattr(torch, src_dtype))
+    caster = Caster(x.dtype, getattr(torch, dst_dtype), clamp, block=1000)
+    got, overflow = [], 0
+    for a in range(0, x.numel(), 1000):
+        chunk = x[a : a + 1000]
+        y = caster.block[: chunk.numel()]
+        overflow += caster.cast_into(chunk, y)
+        got.append(y.clone())
+    want = cast_exact(x, getattr(torch, dst_dtype), clamp)
+    assert bits_equal(torch.cat(got), want)
+    xf = x.double()
+    assert overflow == (int(((xf.abs() > 65504) & xf.isfinite()).sum()) if dst_dtype == "float16" and src_dtype != "float16" else 0)
+
+
 def poke(ckpt: Path, name: str, values: list[float]) -> None:
     """Overwrite the first len(values) elements of a float32 tensor in place."""
     info = open_checkpoint(ckpt).tensors[name]
@@ -195,6 +215,31 @@ def test_shards_named_sized_indexed_and_never_split(src, tmp_path):
     assert index["metadata"]["total_size"] == total == sum(t.numel() * t.element_size() for t in tensors(out).values())
 
 
+@pytest.mark.parametrize("shift", [0, 1])
+def test_copies_coalesce_and_use_sendfile_only_when_page_aligned(tmp_path, monkeypatch, shift):
+    import os
+
+    import converters.shards as shards
+    from converters.plan import OutTensor, Part
+
+    data = os.urandom(4 * 4096)
+    (tmp_path / "in").write_bytes(data)
+    calls: list[int] = []
+    real = shards._sendfile
+    monkeypatch.setattr(shards, "_sendfile", lambda *a: calls.append(a[3]) or real(*a))
+    shard = shards.Shard("out.safetensors", [OutTensor(n, "U8", (4096,), "U8", (Part(n, 0, 4096),)) for n in ("a", "b")])
+    sf = shards.ShardFile(tmp_path / "out.safetensors", shard)
+    head = sf.pos
+    start = head % 4096 + shift  # shift 0: same offset within a page as in the output
+    fd = os.open(tmp_path / "in", os.O_RDONLY)
+    sf.send(fd, start, 4096)
+    sf.send(fd, start + 4096, 4096)  # continues the run: one copy for both tensors
+    sf.close()
+    os.close(fd)
+    assert calls == ([8192] if shift == 0 else [])
+    assert (tmp_path / "out.safetensors").read_bytes()[head:] == data[start : start + 8192]
+
+
 def test_layers_extracted_renumbered_and_loadable(tmp_path):
     cfg = MoGEConfig.from_dict({**PRESETS["tiny-moge"], "num_hidden_layers": 4, "mlp_only_layers": [1, 3], "intermediate_size": 48})
     ck = make(tmp_path / "ck", cfg)
@@ -241,6 +286,38 @@ def test_ep_split_holds_whole_groups(src, tmp_path, layout):
     assert report["problems"] == [] and report["ep_plan"]["world_size"] == 2
     with pytest.raises(UsageError, match="must divide"):
         convert(src, tmp_path / "ep3", ep=3)
+
+
+def test_ep_from_stacked_slices_and_rank_dirs_convert_again(src, tmp_path):
+    st = tmp_path / "st"
+    convert(src, st, layout="stacked")
+    plan = convert(st, tmp_path / "ep", ep=4, dry_run=True)
+    gate_up = [t for o in plan["outputs"] for t in o["tensors"] if t["name"].endswith("gate_up_proj")]
+    assert gate_up[0]["shape"] == [2, 64, 64] and "stack" not in gate_up[0]["from"]  # one contiguous slice, no stacking
+    convert(st, tmp_path / "ep", ep=4, verify=True)
+    full = tensors(st)
+    for r in range(4):
+        got = tensors(tmp_path / "ep" / f"rank-{r}")
+        assert bits_equal(got["model.layers.1.mlp.experts.down_proj"], full["model.layers.1.mlp.experts.down_proj"][2 * r : 2 * r + 2])
+    back = tmp_path / "rank3-per-expert"  # a rank directory is a checkpoint of its own: convert it again
+    convert(tmp_path / "ep" / "rank-3", back, layout="per-expert", verify=True)
+    no_problems(back)
+    assert json.loads((back / "config.json").read_text())["moge_ep"]["experts"] == [6, 7]
+    assert bits_equal(tensors(back)["model.layers.0.mlp.experts.1.gate_proj.weight"], full["model.layers.0.mlp.experts.gate_up_proj"][7, :32])
+    with pytest.raises(UsageError, match="already one rank"):
+        convert(tmp_path / "ep" / "rank-3", tmp_path / "x", ep=2)
+
+
+def test_72b_plan_from_headers_alone(tmp_path):
+    """The full Pangu Pro MoE layout (sparse skeleton files): planned in seconds, memory estimate far below a tensor."""
+    from fixtures.make import write_skeleton
+
+    skel = write_skeleton(MoGEConfig.from_name("pangu-pro-moe-72b"), tmp_path / "72b")
+    r = convert(skel, tmp_path / "out", layout="stacked", dtype="float16", ep=8, dry_run=True)
+    assert r["bytes_in"] == 143_977_562_112 and r["tensors"] == 8 * (3 + 48 * 17)
+    assert r["largest_tensor_bytes"] == 153376 * 5120 * 2  # embeddings; one rank's gate_up is [8, 2688, 5120]
+    assert r["estimated_peak_rss_bytes"] < 1e9 and len(r["ep_plan"]["ranks"]) == 8
+    assert not (tmp_path / "out").exists()
 
 
 def test_dry_run_writes_nothing(src, tmp_path):
@@ -315,7 +392,7 @@ def test_memory_is_flat_for_big_tensors(tmp_path):
     cfg = MoGEConfig.from_dict({**PRESETS["tiny-moge"], "hidden_size": 512, "moe_intermediate_size": 1024, "num_experts": 16})
     ck = make(tmp_path / "ck", cfg, max_shard_bytes=None)
     before = rss_anon()
-    r = convert(ck, tmp_path / "out", layout="stacked", dtype="float16")
+    r = convert(ck, tmp_path / "out", layout="stacked", dtype="float16", verify=True)  # many cast chunks, checked
     largest = max(t.numel() * 2 for t in tensors(tmp_path / "out").values())
     assert largest == 16 * 2048 * 512 * 2
     assert r["peak_rss_bytes"] - before < 24 * 2**20

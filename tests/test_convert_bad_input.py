@@ -94,28 +94,36 @@ def test_missing_expert_cannot_be_stacked(work):
     convert(work / "src", work / "out", dtype="float32")  # per-expert output passes the gap on; load reports it
 
 
+def fail_writes_after(monkeypatch, n: int, error: BaseException) -> list[int]:
+    """Make the n-th low-level write of any kind (write, pwrite, sendfile) raise `error`; returns the call log."""
+    calls: list[int] = []
+    for fn in ("_write", "_pwrite", "_sendfile"):
+        real = getattr(shards, fn)
+
+        def failing(*args, real=real):
+            calls.append(1)
+            if len(calls) == n:
+                raise error
+            return real(*args)
+
+        monkeypatch.setattr(shards, fn, failing)
+    return calls
+
+
 def test_injected_disk_full_removes_partial_output(work, monkeypatch):
-    real, calls = shards._sendfile, []
-
-    def fail_on_third(out_fd, in_fd, offset, count):
-        calls.append(count)
-        if len(calls) == 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(out_fd, in_fd, offset, count)
-
-    monkeypatch.setattr(shards, "_sendfile", fail_on_third)
+    calls = fail_writes_after(monkeypatch, 3, OSError(errno.ENOSPC, "No space left on device"))
     with pytest.raises(WriteError, match="disk full.*partial output was removed"):
         convert(work / "src", work / "out", layout="stacked")
-    assert left_behind(work) == []
+    assert left_behind(work) == [] and len(calls) == 3
     calls.clear()
-    res = runner.invoke(app, ["convert", str(work / "src"), str(work / "out"), "--quiet"])
+    res = runner.invoke(app, ["convert", str(work / "src"), str(work / "out"), "--quiet", "--dtype", "float16"])
     assert res.exit_code == 2 and "disk full" in res.output and left_behind(work) == []
 
 
 def test_failed_force_keeps_the_old_destination(work, monkeypatch):
     (work / "out").mkdir()
     (work / "out" / "keep").write_text("old")
-    monkeypatch.setattr(shards, "_write", lambda fd, data: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
+    fail_writes_after(monkeypatch, 4, OSError(errno.EIO, "Input/output error"))
     with pytest.raises(WriteError, match="Input/output error"):
         convert(work / "src", work / "out", dtype="float16", force=True)
     assert left_behind(work) == ["out"] and (work / "out" / "keep").read_text() == "old"
@@ -132,7 +140,7 @@ def test_interrupt_removes_partial_output(work, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         convert(work / "src", work / "deep" / "er" / "out", layout="stacked", progress=progress)
     assert left_behind(work) == []  # the parents it created are gone too
-    monkeypatch.setattr(shards, "_sendfile", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    fail_writes_after(monkeypatch, 2, KeyboardInterrupt())
     res = runner.invoke(app, ["convert", str(work / "src"), str(work / "out"), "--quiet"])
     assert res.exit_code == 130 and "interrupted" in res.output and left_behind(work) == []
 
@@ -182,3 +190,25 @@ def test_real_write_failure_at_file_size_limit(work):
     assert res.returncode == 2, res.stderr
     assert "file size limit reached" in res.stderr and "partial output was removed" in res.stderr
     assert left_behind(work) == []
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()], ids=["enospc", "ctrl-c"])
+def test_failure_in_a_caster_thread_removes_partial_output(tmp_path, monkeypatch, error):
+    """A tensor of several cast blocks is written by the pool's threads; a failure there cleans up too."""
+    from moge_cli.config import PRESETS
+
+    cfg = MoGEConfig.from_dict({**PRESETS["tiny-moge"], "hidden_size": 256, "moe_intermediate_size": 1024})
+    write_checkpoint(cfg, tmp_path / "src", tokenizer=False)
+    calls = []
+    real = shards._pwrite
+
+    def failing(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 2:
+            raise error
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(shards, "_pwrite", failing)
+    with pytest.raises(WriteError if isinstance(error, OSError) else KeyboardInterrupt):
+        convert(tmp_path / "src", tmp_path / "out", layout="stacked", dtype="float16")
+    assert len(calls) >= 2 and left_behind(tmp_path) == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,10 +34,16 @@ def convert_command(
     options: dict[str, Any] = dict(
         layout=layout, dtype=dtype, clamp=clamp, max_shard_size=max_shard_size, layers=layers, ep=ep, dry_run=dry_run, force=force, verify=verify
     )
-    if quiet or dry_run:
-        result = convert(src, dst, **options)
-    else:
-        result = _with_progress(lambda progress: convert(src, dst, progress=progress, **options))
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None  # `kill` cleans up like Ctrl-C does
+    try:
+        if quiet or dry_run:
+            result = convert(src, dst, **options)
+        else:
+            result = _with_progress(lambda progress: convert(src, dst, progress=progress, **options))
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     for note in result.get("notes", []):
         stderr_console().print(f"note: {note}", highlight=False)
     if as_json:
@@ -44,6 +52,10 @@ def convert_command(
         render_plan(result)
     else:
         render_summary(result)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _with_progress(run):
