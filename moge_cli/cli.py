@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from moge_cli.commands import convert, generate, load, profile
+from moge_cli.commands import quantize
 
 app = typer.Typer(
     name="moge",
@@ -27,6 +28,7 @@ app.command("load")(load.load_command)
 app.command("generate")(generate.generate_command)
 app.command("convert")(convert.convert_command)
 app.command("profile")(profile.profile_command)
+app.command("quantize")(quantize.quantize_command)
 
 
 def main() -> None:

@@ -13,7 +13,9 @@ from typing import Any, Callable
 from moge_cli.checkpoint import Checkpoint, open_checkpoint
 from moge_cli.config import MODEL_TYPE, MoGEConfig
 from moge_cli.ep import ep_info, inspect_ep_dir, is_ep_dir, local_expected
+from moge_cli.errors import CheckpointError
 from moge_cli.names import LAYOUTS, PER_EXPERT, STACKED, component_of, expected_tensors
+from moge_cli.quant_format import expected_quantized, read_quantization
 from moge_cli.safetensors_format import TORCH_NAMES
 
 COMPONENTS = ("embeddings", "attention", "router", "routed_experts", "shared_experts", "dense_mlp", "norms", "lm_head")
@@ -60,6 +62,13 @@ def schema_problems(ckpt: Checkpoint) -> list[Problem]:
         expected = {n: s for n, s in expected.items() if n in ckpt.tensors or ".experts." not in n}
     if (ep := ep_info(ckpt.config)) is not None:  # a rank of `convert --ep`: its own experts, by local id
         expected = local_expected(expected, len(ep["experts"]))
+    try:
+        quant = read_quantization(ckpt.config.extra, {n: t.shape for n, t in ckpt.tensors.items()})
+    except CheckpointError as e:
+        problems.append(Problem("config", "", str(e)))
+        quant = None
+    if quant is not None:  # `moge quantize` output: each quantized weight is stored as packed ints + scales
+        expected = expected_quantized(expected, quant.modules)
     for name, shape in expected.items():
         info = ckpt.tensors.get(name)
         if info is None:
@@ -167,4 +176,35 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
         "shards": [f.name for f in ckpt.files],
         "problems": [asdict(p) for p in schema_problems(ckpt)],
         **({"ep": ep} if (ep := ep_info(cfg)) else {}),
+        **({"quantization": q} if (q := quantization_summary(ckpt)) else {}),
+    }
+
+
+def quantization_summary(ckpt: Checkpoint) -> dict[str, Any] | None:
+    """Bits, group size, method and which tensors of a quantized checkpoint, with its bytes; None if not quantized."""
+    try:
+        quant = read_quantization(ckpt.config.extra, {n: t.shape for n, t in ckpt.tensors.items()})
+    except CheckpointError:
+        return None  # reported as a problem by schema_problems
+    if quant is None:
+        return None
+    schemes = Counter(s.label for s in quant.modules.values())
+    components = Counter(component_of(m + ".weight") for m in quant.modules)
+    quantized_bytes = sum(t.nbytes for n, t in ckpt.tensors.items() if n.rsplit(".", 1)[0] in quant.modules and ".weight_" in n)
+    float_shapes = expected_tensors(ckpt.config, PER_EXPERT)  # what each quantized weight was
+    quantized_params = sum(math.prod(float_shapes.get(m + ".weight", (0,))) for m in quant.modules)
+    first = next(iter(quant.modules.values()), None)
+    return {
+        "format": quant.config.get("format"),
+        "method": quant.method,
+        "bits": quant.moge.get("bits", first.bits if first else None),
+        "group_size": quant.moge.get("group_size", first.group_size if first else None),
+        "symmetric": quant.moge.get("symmetric", first.symmetric if first else None),
+        "schemes": dict(schemes),
+        "tensors": len(quant.modules),
+        "components": dict(components),
+        "quantized_params": quantized_params,
+        "quantized_bytes": quantized_bytes,
+        "float_bytes": sum(t.nbytes for t in ckpt.tensors.values()) - quantized_bytes,
+        "bits_per_quantized_weight": 8 * quantized_bytes / quantized_params if quantized_params else 0.0,
     }

@@ -91,6 +91,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; for many low-precision tokens the matmul runs on float32 copies (see UPCAST_MIN_TOKENS)."""
+    if not isinstance(w, torch.Tensor):  # a quantized weight (moge_cli.quantized.QLinear) runs its own kernel
+        return w.forward(x, b)
     if x.dtype == torch.float32 or x.device.type != "cpu" or x.numel() < UPCAST_MIN_TOKENS * x.shape[-1]:
         return F.linear(x, w, b)
     return F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
@@ -349,6 +351,10 @@ def load_model(path, *, dtype=None, device="cpu", revision=None) -> MoGEForCausa
     """
     ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path, revision=revision)
     try:
+        from moge_cli.quantized import load_quantized, quantization_of
+
+        if (quant := quantization_of(ckpt)) is not None:  # compressed-tensors weights: built by moge_cli.quantized
+            return load_quantized(ckpt, quant, dtype=dtype, device=device)
         sources = _checked_sources(ckpt)
         dtype = resolve_dtype(dtype, default=_checkpoint_dtype(ckpt))
         model = MoGEForCausalLM.from_config(ckpt.config, dtype, "meta")

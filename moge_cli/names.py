@@ -58,6 +58,7 @@ DENSE = {  # mlp_only_layers (Qwen2-MoE convention)
 PER_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 STACKED_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+QUANT_SUFFIX_RE = re.compile(r"\.weight_(packed|scale|shape|zero_point)$")
 
 
 def _dims(cfg: MoGEConfig) -> dict[str, int]:
@@ -112,6 +113,8 @@ def expected_tensors(cfg: MoGEConfig, layout: str = PER_EXPERT) -> dict[str, tup
 
 def detect_layout(names: list[str] | set[str]) -> str:
     """per-expert, stacked, mixed (both kinds of expert tensor) or unknown (no expert tensors)."""
+    if any(n.endswith(".weight_packed") for n in names):  # quantized (compressed-tensors): X.weight_* stands for X.weight
+        names = {QUANT_SUFFIX_RE.sub(".weight", n) for n in names}
     per_expert = any(PER_EXPERT_RE.match(n) for n in names)
     stacked = any(STACKED_RE.match(n) for n in names)
     if per_expert and stacked:

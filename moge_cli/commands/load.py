@@ -77,6 +77,12 @@ def render(report: dict[str, Any]) -> None:
         rows.append(("expert parallel", f"rank {e['rank']} of {e['world_size']}: global experts {e['experts']} as local 0..{len(e['experts']) - 1}"))
     if "ep_plan" in report:  # the top directory of a split
         rows.append(("expert parallel", "; ".join(f"{r['path']}: experts {r['experts'][0]}..{r['experts'][-1]}" for r in report["ep_plan"]["ranks"])))
+    if "quantization" in report:  # `moge quantize` output (compressed-tensors)
+        q = report["quantization"]
+        comps = ", ".join(f"{c} {n}" for c, n in q["components"].items())
+        rows.append(("quantization", f"{q['format']}: {', '.join(f'{s} x{n}' for s, n in q['schemes'].items())}, method {q['method']}; {q['tensors']} tensors ({comps})"))
+        rows.append(("quantized bytes", f"{human_bytes(q['quantized_bytes'])} for {human_count(q['quantized_params'])} weights "
+                     f"({q['bits_per_quantized_weight']:.2f} bits each, scales included); float tensors {human_bytes(q['float_bytes'])}"))  # fmt: skip
     for k, v in rows:
         summary.add_row(k, v)
     out.print(summary)

@@ -1,0 +1,151 @@
+"""Quantized decode benchmark: bfloat16 vs int8 / int4 (both kernels) on the bench-0.47b model, same run.
+
+    python bench/bench_quantize.py [--checkpoint DIR] [--repeats 5] [--new-tokens 32]
+
+Writes the random "bench-0.47b" checkpoint (bf16) to a temporary directory unless --checkpoint
+names one, quantizes it with `moge quantize` (int8 per channel; int4 g128 asymmetric; rtn),
+loads every variant into one process and measures batch-1 greedy decode tokens/s and prefill
+tokens/s round-robin (each repeat times every variant once, so a shared machine's load hits them
+alike); every number is the best of --repeats. Variants: bfloat16, and for int8 / int4 the
+"torch" kernels (torch._weight_int8pack_mm / _weight_int4pack_mm_for_cpu, converted at load)
+and "dequant" (dequantise the picked experts on the fly). Prints a markdown table with the
+speed-up over bfloat16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PRESET = "bench-0.47b"
+QUANTS = {"int8": dict(bits=8), "int4": dict(bits=4, group_size=128)}
+
+
+def decode_time(model, prompt, new_tokens: int) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) for new_tokens greedy decode steps after prefilling prompt [1, P]."""
+    cache = model.new_cache(1, prompt.shape[1] + new_tokens + 1)
+    logits = model(prompt, cache=cache)
+    nxt = logits[:, -1].argmax(-1, keepdim=True)
+    t, c = time.perf_counter(), time.process_time()
+    for _ in range(new_tokens):
+        nxt = model(nxt, cache=cache)[:, -1].argmax(-1, keepdim=True)
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def prefill_time(model, ids) -> float:
+    t = time.perf_counter()
+    model(ids, cache=model.new_cache(1, ids.shape[1]))
+    return time.perf_counter() - t
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def run(path: Path, qdirs: dict[str, Path], args) -> list[dict]:
+    import torch
+
+    from moge_cli.checkpoint import open_checkpoint
+    from moge_cli.model import load_model
+    from moge_cli.quantized import load_quantized, quantization_of
+
+    cfg_vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, cfg_vocab, (1, args.prompt), generator=g)
+    prefill_ids = torch.randint(0, cfg_vocab, (1, args.prefill), generator=g)
+    models = {"bfloat16": load_model(path, dtype="bfloat16")}
+    for q, qdir in qdirs.items():
+        for kernel in args.kernels:
+            ck = open_checkpoint(qdir)
+            models[f"{q} {kernel}"] = load_quantized(ck, quantization_of(ck), dtype="bfloat16", kernel=kernel)
+            ck.close()
+    best = {k: {"decode": float("inf"), "cpu": float("inf"), "prefill": float("inf")} for k in models}
+    for m in models.values():  # warm-up
+        decode_time(m, prompt, 2)
+    for r in range(args.repeats):
+        for name, m in models.items():
+            wall, cpu = decode_time(m, prompt, args.new_tokens)
+            best[name]["decode"] = min(best[name]["decode"], wall)
+            best[name]["cpu"] = min(best[name]["cpu"], cpu)
+            if args.prefill:
+                best[name]["prefill"] = min(best[name]["prefill"], prefill_time(m, prefill_ids))
+        print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr)
+    rows = []
+    for name, m in models.items():
+        modes = sorted({x.mode for x in m.modules() if type(x).__name__ == "QLinear"})
+        rows.append({
+            "variant": name, "modes": modes, "weight_bytes": weight_bytes(m),
+            "decode_tok_s": args.new_tokens / best[name]["decode"],
+            "decode_cpu_ms_per_token": 1e3 * best[name]["cpu"] / args.new_tokens,
+            "prefill_tok_s": args.prefill / best[name]["prefill"] if args.prefill else None,
+        })  # fmt: skip
+    return rows
+
+
+def table(rows: list[dict], threads: int) -> str:
+    b = rows[0]
+    out = [
+        "| variant | kernels | weights MB | decode tok/s | vs bf16 | decode CPU ms/token | vs bf16 | prefill tok/s | vs bf16 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        p = r["prefill_tok_s"]
+        prefill = f"{p:.0f} | {p / b['prefill_tok_s']:.2f}x" if p else "- | -"
+        out.append(
+            f"| {r['variant']} | {', '.join(r['modes']) or '-'} | {r['weight_bytes'] / 1e6:.0f} | {r['decode_tok_s']:.1f} "
+            f"| {r['decode_tok_s'] / b['decode_tok_s']:.2f}x | {r['decode_cpu_ms_per_token']:.1f} "
+            f"| {b['decode_cpu_ms_per_token'] / r['decode_cpu_ms_per_token']:.2f}x | {prefill} |"
+        )
+    return "\n".join(out) + f"\n\n{threads} torch threads; best of the repeats, variants timed round-robin in one process."
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", help=f"an existing bf16 {PRESET} checkpoint (default: write one to a temp dir)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--prompt", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prefill", type=int, default=128, help="prefill length (0: skip)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--kernels", nargs="+", default=["torch", "dequant"], help="quantized kernels to time")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from converters.quantize_pipeline import quantize_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="moge-bench-q-") as tmp:
+        path = Path(args.checkpoint) if args.checkpoint else None
+        if path is None:
+            from fixtures.make import write_checkpoint
+            from moge_cli.config import MoGEConfig
+
+            print(f"writing the random {PRESET} checkpoint (bf16) ...", file=sys.stderr)
+            path = write_checkpoint(MoGEConfig.from_name(PRESET), Path(tmp) / PRESET, dtype="bfloat16", tokenizer=False)
+        qdirs = {}
+        for q, opts in QUANTS.items():
+            t = time.perf_counter()
+            qdirs[q] = Path(tmp) / q
+            r = quantize_checkpoint(path, qdirs[q], **opts)
+            print(f"quantized {q} in {time.perf_counter() - t:.1f} s ({r['bytes_out'] / 1e6:.0f} MB)", file=sys.stderr)
+        rows = run(path, qdirs, args)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    print(table(rows, torch.get_num_threads()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

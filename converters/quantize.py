@@ -1,0 +1,224 @@
+"""Weight-only integer quantization math: round-to-nearest, an MSE search, int32 packing, dequantization.
+
+Pure functions on tensors; no files. The stored form is compressed-tensors' "pack-quantized":
+signed integers q in [-2^(b-1), 2^(b-1)-1], a scale per output channel ([N, 1]) or per group of
+`group_size` input columns ([N, K/gs]), and for asymmetric schemes an integer zero point z in the
+same signed range. Dequantization, exactly as compressed-tensors does it, in the scale's dtype:
+
+    w = (q.to(s.dtype) - z.to(s.dtype)) * s        (symmetric: w = q.to(s.dtype) * s)
+
+Packing (compressed-tensors `pack_to_int32`): q + 2^(b-1) as an unsigned b-bit value, 32/b values
+per int32 along the packed dim, value j of a word in bits b*j .. b*j+b-1 (little end first).
+Weights are packed along dim 1 ([N, ceil(K*b/32)]), zero points along dim 0 ([ceil(N*b/32), G]).
+N output channels (rows), K input columns, G groups per row, gs group size.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from moge_cli.quant_format import Scheme
+
+BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+METHODS = ("rtn", "mse")
+# The MSE search: clipping ratios tried for every group / channel, then alternating refinement.
+CLIP_RATIOS = tuple(1.0 - 0.03 * i for i in range(16))  # 1.00 .. 0.55
+REFINE_STEPS = 4
+
+
+@dataclass
+class QTensor:
+    """One quantized 2-D weight: q int8 [N, K], scale [N, G] (scale dtype), zero int8 [N, G] or None."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+
+
+# ---- quantization ------------------------------------------------------------------------------
+def quantize(w: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype) -> QTensor:
+    """Quantize w [N, K] (any float dtype) with `scheme`; the scale is stored in scale_dtype.
+
+    Rows are independent, so callers may quantize a weight in row blocks and concatenate.
+    The integers are always computed from the scale as stored (rounded to scale_dtype).
+    """
+    n, k = w.shape
+    gs = k if scheme.group_size is None else scheme.group_size
+    if k % gs:
+        raise ValueError(f"{k} input columns are not a multiple of the group size {gs}")
+    x = w.float().reshape(n, k // gs, gs)  # [N, G, gs]
+    if scheme.method == "rtn":
+        s, z = _rtn_params(x, scheme, scale_dtype)
+    elif scheme.method == "mse":
+        s, z = _mse_params(x, scheme, scale_dtype)
+    else:
+        raise ValueError(f"unknown method {scheme.method!r}")
+    q = _round(x, s, z, scheme)
+    return QTensor(q.reshape(n, k).to(torch.int8), s.to(scale_dtype), None if z is None else z.to(torch.int8))
+
+
+def dequantize(t: QTensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[N, K] weight in the scale's dtype (then out_dtype), bit-for-bit as compressed-tensors computes it."""
+    n, k = t.q.shape
+    g = t.scale.shape[1]
+    dt = t.scale.dtype
+    x = t.q.reshape(n, g, k // g).to(dt)  # [N, G, gs]
+    if t.zero is not None:
+        x = x - t.zero.to(dt).unsqueeze(-1)
+    w = (x * t.scale.unsqueeze(-1)).reshape(n, k)
+    return w if out_dtype is None else w.to(out_dtype)
+
+
+def _round(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, scheme: Scheme) -> torch.Tensor:
+    """Integers of x [N, G, gs] for scale s [N, G] (float32 values of the stored scale) and zero z [N, G]."""
+    q = torch.round(x / s.unsqueeze(-1))
+    if z is not None:
+        q = q + z.unsqueeze(-1)
+    return q.clamp_(scheme.qmin, scheme.qmax)
+
+
+def _stored(s: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """The scale rounded to its storage dtype (float32 values); never zero or subnormal-small."""
+    tiny = torch.finfo(scale_dtype).tiny
+    s = torch.where(s > tiny, s, torch.ones_like(s))  # an all-zero group: any scale reproduces it
+    return s.to(scale_dtype).float()
+
+
+def _rtn_params(x: torch.Tensor, scheme: Scheme, scale_dtype, ratio: float | torch.Tensor = 1.0):
+    """Min/max (asymmetric) or abs-max (symmetric) scale and zero of each group, range shrunk by `ratio`."""
+    if scheme.symmetric:
+        s = _stored(x.abs().amax(-1) * ratio / scheme.qmax, scale_dtype)
+        return s, None
+    lo = x.amin(-1).clamp(max=0) * ratio  # the range always holds 0, so 0 is exact
+    hi = x.amax(-1).clamp(min=0) * ratio
+    s = _stored((hi - lo) / (scheme.qmax - scheme.qmin), scale_dtype)
+    z = torch.round(scheme.qmin - lo / s).clamp_(scheme.qmin, scheme.qmax)
+    return s, z
+
+
+def _group_error(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, scheme: Scheme) -> torch.Tensor:
+    """Squared reconstruction error of each group [N, G] (float32 arithmetic)."""
+    q = _round(x, s, z, scheme)
+    if z is not None:
+        q = q - z.unsqueeze(-1)
+    return (q * s.unsqueeze(-1) - x).pow_(2).sum(-1)
+
+
+def _mse_params(x: torch.Tensor, scheme: Scheme, scale_dtype):
+    """Calibration-free search for the scale (and zero) of each group that minimise its squared error.
+
+    1. Clipping: the min/max range shrunk by each of CLIP_RATIOS; the best ratio per group wins.
+    2. Refinement (HQQ-like alternation): with the integers fixed, the least-squares scale (and the
+       best integer zero point), then re-round; a group keeps a step only if its error went down.
+    Ratio 1.0 is round-to-nearest itself, so the result is never worse than rtn.
+    """
+    best_s, best_z = _rtn_params(x, scheme, scale_dtype)
+    best_e = _group_error(x, best_s, best_z, scheme)
+    for r in CLIP_RATIOS[1:]:
+        s, z = _rtn_params(x, scheme, scale_dtype, r)
+        e = _group_error(x, s, z, scheme)
+        better = e < best_e
+        best_e = torch.where(better, e, best_e)
+        best_s = torch.where(better, s, best_s)
+        if z is not None:
+            best_z = torch.where(better, z, best_z)
+    s, z = best_s, best_z
+    for _ in range(REFINE_STEPS):
+        q = _round(x, s, z, scheme)  # [N, G, gs]
+        if z is None:
+            num, den = (x * q).sum(-1), q.pow(2).sum(-1)
+            s = _stored(torch.where(den > 0, num / den.clamp(min=1), s), scale_dtype)
+        else:
+            # least squares of x ~ a*q + c over the group, then z = round(-c / a)
+            qm, xm = q.mean(-1), x.mean(-1)
+            cov = ((q - qm.unsqueeze(-1)) * (x - xm.unsqueeze(-1))).sum(-1)
+            var = (q - qm.unsqueeze(-1)).pow(2).sum(-1)
+            a = torch.where(var > 0, cov / var.clamp(min=1e-12), s)
+            a = torch.where(a > 0, a, s)
+            c = xm - a * qm
+            z = torch.round(-c / a).clamp_(scheme.qmin, scheme.qmax)
+            d = q - z.unsqueeze(-1)  # integers relative to the new zero
+            den = d.pow(2).sum(-1)
+            s = _stored(torch.where(den > 0, (x * d).sum(-1) / den.clamp(min=1), a), scale_dtype)
+        e = _group_error(x, s, z, scheme)
+        better = e < best_e
+        best_e = torch.where(better, e, best_e)
+        best_s = torch.where(better, s, best_s)
+        if z is not None:
+            best_z = torch.where(better, z, best_z)
+        s, z = best_s, best_z
+    return best_s, best_z
+
+
+# ---- packing -----------------------------------------------------------------------------------
+def pack_int32(q: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
+    """Signed b-bit integers q [R, C] (int8) -> int32, 32/b per word along `dim` (compressed-tensors order)."""
+    if bits not in BITS:
+        raise ValueError(f"packing supports {BITS} bits, got {bits}")
+    if dim == 0:
+        return pack_int32(q.t(), bits, 1).t().contiguous()
+    rows, cols = q.shape
+    if sys.byteorder == "little":  # the words' bytes in memory order are the packed bytes: build them directly
+        if bits == 8:
+            b = q.contiguous().view(torch.uint8) ^ 0x80  # + 128 as a byte: offset binary
+        else:
+            u = (q.contiguous().view(torch.uint8) + 8) & 0xF  # + 8, as 4 bits
+            if cols % 2:
+                u = torch.nn.functional.pad(u, (0, 1))
+            b = u[:, 0::2] | (u[:, 1::2] << 4)  # value 2j in the low half of byte j
+        pad = -b.shape[1] % 4
+        if pad:
+            b = torch.nn.functional.pad(b, (0, pad))
+        words = b.contiguous().view(-1).view(torch.int32).view(rows, -1)  # via 1-D: a [1, C] view may have any row stride
+        return words[:, : packed_cols(cols, bits)].contiguous()
+    per = 32 // bits
+    u = q.to(torch.int64) + (1 << (bits - 1))  # unsigned
+    pad = -cols % per
+    if pad:
+        u = torch.nn.functional.pad(u, (0, pad))
+    u = u.reshape(rows, -1, per)  # [R, words, per]
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
+    word = (u << shifts).sum(-1)  # < 2^32: the bit fields do not overlap
+    word = torch.where(word >= 1 << 31, word - (1 << 32), word)  # two's complement int32
+    return word.to(torch.int32).contiguous()
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, shape: tuple[int, int], dim: int = 1) -> torch.Tensor:
+    """Inverse of pack_int32: int32 words -> signed int8 [shape]."""
+    if dim == 0:
+        return unpack_int32(packed.t(), bits, (shape[1], shape[0]), 1).t().contiguous()
+    rows, cols = shape
+    if sys.byteorder == "little":
+        b = packed.contiguous().view(-1).view(torch.uint8).view(rows, -1)  # [R, 4 * words]
+        if bits == 8:
+            return (b[:, :cols] ^ 0x80).view(torch.int8)
+        u = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(rows, -1)[:, :cols]
+        return u.view(torch.int8) - 8
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
+    u = (packed.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [R, words, per]
+    u = u.reshape(rows, -1)[:, :cols]
+    return (u - (1 << (bits - 1))).to(torch.int8)
+
+
+def packed_cols(cols: int, bits: int) -> int:
+    return math.ceil(cols * bits / 32)
+
+
+# ---- error -------------------------------------------------------------------------------------
+def error_sums(w: torch.Tensor, wq: torch.Tensor) -> tuple[float, float]:
+    """(sum of squared error, sum of squared weight), accumulated in float64, for pooling over row blocks."""
+    w = w.float()
+    d = wq.float() - w
+    return float(torch.sum(d * d, dtype=torch.float64)), float(torch.sum(w * w, dtype=torch.float64))
+
+
+def error_stats(err2: float, ref2: float) -> dict[str, float]:
+    """Relative Frobenius error ||W - Wq|| / ||W|| and SQNR in dB (10 log10 of signal over noise)."""
+    rel = math.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else math.inf)
+    sqnr = math.inf if err2 == 0 else (10 * math.log10(ref2 / err2) if ref2 > 0 else -math.inf)
+    return {"rel_error": rel, "sqnr_db": sqnr}

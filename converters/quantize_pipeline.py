@@ -1,0 +1,285 @@
+"""`quantize_checkpoint()`: convert's streaming pipeline with a quantizing emitter, plus the quality report.
+
+Plan (quantize_plan) -> shards (plan_shards) -> staging dir -> write_shards with QuantEmitter ->
+optional --verify -> rename. Float tensors go through convert's Emitter (sendfile copies); a
+quantized module is read from the memory-mapped source in row blocks of ROW_BLOCK_ELEMS, so memory
+holds one block plus the module's scales and zero points, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from moge_cli.checkpoint import open_checkpoint
+from moge_cli.names import component_of
+
+from converters.cast import torch_dtype
+from converters.convert import Emitter, PeakRss, _disk_bytes, describe
+from converters.quantize import dequantize, error_sums, error_stats, pack_int32, quantize
+from converters.quantize_plan import SCALE_CODES, QuantOptions, QuantOut, build_quant_plan
+from converters.shards import ShardFile, check_destination, check_free_space, parse_size, plan_shards, staging_dir, write_shards
+from converters.sources import files_to_copy, open_source
+from converters.verify import VerifyError, same_bytes, tensor_matches
+
+ROW_BLOCK_ELEMS = 1 << 20  # weight elements quantized at a time
+COMPONENT_ORDER = ("attention", "routed_experts", "shared_experts", "dense_mlp", "embeddings", "lm_head")
+
+
+class QuantEmitter:
+    """Writes a plan's tensors: float ones through convert's Emitter, quantized modules computed here.
+
+    A module is quantized when its weight_packed is written (streamed block by block); its scale,
+    zero point and shape wait in `pending` for their turn, which comes right after.
+    """
+
+    def __init__(self, source, peak: PeakRss):
+        self.source, self.peak = source, peak
+        self.base = Emitter(source, False, peak)
+        self.pending: dict[str, torch.Tensor] = {}
+        self.errors: dict[str, dict[str, Any]] = {}  # module -> error row
+
+    def __call__(self, sf: ShardFile, t) -> None:
+        if not isinstance(t, QuantOut):
+            self.base(sf, t)
+            return
+        if t.name not in self.pending:
+            self.run(t, sf if t.role == "weight_packed" else None)
+            if t.role == "weight_packed":
+                return
+        data = self.pending.pop(t.name)
+        sf.write(data.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    def run(self, t: QuantOut, sf: ShardFile | None) -> dict[str, torch.Tensor]:
+        """Quantize t's module; stream weight_packed into sf (or keep it when sf is None); return its tensors."""
+        base, s = t.base, t.scheme
+        n, k = base.shape
+        rows = _rows(self.source, base)
+        scale_dtype = torch_dtype(SCALE_CODES[base.src_dtype])
+        scales, zeros, packs = [], [], []
+        err2 = ref2 = 0.0
+        step = max(1, ROW_BLOCK_ELEMS // k)
+        for r in range(0, n, step):
+            w = rows(r, min(n, r + step))  # [R, K], memory-mapped
+            qt = quantize(w, s, scale_dtype)
+            e, f = error_sums(w, dequantize(qt))
+            err2, ref2 = err2 + e, ref2 + f
+            packed = pack_int32(qt.q, s.bits)
+            if sf is not None:
+                sf.write(packed.reshape(-1).view(torch.uint8).numpy())
+            else:
+                packs.append(packed)
+            scales.append(qt.scale)
+            if qt.zero is not None:
+                zeros.append(qt.zero)
+            self.peak.sample()
+        m = t.module
+        out = {f"{m}.weight_scale": torch.cat(scales), f"{m}.weight_shape": torch.tensor([n, k], dtype=torch.int64)}
+        if zeros:
+            out[f"{m}.weight_zero_point"] = pack_int32(torch.cat(zeros), s.bits, dim=0)
+        self.pending.update(out)
+        if sf is None:
+            out[f"{m}.weight_packed"] = torch.cat(packs)
+            self.pending[f"{m}.weight_packed"] = out[f"{m}.weight_packed"]
+        self.errors[m] = {"tensor": base.name, "component": component_of(base.name), "scheme": s.label, "numel": n * k,
+                          **error_stats(err2, ref2), "_err2": err2, "_ref2": ref2}  # fmt: skip
+        return out
+
+    def close(self) -> None:
+        self.base.close()
+
+
+def _rows(source, base) -> Callable[[int, int], torch.Tensor]:
+    """rows(a, b) -> rows a..b-1 of the float weight `base` ([N, K]), read from the source."""
+    n, k = base.shape
+    if len(base.parts) == 1:
+        part = base.parts[0]
+        flat = source.flat(part.source)
+        return lambda a, b: flat[part.start + a * k : part.start + b * k].view(b - a, k)
+    whole = torch.cat([source.flat(p.source)[p.start : p.start + p.count] for p in base.parts]).view(n, k)
+    return lambda a, b: whole[a:b]
+
+
+def quantize_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    bits: int = 4,
+    group_size: int | None = None,
+    symmetric: bool | None = None,
+    method: str = "rtn",
+    embeddings: bool = False,
+    lm_head: bool = False,
+    include: tuple[str, ...] | list[str] = (),
+    exclude: tuple[str, ...] | list[str] = (),
+    max_shard_size: str | int = "5GB",
+    dry_run: bool = False,
+    force: bool = False,
+    verify: bool = False,
+    eval_text: str | os.PathLike | None = None,
+    eval_window: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Quantize the checkpoint at `src` into `dst` (compressed-tensors pack-quantized); return the summary.
+
+    bits 8: symmetric, one scale per output channel; bits 4: groups of group_size (default 128)
+    columns, asymmetric unless symmetric=True. method: 'rtn' (round to nearest) or 'mse' (a search
+    for the scale and zero point of every group that minimises its reconstruction error).
+    Quantized by default: attention projections, routed and shared experts (and dense MLPs);
+    embeddings / lm_head only when asked; never the router, router_scale, norms or biases.
+    include / exclude: globs on tensor (or module) names. Experts are written per expert.
+    dry_run: the plan only; verify: re-read the output and compare it with a fresh quantization;
+    eval_text: perplexity of the source and of the output on that text (needs a tokenizer).
+    Raises UsageError / CheckpointError (exit 2), VerifyError (1).
+    """
+    t0 = time.perf_counter()
+    peak = PeakRss()
+    opts = QuantOptions(bits, group_size, symmetric, method, embeddings, lm_head, tuple(include), tuple(exclude))
+    max_bytes = parse_size(max_shard_size)
+    source = open_source(src)
+    try:
+        plan, schemes, notes = build_quant_plan(source.tensors, source.config_dict, opts)
+        layouts = [(r, plan_shards(r.tensors, max_bytes)) for r in plan.ranks]
+        copies = files_to_copy(source.root)
+        disk = _disk_bytes(plan, layouts, copies)
+        bytes_in = sum(source.tensors[n].nbytes for n in plan.sources_used)
+        dst = Path(dst)
+        check_destination(source.root, dst, force)
+        settings = plan.ranks[0].config["moge_quantization"]
+        if dry_run:
+            report = describe(plan, layouts, source, dst, copies, disk, bytes_in, peak)
+            report["estimated_peak_rss_bytes"] += ROW_BLOCK_ELEMS * 40  # a row block in float32 and its temporaries
+            report.update(quantization=settings, quantized_tensors=len(schemes), notes=list(source.notes) + notes)
+            return report
+        check_free_space(next(p for p in [dst.parent, *dst.parent.parents] if p.exists()), disk)
+        total = sum(s.data_bytes for _, shards in layouts for s in shards)
+        tick = (lambda n: progress(n, total)) if progress else None
+        emitter = QuantEmitter(source, peak)
+        outputs: list[Path] = []
+        try:
+            with staging_dir(dst) as tmp:
+                rank, shards = layouts[0]
+                outputs = [p.relative_to(tmp) for p in write_shards(tmp, shards, emitter, tick)]
+                (tmp / "config.json").write_text(json.dumps(rank.config, indent=2) + "\n")
+                for f in copies:
+                    shutil.copyfile(f, tmp / f.name)
+                if verify:
+                    verify_quantized(source, shards, tmp, rank.config)
+                    peak.sample()
+        finally:
+            emitter.close()
+        result = {
+            "source": str(source.source),
+            "destination": str(dst),
+            "quantization": settings,
+            "tensors": len(plan.tensors),
+            "quantized_tensors": len(schemes),
+            "bytes_in": bytes_in,
+            "bytes_out": sum((dst / p).stat().st_size for p in outputs),
+            "seconds": round(time.perf_counter() - t0, 3),
+            "peak_rss_bytes": peak.peak,
+            "outputs": [{"file": str(p), "bytes": (dst / p).stat().st_size} for p in outputs],
+            "quality": quality_report(emitter.errors),
+            "verified": verify,
+            "notes": list(source.notes) + notes,
+        }
+    finally:
+        source.close()
+    if eval_text is not None:
+        result["eval"] = evaluate(src, dst, eval_text, window=eval_window)
+    return result
+
+
+def quality_report(errors: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per tensor (relative Frobenius error, SQNR) and per component (pooled error, mean / worst SQNR)."""
+    tensors = [{k: v for k, v in row.items() if not k.startswith("_")} for row in errors.values()]
+    comps: dict[str, dict[str, Any]] = {}
+    for row in errors.values():
+        c = comps.setdefault(row["component"], {"tensors": 0, "_err2": 0.0, "_ref2": 0.0, "_sqnr": []})
+        c["tensors"] += 1
+        c["_err2"] += row["_err2"]
+        c["_ref2"] += row["_ref2"]
+        c["_sqnr"].append(row["sqnr_db"])
+    summary = {}
+    for name in sorted(comps, key=lambda c: COMPONENT_ORDER.index(c) if c in COMPONENT_ORDER else len(COMPONENT_ORDER)):
+        c = comps[name]
+        pooled = error_stats(c["_err2"], c["_ref2"])
+        summary[name] = {
+            "tensors": c["tensors"], "rel_error": pooled["rel_error"], "sqnr_db": pooled["sqnr_db"],
+            "mean_sqnr_db": sum(c["_sqnr"]) / len(c["_sqnr"]), "min_sqnr_db": min(c["_sqnr"]),
+        }  # fmt: skip
+    total = error_stats(sum(r["_err2"] for r in errors.values()), sum(r["_ref2"] for r in errors.values()))
+    return {"tensors": tensors, "components": summary, "overall": total}
+
+
+def verify_quantized(source, shards, out_dir: Path, config: dict[str, Any]) -> None:
+    """Re-read the output: float tensors must equal their recipe, quantized ones a fresh quantization."""
+    bad: list[str] = []
+    ck = open_checkpoint(out_dir)
+    fresh = QuantEmitter(source, PeakRss())
+    try:
+        planned = {t.name: t for s in shards for t in s.tensors}
+        for name in sorted(set(ck.tensors) ^ set(planned)):
+            bad.append(f"{name}: {'not planned' if name in ck.tensors else 'missing from the output'}")
+        if json.loads((out_dir / "config.json").read_text()) != config:
+            bad.append("config.json: differs from the planned config")
+        done: dict[str, torch.Tensor] = {}
+        for name, t in planned.items():
+            info = ck.tensors.get(name)
+            if info is None:
+                continue
+            if info.dtype != t.dtype or info.shape != t.shape:
+                bad.append(f"{name}: {info.dtype} {list(info.shape)}, planned {t.dtype} {list(t.shape)}")
+            elif not isinstance(t, QuantOut):
+                if not tensor_matches(source, t, ck.raw(name), False):
+                    bad.append(f"{name}: values differ from the source ({t.recipe()})")
+            else:
+                if name not in done:
+                    done.update(fresh.run(t if t.role == "weight_packed" else _packed_of(t, planned), None))
+                    fresh.pending.clear()
+                want = done.pop(name)
+                if not same_bytes(memoryview(want.contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B"), ck.raw(name)):
+                    bad.append(f"{name}: differs from a fresh {t.scheme.label} {t.scheme.method} quantization of {t.base.name}")
+    finally:
+        fresh.close()
+        ck.close()
+    if bad:
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise VerifyError(f"verification failed for {len(bad)} item(s): {'; '.join(bad[:10])}{more}; nothing was written")
+
+
+def _packed_of(t: QuantOut, planned: dict[str, Any]) -> QuantOut:
+    return planned[f"{t.module}.weight_packed"]
+
+
+def evaluate(src, dst, text_file, *, window: int | None = None) -> dict[str, Any]:
+    """Perplexity of the source and of the quantized checkpoint on a text file (the source's tokenizer)."""
+    from moge_cli.errors import UsageError
+    from moge_cli.model import load_model
+    from moge_cli.perplexity import perplexity
+    from moge_cli.tokenizer import has_tokenizer, load_tokenizer
+
+    source = open_source(src)
+    root = source.root
+    source.close()
+    if not has_tokenizer(root):
+        raise UsageError(f"{root}: --eval needs a tokenizer (tokenizer.model or tokenizer.json)")
+    ids = load_tokenizer(root).encode(Path(text_file).read_text(encoding="utf-8"), add_bos=True)
+    out = {"text": str(text_file), "tokens": len(ids)}
+    for key, path in (("before", src), ("after", dst)):
+        model = load_model(path)
+        r = perplexity(model, ids, window=window)
+        del model
+        out[key] = r["perplexity"]
+        out["window"], out["stride"] = r["window"], r["stride"]
+    out["change"] = out["after"] / out["before"] - 1
+    return out
+
+
+__all__ = ["quantize_checkpoint", "QuantEmitter", "quality_report", "verify_quantized", "evaluate"]

@@ -1,0 +1,341 @@
+"""Quantized (compressed-tensors pack-quantized) checkpoints at run time: weight-only int matmuls and the loader.
+
+load_model() hands a quantized checkpoint to `load_quantized`, which builds the usual model and puts
+a QLinear wherever a quantized weight was: attention (through model._linear), lm_head, the routed
+experts ([E, N, K] stacks, one expert picked per call), the shared expert and dense MLPs (QMoE /
+QDenseMLP). Embeddings, and any weight whose parts mix schemes, are dequantised once at load.
+
+QLinear kernels (`kernel=`), for a bfloat16 / float16 model:
+  "torch"    torch's CPU weight-only kernels, converted once at load: int8 per channel ->
+             torch._weight_int8pack_mm; int4 groups -> torch._weight_int4pack_mm_for_cpu.
+  "dequant"  the stored integers are kept; each call dequantises the picked weight to float32.
+bench/bench_quantize.py measures both; "torch" decodes faster (see README), so it is the default.
+A float32 model always uses "dequant": torch's int kernels have no fast float32 path on CPU.
+Many-token calls (prefill) dequantise to float32 and run one float32 GEMM, like the float model
+(int4 "torch" weights keep only torch's opaque packing, so they stay on the int4 kernel).
+Dimension letters: E experts, N output features, K input features, G groups, T tokens, k picks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import route
+from moge_cli.config import MoGEConfig
+from moge_cli.errors import CheckpointError, UsageError
+from moge_cli.instrument import routing as record_routing
+from moge_cli.instrument import section
+from moge_cli.names import PER_EXPERT, expected_tensors
+from moge_cli.quant_format import QuantizedCheckpoint, Scheme, expected_quantized, module_of, read_quantization
+
+KERNELS = ("torch", "dequant")
+DEFAULT_KERNEL = os.environ.get("MOGE_QUANT_KERNEL", "torch")
+MANY_TOKENS = 16  # from this many rows, a call dequantises to float32 and runs one GEMM (model.UPCAST_MIN_TOKENS)
+INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's CPU int4 kernel takes
+LINEAR_PARAMS = ("qkv_weight", "o_weight", "lm_head", "gate_up", "down", "shared_w13", "shared_w2", "w13", "w2")
+
+
+# ---- the stored integers -------------------------------------------------------------------------
+def unpack_rows(packed: torch.Tensor, bits: int, n: int, k: int, dim: int = 1) -> torch.Tensor:
+    """compressed-tensors int32 words -> signed int8 [n, k] (dim=0: packed along rows, as zero points are)."""
+    from converters.quantize import unpack_int32
+
+    return unpack_int32(packed, bits, (n, k), dim)
+
+
+def read_module(ckpt, module: str, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(q int8 [N, K], scale [N, G], zero int8 [N, G] or None) of a stored module."""
+    n, k = (int(v) for v in ckpt.tensor(f"{module}.weight_shape").tolist())
+    q = unpack_rows(ckpt.tensor(f"{module}.weight_packed"), scheme.bits, n, k)
+    scale = ckpt.tensor(f"{module}.weight_scale").clone()
+    if scale.shape[0] != n or k % scale.shape[1]:
+        raise CheckpointError(f"{module}.weight_scale: shape {list(scale.shape)} does not fit weight_shape {[n, k]}")
+    zero = None
+    if not scheme.symmetric:
+        zero = unpack_rows(ckpt.tensor(f"{module}.weight_zero_point"), scheme.bits, n, scale.shape[1], dim=0)
+    return q, scale, zero
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """(q - zero) * scale in the scale's dtype, [..., N, K], as compressed-tensors computes it."""
+    *lead, n, k = q.shape
+    g = scale.shape[-1]
+    x = q.reshape(*lead, n, g, k // g).to(scale.dtype)
+    if zero is not None:
+        x = x - zero.to(scale.dtype).unsqueeze(-1)
+    return (x * scale.unsqueeze(-1)).reshape(*lead, n, k)
+
+
+# ---- the matmul --------------------------------------------------------------------------------
+class QLinear(nn.Module):
+    """x @ W.T (+ bias) for a quantized W [N, K], or a stack of E of them (pick one with `e`).
+
+    Built from parts (q, scale, zero) per expert, each [N, K] / [N, G] / [N, G]; `mode` says which
+    kernel runs it: "int8" / "int4" (torch's kernels) or "dequant".
+    """
+
+    def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], scheme: Scheme, dtype: torch.dtype, kernel: str):
+        super().__init__()
+        q0, s0, _ = parts[0]
+        self.out_features, self.in_features = q0.shape
+        self.groups = s0.shape[1]
+        self.bits, self.dtype = scheme.bits, dtype
+        self.mode = _mode(scheme, self.out_features, self.in_features, self.groups, dtype, kernel)
+        if self.mode == "int8":  # q [E, N, K] int8, scale [E, N]
+            w = torch.stack([q for q, _, _ in parts])
+            scales = torch.stack([s[:, 0] for _, s, _ in parts]).to(dtype)
+        elif self.mode == "int4":  # torch's packing [E, N, K/2], scales and zeros [E, G, N, 2]
+            w = torch.stack([torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32) + 8, 1) for q, _, _ in parts])
+            scales = torch.stack([_scales_and_zeros(s, z) for _, s, z in parts]).to(dtype)
+        else:  # the stored integers: int8 [E, N, K], or two int4 per byte [E, N, K/2]; scale [E, N, G]
+            w = torch.stack([_nibbles(q) if self.bits == 4 else q for q, _, _ in parts])
+            scales = torch.stack([s for _, s, _ in parts])
+            if parts[0][2] is not None:
+                self.zeros = nn.Parameter(torch.stack([z for _, _, z in parts]), requires_grad=False)
+        self.weight = nn.Parameter(w, requires_grad=False)
+        self.scales = nn.Parameter(scales, requires_grad=False)
+        self.group_size = self.in_features // self.groups
+        # Per-expert views, made once: indexing a stack costs more than the small matmuls it feeds.
+        self._w, self._s = list(self.weight.unbind(0)), list(self.scales.unbind(0))
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"E={self.num_experts}, N={self.out_features}, K={self.in_features}, int{self.bits}, groups={self.groups}, mode={self.mode}"
+
+    def dequantized(self, e: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Weight e as [N, K] in dtype (not for mode int4: torch's packing is opaque)."""
+        if self.mode == "int8":
+            return self.weight[e].to(dtype) * self.scales[e].to(dtype).unsqueeze(-1)
+        if self.mode == "int4":
+            raise UsageError("QLinear: weights in torch's int4 packing cannot be dequantised")
+        q = self.weight[e] if self.bits == 8 else _from_nibbles(self.weight[e])
+        zero = self.zeros[e] if hasattr(self, "zeros") else None
+        return dequantize(q, self.scales[e], zero).to(dtype)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, e: int = 0) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] < MANY_TOKENS and x.dtype == self.dtype:  # decode: straight to the kernel
+            if self.mode == "int8":
+                y = torch._weight_int8pack_mm(x, self._w[e], self._s[e])
+                return y if bias is None else y + bias
+            if self.mode == "int4":
+                y = torch._weight_int4pack_mm_for_cpu(x, self._w[e], self.group_size, self._s[e])
+                return y if bias is None else y + bias
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # [T, K]
+        if self.mode == "int4":
+            y = torch._weight_int4pack_mm_for_cpu(x2.to(self.dtype), self._w[e], self.group_size, self._s[e])
+        elif self.mode == "int8" and x2.shape[0] < MANY_TOKENS:
+            y = torch._weight_int8pack_mm(x2.to(self.dtype), self._w[e], self._s[e])
+        else:  # dequantise this weight, one float32 GEMM
+            y = F.linear(x2.float(), self.dequantized(e))
+        if bias is not None:
+            y = y + bias
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+
+def _mode(scheme: Scheme, n: int, k: int, groups: int, dtype: torch.dtype, kernel: str) -> str:
+    if kernel not in KERNELS:
+        raise UsageError(f"quantized kernel {kernel!r}: use one of {', '.join(KERNELS)}")
+    if kernel == "dequant" or dtype not in (torch.bfloat16, torch.float16):
+        return "dequant"
+    if scheme.bits == 8 and scheme.symmetric and groups == 1:
+        return "int8"
+    if scheme.bits == 4 and k // groups in INT4_GROUPS and n % 16 == 0 and k % 2 == 0:
+        return "int4"
+    return "dequant"
+
+
+def _scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """torch's int4 kernel computes (u - 8) * s + m for u = q + 8, so m = -zero * s: [G, N, 2] float32."""
+    s = scale.float()
+    m = torch.zeros_like(s) if zero is None else -zero.float() * s
+    return torch.stack([s.t(), m.t()], dim=-1).contiguous()
+
+
+def _nibbles(q: torch.Tensor) -> torch.Tensor:
+    """int4 values [N, K] (int8, -8..7) -> [N, K/2] uint8, column 2j in the low half of byte j."""
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    if u.shape[1] % 2:
+        u = F.pad(u, (0, 1))
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def _from_nibbles(p: torch.Tensor) -> torch.Tensor:
+    n = p.shape[0]
+    u = torch.stack([p & 15, p >> 4], dim=-1).reshape(n, -1)
+    return u.to(torch.int8) - 8
+
+
+def mm(x: torch.Tensor, w, e: int | None = None) -> torch.Tensor:
+    """x @ w.T for a QLinear w (expert e of it) or a plain weight [N, K] / stack [E, N, K]."""
+    if isinstance(w, QLinear):
+        return w.forward(x, None, e or 0)  # not w(...): nn.Module's call machinery costs more than a decode matmul
+    w = w if e is None else w[e]
+    if x.dtype != torch.float32 and x.shape[0] >= MANY_TOKENS:
+        return F.linear(x.float(), w.float()).to(x.dtype)
+    return F.linear(x, w)
+
+
+def swiglu(x: torch.Tensor, w13, w2, e: int | None = None) -> torch.Tensor:
+    """One SwiGLU MLP (expert e of a stack): w2 @ (silu(gate x) * up x); w13 rows: gate, then up."""
+    gate, up = mm(x, w13, e).chunk(2, dim=-1)
+    return mm(F.silu(gate) * up, w2, e)
+
+
+# ---- quantized MoE / dense MLP ------------------------------------------------------------------
+class QMoE(nn.Module):
+    """model.MoE with quantized (or plain) expert and shared-expert weights; same routing and sums.
+
+    Not constructed: load_quantized turns a loaded MoE into one (the parameters are the same, some
+    of them QLinear), so this class only brings the forward.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, H]
+        with section("router"):
+            logits = F.linear(x.float(), self.gate)  # [T, E]
+            expert_ids, weights = route(logits, self.n_groups, self.picks, self.router_scale)  # [T, k] each
+        record_routing(self.layer, logits, expert_ids)
+        with section("routed_experts"):
+            y = routed_experts(x, expert_ids, weights, self.gate_up, self.down)
+        with section("shared_expert"):
+            y = y + swiglu(x, self.shared_w13, self.shared_w2).float()
+        return y.to(x.dtype)
+
+
+class QDenseMLP(nn.Module):
+    """model.DenseMLP with quantized weights (turned into from a loaded DenseMLP)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with section("dense_mlp"):
+            return swiglu(x, self.w13, self.w2)
+
+
+def routed_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, gate_up, down) -> torch.Tensor:
+    """sum over a token's k picks of weight * expert(x): x [T, H] -> float32 [T, H].
+
+    The (token, slot) pairs are grouped by expert (a dict for a few pairs, a stable sort for many);
+    each picked expert runs once on its rows; results go back to pair order and are summed in float32.
+    """
+    T, k = expert_ids.shape
+    if T == 1:  # decode: k different experts on one token, no grouping needed
+        ys = torch.cat([swiglu(x, gate_up, down, e) for e in expert_ids[0].tolist()])  # [k, H]
+        return (ys.float() * weights.float().t()).sum(dim=0, keepdim=True)
+    flat = expert_ids.reshape(-1)
+    if flat.numel() <= 64:
+        groups: dict[int, list[int]] = {}
+        for p, e in enumerate(flat.tolist()):
+            groups.setdefault(e, []).append(p)
+        runs = [(e, torch.tensor(ps)) for e, ps in sorted(groups.items())]
+    else:
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=gate_up.shape[0] if not isinstance(gate_up, QLinear) else gate_up.num_experts).tolist()
+        runs, start = [], 0
+        for e, c in enumerate(counts):
+            if c:
+                runs.append((e, order[start : start + c]))
+                start += c
+    y = torch.empty(T * k, x.shape[1], dtype=x.dtype)  # [P, H] in (token, slot) order
+    for e, pairs in runs:
+        xe = x[pairs // k] if len(pairs) > 1 else x[int(pairs[0]) // k].unsqueeze(0)
+        y[pairs] = swiglu(xe, gate_up, down, e)
+    return (y.view(T, k, -1).float() * weights.float().unsqueeze(-1)).sum(dim=1)
+
+
+# ---- loading ------------------------------------------------------------------------------------
+def quantization_of(ckpt) -> QuantizedCheckpoint | None:
+    """The checkpoint's quantization (read from config.json and the tensor names), or None."""
+    try:
+        config = json.loads((ckpt.root / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = dict(ckpt.config.extra)
+    return read_quantization(config, {n: i.shape for n, i in ckpt.tensors.items()})
+
+
+def load_quantized(ckpt, quant: QuantizedCheckpoint, *, dtype=None, device="cpu", kernel: str | None = None):
+    """A MoGEForCausalLM for a quantized checkpoint (open Checkpoint); see the module docstring."""
+    from moge_cli.model import MoE, DenseMLP, MoGEForCausalLM, _fill, parameter_sources, resolve_dtype
+
+    if torch.device(device).type != "cpu":
+        raise UsageError(f"quantized checkpoints run on the CPU (torch's CPU weight-only kernels); got device {device}")
+    kernel = kernel or DEFAULT_KERNEL
+    cfg: MoGEConfig = ckpt.config
+    layout = PER_EXPERT if ckpt.layout == "unknown" else ckpt.layout
+    _check_tensors(ckpt, cfg, layout, quant)
+    dtype = resolve_dtype(dtype, default=_float_dtype(ckpt))
+    model = MoGEForCausalLM.from_config(cfg, dtype, "meta")
+    sources = parameter_sources(cfg, layout)
+    for name, p in list(model.named_parameters()):
+        names = sources[name]
+        mods = [module_of(n) for n in names]
+        schemes = {quant.modules.get(m) for m in mods}
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if schemes == {None}:
+            t = torch.empty(p.shape, dtype=p.dtype, device=device)
+            _fill(t, ckpt, names)
+            value = nn.Parameter(t, requires_grad=False)
+        elif leaf in LINEAR_PARAMS and len(schemes) == 1:
+            value = _qlinear(ckpt, mods, quant, p.shape, dtype, kernel)
+        else:  # embeddings, or parts of one weight with different schemes: dequantise once
+            t = torch.cat([_dequantized(ckpt, m, n, quant) for m, n in zip(mods, names)]).reshape(p.shape)
+            value = nn.Parameter(t.to(p.dtype), requires_grad=False)
+        delattr(module, leaf)
+        setattr(module, leaf, value)
+    for layer in model.layers:
+        mlp = layer.mlp
+        if any(isinstance(v, QLinear) for v in mlp.children()):
+            mlp.__class__ = QMoE if isinstance(mlp, MoE) else QDenseMLP if isinstance(mlp, DenseMLP) else type(mlp)
+    model.quantization = quant
+    return model
+
+
+def _qlinear(ckpt, mods: list[str], quant: QuantizedCheckpoint, shape: torch.Size, dtype, kernel: str) -> QLinear:
+    """One QLinear from the modules that make a model weight, in order (a stack of experts for 3-D weights)."""
+    scheme = quant.modules[mods[0]]
+    parts = [read_module(ckpt, m, scheme) for m in mods]
+    experts = shape[0] if len(shape) == 3 else 1
+    per = len(parts) // experts  # modules per expert: gate and up, or one
+    joined = []
+    for e in range(experts):
+        mine = parts[e * per : (e + 1) * per]
+        zero = None if mine[0][2] is None else torch.cat([z for _, _, z in mine])
+        joined.append((torch.cat([q for q, _, _ in mine]), torch.cat([s for _, s, _ in mine]), zero))
+        if tuple(joined[-1][0].shape) != tuple(shape[-2:]):
+            raise CheckpointError(f"{mods[e * per]}: weight_shape {list(joined[-1][0].shape)} does not fit the config's {list(shape[-2:])}")
+    ckpt.close()
+    return QLinear(joined, scheme, dtype, kernel)
+
+
+def _dequantized(ckpt, module: str, name: str, quant: QuantizedCheckpoint) -> torch.Tensor:
+    if module in quant.modules:
+        return dequantize(*read_module(ckpt, module, quant.modules[module])).float()
+    return ckpt.tensor(name).float()
+
+
+def _check_tensors(ckpt, cfg: MoGEConfig, layout: str, quant: QuantizedCheckpoint) -> None:
+    expected = expected_quantized(expected_tensors(cfg, layout), quant.modules)
+    missing = [n for n in expected if n not in ckpt.tensors]
+    unexpected = [n for n in ckpt.tensors if n not in expected]
+    wrong = [n for n, i in ckpt.tensors.items() if n in expected and tuple(i.shape) != expected[n]]
+    for what, names in (("is missing", missing), ("has unexpected", unexpected), ("has wrongly shaped", wrong)):
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            raise CheckpointError(f"{ckpt.root}: quantized checkpoint {what} tensor(s): {', '.join(names[:3])}{more}")
+
+
+def _float_dtype(ckpt) -> torch.dtype:
+    """The float dtype of the checkpoint's scales and float weights (the most bytes)."""
+    by: dict[str, int] = {}
+    for info in ckpt.tensors.values():
+        if info.dtype in ("BF16", "F16", "F32"):
+            by[info.dtype] = by.get(info.dtype, 0) + info.nbytes
+    code = max(by, key=by.get) if by else "BF16"
+    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[code]

@@ -1,0 +1,155 @@
+"""Quantized checkpoints at run time: QLinear kernels against dequantised weights, load_model, decode, generate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from converters.quantize import QTensor, quantize
+from converters.quantize_pipeline import quantize_checkpoint
+from fixtures.make import write_checkpoint, write_tensors
+from moge_cli.checkpoint import open_checkpoint
+from moge_cli.cli import app
+from moge_cli.config import MoGEConfig
+from moge_cli.model import load_model
+from moge_cli.quant_format import Scheme
+from moge_cli.quantized import QLinear, QMoE, dequantize, load_quantized, quantization_of, read_module, routed_experts
+
+TINY = MoGEConfig.from_name("tiny-moge")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    return write_checkpoint(TINY, tmp_path_factory.mktemp("src") / "ck", tokenizer=False)
+
+
+def parts_of(w: torch.Tensor, scheme: Scheme, dtype=torch.bfloat16):
+    t: QTensor = quantize(w, scheme, dtype)
+    return t.q, t.scale, t.zero
+
+
+@pytest.mark.parametrize("scheme", [Scheme(8, None, True), Scheme(4, 32, False), Scheme(4, 64, True)])
+@pytest.mark.parametrize("rows", [1, 3, 20])  # decode, a few tokens, and the many-token (prefill) path
+def test_qlinear_kernels_match_the_dequantised_weight(scheme, rows):
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(48, 64, generator=g) / 8 for _ in range(2)]
+    parts = [parts_of(w, scheme) for w in ws]
+    x = torch.randn(rows, 64, generator=g).bfloat16()
+    for kernel, mode in (("torch", "int8" if scheme.bits == 8 else "int4"), ("dequant", "dequant")):
+        lin = QLinear(parts, scheme, torch.bfloat16, kernel)
+        assert lin.mode == mode and lin.num_experts == 2
+        for e in range(2):
+            want = x.float() @ dequantize(*parts[e]).float().t()  # [rows, 48]
+            got = lin(x, e=e)
+            assert got.dtype == torch.bfloat16 and got.shape == (rows, 48)
+            torch.testing.assert_close(got.float(), want, atol=0.05 * float(want.abs().max()), rtol=0.02)
+    # float32 models always dequantise: exact against the dequantised weight
+    lin = QLinear(parts, scheme, torch.float32, "torch")
+    assert lin.mode == "dequant"
+    torch.testing.assert_close(lin(x.float(), e=1), x.float() @ dequantize(*parts[1]).float().t())
+
+
+def test_int4_kernel_needs_16_row_blocks():
+    parts = [parts_of(torch.randn(8, 64), Scheme(4, 32, False))]
+    assert QLinear(parts, Scheme(4, 32, False), torch.bfloat16, "torch").mode == "dequant"
+    with pytest.raises(Exception, match="kernel"):
+        QLinear(parts, Scheme(4, 32, False), torch.bfloat16, "gpu")
+
+
+def _dequantised_checkpoint(qdir: Path, out: Path) -> Path:
+    """The float checkpoint holding moge's dequantisation of every quantized weight: the reference model."""
+    ck = open_checkpoint(qdir)
+    quant = quantization_of(ck)
+    tensors = {}
+    for name in ck.tensors:
+        module, _, suffix = name.rpartition(".")
+        if module in quant.modules and suffix.startswith("weight_"):
+            if suffix == "weight_packed":
+                tensors[f"{module}.weight"] = dequantize(*read_module(ck, module, quant.modules[module]))
+        else:
+            tensors[name] = ck.tensor(name).clone()
+    ck.close()
+    return write_tensors(TINY, out, tensors, dtype="bfloat16")
+
+
+@pytest.mark.parametrize("opts", [dict(bits=4), dict(bits=8), dict(bits=4, symmetric=True, embeddings=True, lm_head=True),
+                                  dict(bits=4, exclude=("*.k_proj*",))])  # fmt: skip
+def test_quantized_model_is_the_dequantised_model(src, tmp_path, opts):
+    """float32: every weight the runtime uses is exactly moge's (= compressed-tensors') dequantisation."""
+    quantize_checkpoint(src, tmp_path / "q", **opts)
+    ref = load_model(_dequantised_checkpoint(tmp_path / "q", tmp_path / "ref"), dtype="float32")
+    model = load_model(tmp_path / "q", dtype="float32")
+    assert isinstance(model.layers[0].mlp, QMoE)
+    ids = torch.randint(0, TINY.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model(ids), ref(ids), atol=1e-5, rtol=1e-5)
+    if "exclude" in opts:  # q/k/v mix schemes: dequantised once into a plain weight
+        assert isinstance(model.layers[0].self_attn.qkv_weight, torch.nn.Parameter)
+    else:
+        assert isinstance(model.layers[0].self_attn.qkv_weight, QLinear)
+
+
+def test_bf16_decode_with_cache_follows_prefill(src, tmp_path):
+    quantize_checkpoint(src, tmp_path / "q", bits=4, lm_head=True)
+    model = load_model(tmp_path / "q")  # bfloat16, like the checkpoint's scales
+    assert model.dtype == torch.bfloat16
+    modes = {m.mode for m in model.modules() if isinstance(m, QLinear)}
+    assert modes == {"int4"}  # tiny widths are multiples of 16 and the groups 32 / 64
+    ids = torch.randint(0, TINY.vocab_size, (1, 10), generator=torch.Generator().manual_seed(2))
+    full = model(ids)
+    cache = model.new_cache(1, 16)
+    model(ids[:, :7], cache=cache)
+    steps = torch.cat([model(ids[:, i : i + 1], cache=cache) for i in range(7, 10)], dim=1)
+    torch.testing.assert_close(steps, full[:, 7:], atol=0.1, rtol=0.05)
+
+
+def test_experts_no_token_reaches_are_skipped():
+    E, H, I = 4, 32, 16
+    g = torch.Generator().manual_seed(3)
+    scheme = Scheme(8, None, True)
+    gate_up = QLinear([parts_of(torch.randn(2 * I, H, generator=g) / 4, scheme, torch.float32) for _ in range(E)], scheme, torch.float32, "torch")
+    down = QLinear([parts_of(torch.randn(H, I, generator=g) / 4, scheme, torch.float32) for _ in range(E)], scheme, torch.float32, "torch")
+    x = torch.randn(5, H, generator=g)
+    ids = torch.tensor([[0, 2]] * 5)  # experts 1 and 3 get nothing
+    w = torch.rand(5, 2, generator=g)
+    got = routed_experts(x, ids, w, gate_up, down)
+    want = torch.zeros(5, H)
+    for t in range(5):
+        for j, e in enumerate(ids[t].tolist()):
+            w13 = gate_up.dequantized(e)
+            h = torch.nn.functional.silu(x[t] @ w13[:I].t()) * (x[t] @ w13[I:].t())
+            want[t] += w[t, j] * (h @ down.dequantized(e).t())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    many = torch.randint(0, 2, (40, 2), generator=g) * 2  # the sorted (prefill) grouping, still only 0 and 2
+    assert routed_experts(x.repeat(8, 1), many, torch.rand(40, 2), gate_up, down).shape == (40, H)
+
+
+def test_generate_and_profile_run_quantized(src, tmp_path, monkeypatch):
+    import moge_cli.profile
+
+    monkeypatch.setattr(moge_cli.profile, "measure_read_bandwidth", lambda device: 1e10)  # not what is tested here
+    out = tmp_path / "q"
+    quantize_checkpoint(src, out, bits=8)
+    res = runner.invoke(app, ["generate", str(out), "--prompt-ids", "1,2,3", "--max-new-tokens", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.stdout)["generated_ids"]) == 4
+    res = runner.invoke(app, ["profile", str(out), "--prompt-ids", "1,2,3,4", "--decode", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["decode"]["tokens_per_s"] > 0
+    assert report["decode"]["components"]["routed_experts"]["seconds"] > 0
+
+
+def test_load_quantized_refuses_other_devices_and_kernels(src, tmp_path):
+    out = tmp_path / "q"
+    quantize_checkpoint(src, out, bits=8)
+    ck = open_checkpoint(out)
+    with pytest.raises(Exception, match="CPU"):
+        load_quantized(ck, quantization_of(ck), device="meta")
+    with pytest.raises(Exception, match="kernel"):
+        load_quantized(ck, quantization_of(ck), kernel="magic")
+    ck.close()
