@@ -6,9 +6,9 @@ Writes the random "bench-0.47b" checkpoint (bf16) to a temporary directory unles
 names one, then for each dtype runs one worker process (so peak RSS is per dtype) that measures,
 at batch 1: decode tokens/s (prompt 8, 64 greedy new tokens), prefill tokens/s (512 tokens), the
 read bandwidth (a float32 sum over a buffer much bigger than the caches), the same for a
-same-shaped random Qwen2-MoE in transformers (a bench-only extra: `pip install transformers`),
-and peak RSS. Prints a markdown table. The machine may be shared: every number is the best of
---repeats runs.
+same-shaped Qwen2-MoE in transformers holding the same weights (a bench-only extra:
+`pip install transformers`), and peak RSS. Prints a markdown table. The machine may be shared:
+the engines' runs alternate and every number is the best of --repeats runs.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def _kib(key: str) -> int:
 
 
 def load_ours(path: str, dtype: str, max_len: int):
-    """(step function, load and size facts) for moge's model."""
+    """(step function, load and size facts, the model) for moge's model."""
     import torch
 
     from moge_cli.model import load_model
@@ -118,7 +118,7 @@ def load_ours(path: str, dtype: str, max_len: int):
 
     info = dict(load_s=load_s, load_peak_bytes=load_peak, model_bytes=model_bytes, active_bytes=active_bytes(model))
     info["process_peak_bytes"] = _kib("VmHWM")
-    return step, info
+    return step, info, model
 
 
 def qwen2_moe_config(cfg, dtype: str):
@@ -135,14 +135,43 @@ def qwen2_moe_config(cfg, dtype: str):
     )  # fmt: skip
 
 
-def load_transformers(cfg, dtype: str) -> dict:
-    """{experts implementation: (prepare, step)} for a random same-shaped Qwen2-MoE (eager, grouped_mm)."""
+def qwen2_moe_state_dict(model) -> dict:
+    """Our loaded model's weights under Qwen2-MoE names, so both engines run the same weights.
+
+    Qwen2-MoE has no o_proj bias and no router_scale (dropped), and a shared-expert gate (left at
+    zero: a constant 0.5); same shapes and FLOPs, and the same router logits, so similar routing.
+    """
+    cfg = model.config
+    nH, nKV, D, Is = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.shared_expert_intermediate_size
+    sd = {"model.embed_tokens.weight": model.embed_tokens, "model.norm.weight": model.norm, "lm_head.weight": model.lm_head}
+    for L, layer in enumerate(model.layers):
+        p, a, m = f"model.layers.{L}.", layer.self_attn, layer.mlp
+        for proj, w, b in zip("qkv", a.qkv_weight.split([nH * D, nKV * D, nKV * D]), a.qkv_bias.split([nH * D, nKV * D, nKV * D])):
+            sd[f"{p}self_attn.{proj}_proj.weight"], sd[f"{p}self_attn.{proj}_proj.bias"] = w, b
+        sd.update({
+            f"{p}self_attn.o_proj.weight": a.o_weight,
+            f"{p}input_layernorm.weight": layer.input_layernorm,
+            f"{p}post_attention_layernorm.weight": layer.post_attention_layernorm,
+            f"{p}mlp.gate.weight": m.gate,
+            f"{p}mlp.experts.gate_up_proj": m.gate_up,
+            f"{p}mlp.experts.down_proj": m.down,
+            f"{p}mlp.shared_expert.gate_proj.weight": m.shared_w13[:Is],
+            f"{p}mlp.shared_expert.up_proj.weight": m.shared_w13[Is:],
+            f"{p}mlp.shared_expert.down_proj.weight": m.shared_w2,
+            f"{p}mlp.shared_expert_gate.weight": m.gate.new_zeros(1, cfg.hidden_size),
+        })  # fmt: skip
+    return sd
+
+
+def load_transformers(cfg, dtype: str, ours) -> dict:
+    """{experts implementation: (prepare, step)} for a same-shaped Qwen2-MoE holding our model's weights."""
     import torch
     from transformers import Qwen2MoeForCausalLM
 
     torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = Qwen2MoeForCausalLM(qwen2_moe_config(cfg, dtype)).to(getattr(torch, dtype)).eval()
+    model = Qwen2MoeForCausalLM(qwen2_moe_config(cfg, dtype)).to(getattr(torch, dtype)).eval()
+    missing, unexpected = model.load_state_dict(qwen2_moe_state_dict(ours), strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
     impls = ["eager", "grouped_mm"] if hasattr(model, "set_experts_implementation") else ["default"]
 
     import inspect
@@ -177,14 +206,14 @@ def worker(path: str, dtype: str, args) -> dict:
         torch.set_num_threads(args.threads)
     out = {"dtype": dtype, "threads": torch.get_num_threads(), "bandwidth": read_bandwidth(args.repeats)}
     out["args"] = {k: getattr(args, k) for k in ("prompt", "new_tokens", "prefill", "repeats")}
-    step, out["ours"] = load_ours(path, dtype, max(args.prefill, args.prompt + args.new_tokens + 4))
+    step, out["ours"], model = load_ours(path, dtype, max(args.prefill, args.prompt + args.new_tokens + 4))
     engines = {"ours": (lambda: None, step)}  # name -> (prepare, step)
     if not args.no_transformers:
         try:
             import transformers
 
             out["transformers_version"] = transformers.__version__
-            engines.update({f"transformers {k}": v for k, v in load_transformers(cfg, dtype).items()})
+            engines.update({f"transformers {k}": v for k, v in load_transformers(cfg, dtype, model).items()})
         except ImportError:
             print("transformers is not installed (pip install transformers): skipping it", file=sys.stderr)
     decode = {name: float("inf") for name in engines}

@@ -288,7 +288,7 @@ def _check_ids(input_ids: torch.Tensor, vocab: int) -> tuple[int, int]:
     B, T = input_ids.shape
     if T == 0:
         raise UsageError("model input holds no tokens")
-    lo, hi = int(input_ids.min()), int(input_ids.max())
+    lo, hi = (int(v) for v in torch.aminmax(input_ids))
     if lo < 0 or hi >= vocab:
         raise UsageError(f"token id {hi if hi >= vocab else lo} is outside the vocabulary 0..{vocab - 1}")
     return B, T
