@@ -5,6 +5,7 @@ Reads no tensor data until asked; `tensor()` memory-maps. torch is imported only
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -38,7 +39,7 @@ class Checkpoint:
     file_metadata: dict[Path, dict[str, str]] = field(default_factory=dict)
     _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
 
-    @property
+    @functools.cached_property
     def layout(self) -> str:
         return detect_layout(set(self.tensors))
 

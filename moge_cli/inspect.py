@@ -48,7 +48,7 @@ def count_params(cfg: MoGEConfig) -> dict[str, int]:
     return params
 
 
-def schema_problems(ckpt: Checkpoint) -> list[Problem]:
+def schema_problems(ckpt: Checkpoint, dtype: str | None = None) -> list[Problem]:
     """Missing, unexpected and wrongly shaped tensors against the config; mixed dtypes; index drift."""
     layout = ckpt.layout
     problems: list[Problem] = []
@@ -78,7 +78,7 @@ def schema_problems(ckpt: Checkpoint) -> list[Problem]:
     for name in ckpt.tensors:
         if name not in expected:
             problems.append(Problem("unexpected", name, f"not part of a {ckpt.config.model_type} checkpoint of this config"))
-    dtype = main_dtype(ckpt)
+    dtype = dtype or main_dtype(ckpt)
     for name, info in ckpt.tensors.items():
         if info.dtype in FLOAT_DTYPES and info.dtype != dtype:
             problems.append(Problem("dtype", name, f"{TORCH_NAMES[info.dtype]} in a {TORCH_NAMES.get(dtype, dtype)} checkpoint"))
@@ -174,7 +174,7 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
         "size_bytes": ckpt.size_bytes,
         "tensor_bytes": sum(t.nbytes for t in ckpt.tensors.values()),
         "shards": [f.name for f in ckpt.files],
-        "problems": [asdict(p) for p in schema_problems(ckpt)],
+        "problems": [asdict(p) for p in schema_problems(ckpt, dtype)],
         **({"ep": ep} if (ep := ep_info(cfg)) else {}),
         **({"quantization": q} if (q := quantization_summary(ckpt)) else {}),
     }
