@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill", type=int, default=128, help="prefill length (0: skip)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--kernels", nargs="+", default=["torch", "dequant"], help="quantized kernels to time")
+    p.add_argument("--lm-head", action="store_true", help="quantize lm_head too (moge quantize --lm-head)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         for q, opts in QUANTS.items():
             t = time.perf_counter()
             qdirs[q] = Path(tmp) / q
-            r = quantize_checkpoint(path, qdirs[q], **opts)
+            r = quantize_checkpoint(path, qdirs[q], lm_head=args.lm_head, **opts)
             print(f"quantized {q} in {time.perf_counter() - t:.1f} s ({r['bytes_out'] / 1e6:.0f} MB)", file=sys.stderr)
         rows = run(path, qdirs, args)
     if args.json:

@@ -50,19 +50,20 @@ class QuantEmitter:
             self.base(sf, t)
             return
         if t.name not in self.pending:
-            self.run(t, sf if t.role == "weight_packed" else None)
+            self.run(t, sf if t.role == "weight_packed" else _Discard())
             if t.role == "weight_packed":
                 return
         data = self.pending.pop(t.name)
-        sf.write(data.contiguous().reshape(-1).view(torch.uint8).numpy())
+        sf.write(_bytes(data))
 
-    def run(self, t: QuantOut, sf: ShardFile | None) -> dict[str, torch.Tensor]:
-        """Quantize t's module; stream weight_packed into sf (or keep it when sf is None); return its tensors."""
+    def run(self, t: QuantOut, sink) -> dict[str, torch.Tensor]:
+        """Quantize t's module, streaming weight_packed into sink.write() block by block; keep and return
+        the module's other tensors (scale, shape, zero point: small) in `pending`."""
         base, s = t.base, t.scheme
         n, k = base.shape
         rows = _rows(self.source, base)
         scale_dtype = torch_dtype(SCALE_CODES[base.src_dtype])
-        scales, zeros, packs = [], [], []
+        scales, zeros = [], []
         err2 = ref2 = 0.0
         step = max(1, ROW_BLOCK_ELEMS // k)
         for r in range(0, n, step):
@@ -70,11 +71,7 @@ class QuantEmitter:
             qt = quantize(w, s, scale_dtype)
             e, f = error_sums(w, dequantize(qt))
             err2, ref2 = err2 + e, ref2 + f
-            packed = pack_int32(qt.q, s.bits)
-            if sf is not None:
-                sf.write(packed.reshape(-1).view(torch.uint8).numpy())
-            else:
-                packs.append(packed)
+            sink.write(_bytes(pack_int32(qt.q, s.bits)))
             scales.append(qt.scale)
             if qt.zero is not None:
                 zeros.append(qt.zero)
@@ -84,15 +81,33 @@ class QuantEmitter:
         if zeros:
             out[f"{m}.weight_zero_point"] = pack_int32(torch.cat(zeros), s.bits, dim=0)
         self.pending.update(out)
-        if sf is None:
-            out[f"{m}.weight_packed"] = torch.cat(packs)
-            self.pending[f"{m}.weight_packed"] = out[f"{m}.weight_packed"]
         self.errors[m] = {"tensor": base.name, "component": component_of(base.name), "scheme": s.label, "numel": n * k,
                           **error_stats(err2, ref2), "_err2": err2, "_ref2": ref2}  # fmt: skip
         return out
 
     def close(self) -> None:
         self.base.close()
+
+
+def _bytes(t: torch.Tensor):
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+class _Discard:
+    def write(self, data) -> None:
+        pass
+
+
+class _Compare:
+    """A sink that compares what is written with the bytes of an existing tensor, in order."""
+
+    def __init__(self, raw: memoryview):
+        self.raw, self.pos, self.same = raw, 0, True
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        self.same = self.same and same_bytes(view, self.raw[self.pos : self.pos + len(view)])
+        self.pos += len(view)
 
 
 def _rows(source, base) -> Callable[[int, int], torch.Tensor]:
@@ -229,7 +244,6 @@ def verify_quantized(source, shards, out_dir: Path, config: dict[str, Any]) -> N
             bad.append(f"{name}: {'not planned' if name in ck.tensors else 'missing from the output'}")
         if json.loads((out_dir / "config.json").read_text()) != config:
             bad.append("config.json: differs from the planned config")
-        done: dict[str, torch.Tensor] = {}
         for name, t in planned.items():
             info = ck.tensors.get(name)
             if info is None:
@@ -240,11 +254,15 @@ def verify_quantized(source, shards, out_dir: Path, config: dict[str, Any]) -> N
                 if not tensor_matches(source, t, ck.raw(name), False):
                     bad.append(f"{name}: values differ from the source ({t.recipe()})")
             else:
-                if name not in done:
-                    done.update(fresh.run(t if t.role == "weight_packed" else _packed_of(t, planned), None))
-                    fresh.pending.clear()
-                want = done.pop(name)
-                if not same_bytes(memoryview(want.contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B"), ck.raw(name)):
+                if t.role == "weight_packed":  # the packed weight is compared block by block as it is recomputed
+                    cmp = _Compare(ck.raw(name))
+                    fresh.run(t, cmp)
+                    same = cmp.same and cmp.pos == info.nbytes
+                else:
+                    if name not in fresh.pending:
+                        fresh.run(planned[f"{t.module}.weight_packed"], _Discard())
+                    same = same_bytes(memoryview(_bytes(fresh.pending.pop(name))).cast("B"), ck.raw(name))
+                if not same:
                     bad.append(f"{name}: differs from a fresh {t.scheme.label} {t.scheme.method} quantization of {t.base.name}")
     finally:
         fresh.close()
@@ -252,10 +270,6 @@ def verify_quantized(source, shards, out_dir: Path, config: dict[str, Any]) -> N
     if bad:
         more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
         raise VerifyError(f"verification failed for {len(bad)} item(s): {'; '.join(bad[:10])}{more}; nothing was written")
-
-
-def _packed_of(t: QuantOut, planned: dict[str, Any]) -> QuantOut:
-    return planned[f"{t.module}.weight_packed"]
 
 
 def evaluate(src, dst, text_file, *, window: int | None = None) -> dict[str, Any]:

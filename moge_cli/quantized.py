@@ -121,14 +121,16 @@ class QLinear(nn.Module):
         return dequantize(q, self.scales[e], zero).to(dtype)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, e: int = 0) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] < MANY_TOKENS and x.dtype == self.dtype:  # decode: straight to the kernel
-            if self.mode == "int8":
-                y = torch._weight_int8pack_mm(x, self._w[e], self._s[e])
-                return y if bias is None else y + bias
-            if self.mode == "int4":
-                y = torch._weight_int4pack_mm_for_cpu(x, self._w[e], self.group_size, self._s[e])
-                return y if bias is None else y + bias
         shape = x.shape
+        if self.mode != "dequant" and x.dtype == self.dtype and x.numel() < MANY_TOKENS * self.in_features:  # decode
+            x2 = x if x.dim() == 2 else x.view(-1, self.in_features)
+            if self.mode == "int8":
+                y = torch._weight_int8pack_mm(x2, self._w[e], self._s[e])
+            else:
+                y = torch._weight_int4pack_mm_for_cpu(x2, self._w[e], self.group_size, self._s[e])
+            if bias is not None:
+                y += bias
+            return y if x.dim() == 2 else y.view(*shape[:-1], self.out_features)
         x2 = x.reshape(-1, shape[-1])  # [T, K]
         if self.mode == "int4":
             y = torch._weight_int4pack_mm_for_cpu(x2.to(self.dtype), self._w[e], self.group_size, self._s[e])
@@ -227,7 +229,7 @@ def routed_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
     T, k = expert_ids.shape
     if T == 1:  # decode: k different experts on one token, no grouping needed
         ys = torch.cat([swiglu(x, gate_up, down, e) for e in expert_ids[0].tolist()])  # [k, H]
-        return (ys.float() * weights.float().t()).sum(dim=0, keepdim=True)
+        return torch.mm(weights.float(), ys.float())  # [1, k] @ [k, H]: the weighted sum, in float32
     flat = expert_ids.reshape(-1)
     if flat.numel() <= 64:
         groups: dict[int, list[int]] = {}

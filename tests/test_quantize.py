@@ -233,35 +233,24 @@ def test_verify_dry_run_and_destination_rules(src, q4, tmp_path):
 def test_verify_catches_a_corrupted_output(src, tmp_path, monkeypatch):
     import converters.quantize_pipeline as qp
 
-    real = qp.pack_int32
+    real = qp.verify_quantized
+    victim = "model.layers.1.mlp.experts.5.up_proj.weight_packed"
 
-    def corrupt(q, bits, dim=1):
-        out = real(q, bits, dim)
-        if dim == 1 and q.shape == (32, 64):
-            out = out ^ 1  # flip a bit of every word of the experts' gate/up weights
-        return out
+    def corrupt_then_verify(source, shards, out_dir, config):
+        ck = open_checkpoint(out_dir)
+        info = ck.tensors[victim]
+        ck.close()
+        with open(info.file, "r+b") as f:  # flip one bit of the written weight
+            f.seek(info.start + 5)
+            byte = f.read(1)[0]
+            f.seek(info.start + 5)
+            f.write(bytes([byte ^ 1]))
+        return real(source, shards, out_dir, config)
 
-    monkeypatch.setattr(qp, "pack_int32", corrupt)
-    monkeypatch.setattr(qp.QuantEmitter, "run", _run_with(qp.QuantEmitter.run, real))
-    with pytest.raises(VerifyError, match="fresh"):
+    monkeypatch.setattr(qp, "verify_quantized", corrupt_then_verify)
+    with pytest.raises(VerifyError, match=f"1 item.*{victim}: differs from a fresh"):
         quantize_checkpoint(src, tmp_path / "bad", verify=True)
     assert not (tmp_path / "bad").exists()
-
-
-def _run_with(run, real_pack):
-    """QuantEmitter.run, but the verifier's fresh quantizations (sf None) use the real packer."""
-    import converters.quantize_pipeline as qp
-
-    def wrapped(self, t, sf):
-        if sf is not None:
-            return run(self, t, sf)
-        patched, qp.pack_int32 = qp.pack_int32, real_pack
-        try:
-            return run(self, t, sf)
-        finally:
-            qp.pack_int32 = patched
-
-    return wrapped
 
 
 def test_load_reports_quantized_checkpoints(q4):
@@ -318,3 +307,19 @@ def test_cli_json_eval_and_load(src, tmp_path):
     res = runner.invoke(app, ["quantize", str(src), str(tmp_path / "y"), "--group-size", "32", "--symmetric", "--method", "mse", "--errors", "-q"])
     assert res.exit_code == 0, res.output
     assert "routed_experts" in res.stdout and "model.layers.1.mlp.experts.7.down_proj.weight" in res.stdout
+
+
+TRAINED = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-trained"
+
+
+@pytest.mark.skipif(not (TRAINED / "heldout.txt").is_file(), reason="fixtures/tiny-trained is not there")
+def test_perplexity_targets_on_tiny_trained(tmp_path):
+    """int8 within 0.5% of the original perplexity, int4 g128 rtn within 5%, mse at or below rtn."""
+    text = TRAINED / "heldout.txt"
+    ppl = {}
+    for key, opts in {"int8": dict(bits=8), "int4 rtn": dict(bits=4), "int4 mse": dict(bits=4, method="mse")}.items():
+        r = quantize_checkpoint(TRAINED, tmp_path / key.replace(" ", "-"), eval_text=text, **opts)
+        ppl[key], before = r["eval"]["after"], r["eval"]["before"]
+    assert ppl["int8"] / before - 1 < 0.005, (before, ppl)
+    assert ppl["int4 rtn"] / before - 1 < 0.05, (before, ppl)
+    assert ppl["int4 mse"] <= ppl["int4 rtn"], (before, ppl)

@@ -50,6 +50,14 @@ def quantize_command(
     if as_json:
         print_json(result)
     elif dry_run:
+        q = result["quantization"]
+        stdout_console().print(
+            f"quantize {result['quantized_tensors']} tensors: int{q['bits']} "
+            + ("per channel" if q["group_size"] is None else f"g{q['group_size']}")
+            + (" sym" if q["symmetric"] else " asym") + f", {q['method']}; by component: "
+            + ", ".join(f"{c} {n}" for c, n in q["components"].items()),
+            highlight=False,
+        )
         render_plan(result)
     else:
         render(result, errors)
