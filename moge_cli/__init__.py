@@ -1,21 +1,32 @@
 """moge: load, convert, quantize, profile and run Mixture-of-Grouped-Experts checkpoints.
 
-The public Python API. Nothing here imports torch at import time.
+The public Python API, imported on first use (PEP 562) so that `moge --help` pays for none of it.
+Nothing here imports torch until a model is loaded.
 """
 
-from moge_cli.checkpoint import Checkpoint, open_checkpoint
-from moge_cli.config import PRESETS, MoGEConfig
-from moge_cli.errors import CheckpointError, ConfigError, MogeError, UsageError
-from moge_cli.inspect import inspect_checkpoint
+import importlib
+from typing import Any
 
-__all__ = [
-    "Checkpoint",
-    "CheckpointError",
-    "ConfigError",
-    "MoGEConfig",
-    "MogeError",
-    "PRESETS",
-    "UsageError",
-    "inspect_checkpoint",
-    "open_checkpoint",
-]
+# public name -> module that defines it
+_EXPORTS = {
+    "Checkpoint": "moge_cli.checkpoint",
+    "open_checkpoint": "moge_cli.checkpoint",
+    "MoGEConfig": "moge_cli.config",
+    "PRESETS": "moge_cli.config",
+    "MogeError": "moge_cli.errors",
+    "CheckpointError": "moge_cli.errors",
+    "ConfigError": "moge_cli.errors",
+    "UsageError": "moge_cli.errors",
+    "inspect_checkpoint": "moge_cli.inspect",
+    "load_model": "moge_cli.model",
+    "profile": "moge_cli.profiling",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moge_cli' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

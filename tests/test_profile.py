@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from fixtures.make import write_checkpoint
 from moge_cli.cli import app
 from moge_cli.config import PRESETS, MoGEConfig
-from moge_cli.profile import profile
+from moge_cli.profiling import profile
 
 TINY = MoGEConfig.from_dict(PRESETS["tiny-moge"])  # E=8 in 4 groups of 2, 1 pick per group, k=4
 REPO = Path(__file__).resolve().parents[1]
@@ -127,3 +127,10 @@ def test_plot_without_matplotlib_says_how(monkeypatch, zero_router, tmp_path):
     monkeypatch.setattr(builtins, "__import__", no_mpl)
     with pytest.raises(UsageError, match=r"moge-toolkit\[plot\]"):
         plot_routing({"routing": {"layers": [{}], "devices": 4}}, tmp_path / "x.png")
+
+
+def test_python_api_is_importable_from_the_package(zero_router):
+    import moge_cli
+
+    r = moge_cli.profile(zero_router, prompt_ids=[1, 2], decode=1)
+    assert r["routing"]["layers"] and moge_cli.profile is moge_cli.profile  # stays the function, not a module

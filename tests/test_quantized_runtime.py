@@ -129,9 +129,9 @@ def test_experts_no_token_reaches_are_skipped():
 
 
 def test_generate_and_profile_run_quantized(src, tmp_path, monkeypatch):
-    import moge_cli.profile
+    import moge_cli.profiling
 
-    monkeypatch.setattr(moge_cli.profile, "measure_read_bandwidth", lambda device: 1e10)  # not what is tested here
+    monkeypatch.setattr(moge_cli.profiling, "measure_read_bandwidth", lambda device: 1e10)  # not what is tested here
     out = tmp_path / "q"
     quantize_checkpoint(src, out, bits=8)
     res = runner.invoke(app, ["generate", str(out), "--prompt-ids", "1,2,3", "--max-new-tokens", "4", "--json"])

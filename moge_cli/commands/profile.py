@@ -28,7 +28,7 @@ def profile_command(
 ) -> None:
     """Profile a MoGE checkpoint: where the time, the memory and the tokens go."""
     from moge_cli.commands.generate import parse_ids
-    from moge_cli.profile import profile
+    from moge_cli.profiling import profile
 
     err = stderr_console()
     report = profile(
