@@ -236,17 +236,10 @@ def convert(
     torch.set_num_threads(1)  # casts are memory-bound, in cache-sized chunks: a thread pool costs more than it gains
     try:
         plan = build_plan(source.tensors, source.config_dict, layout=layout, dtype=dtype, layers=layers, ep=ep)
-        layouts = [(r, plan_shards(r.tensors, max_bytes)) for r in plan.ranks]
-        copies = files_to_copy(source.root)
-        disk = _disk_bytes(plan, layouts, copies)
-        bytes_in = sum(source.tensors[n].nbytes for n in plan.sources_used)
-        dst = Path(dst)
-        check_destination(source.root, dst, force)
+        layouts, copies, disk, bytes_in, dst = prepare(plan, source, dst, force, max_bytes)
         if dry_run:
             return describe(plan, layouts, source, dst, copies, disk, bytes_in, peak)
-        check_free_space(next(p for p in [dst.parent, *dst.parent.parents] if p.exists()), disk)
-        total = sum(s.data_bytes for _, shards in layouts for s in shards)
-        tick = (lambda n: progress(n, total)) if progress else None
+        tick = start_writing(layouts, dst, disk, progress)
         emitter = Emitter(source, clamp, peak)
         outputs: list[Path] = []
         try:
@@ -280,10 +273,10 @@ def convert(
             "dtype": plan.dtype,
             "tensors": len(plan.tensors),
             "bytes_in": bytes_in,
-            "bytes_out": sum((dst / p).stat().st_size for p in outputs),
+            "bytes_out": sum(e["bytes"] for e in output_entries(dst, outputs)),
             "seconds": round(time.perf_counter() - t0, 3),
             "peak_rss_bytes": peak.peak,
-            "outputs": [{"file": str(p), "bytes": (dst / p).stat().st_size} for p in outputs],
+            "outputs": output_entries(dst, outputs),
             "clamped": {"values": stats.total_overflow, "tensors": dict(stats.worst(20))},
             "verified": verify,
             "ep": plan.ep_plan is not None and {"world_size": len(plan.ranks), "plan": EP_PLAN_NAME},
@@ -292,6 +285,28 @@ def convert(
     finally:
         torch.set_num_threads(threads)
         source.close()
+
+
+def prepare(plan: Plan, source, dst, force: bool, max_bytes: int) -> tuple[list[tuple[RankPlan, list[Shard]]], list[Path], int, int, Path]:
+    """What convert and quantize settle before writing: (shard layouts per rank, non-weight files to
+    copy, disk bytes needed, source bytes read, destination), with the destination checked."""
+    layouts = [(r, plan_shards(r.tensors, max_bytes)) for r in plan.ranks]
+    copies = files_to_copy(source.root)
+    dst = Path(dst)
+    check_destination(source.root, dst, force)
+    bytes_in = sum(source.tensors[n].nbytes for n in plan.sources_used)
+    return layouts, copies, _disk_bytes(plan, layouts, copies), bytes_in, dst
+
+
+def start_writing(layouts, dst: Path, disk: int, progress: Callable[[int, int], None] | None) -> Callable[[int], None] | None:
+    """Check free space where dst will be; return the per-write progress tick (None without progress)."""
+    check_free_space(next(p for p in [dst.parent, *dst.parent.parents] if p.exists()), disk)
+    total = sum(s.data_bytes for _, shards in layouts for s in shards)
+    return (lambda n: progress(n, total)) if progress else None
+
+
+def output_entries(dst: Path, outputs: list[Path]) -> list[dict[str, Any]]:
+    return [{"file": str(p), "bytes": (dst / p).stat().st_size} for p in outputs]
 
 
 def _labelled(layouts: list[tuple[RankPlan, list[Shard]]]) -> list[tuple[str, OutTensor]]:

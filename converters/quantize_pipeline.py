@@ -21,11 +21,11 @@ from moge_cli.checkpoint import open_checkpoint
 from moge_cli.names import component_of
 
 from converters.cast import torch_dtype
-from converters.convert import Emitter, PeakRss, _disk_bytes, describe
+from converters.convert import Emitter, PeakRss, describe, output_entries, prepare, start_writing
 from converters.quantize import dequantize, error_sums, error_stats, pack_int32, quantize
 from converters.quantize_plan import SCALE_CODES, QuantOptions, QuantOut, build_quant_plan
-from converters.shards import ShardFile, check_destination, check_free_space, parse_size, plan_shards, staging_dir, write_shards
-from converters.sources import files_to_copy, open_source
+from converters.shards import ShardFile, parse_size, staging_dir, write_shards
+from converters.sources import open_source
 from converters.verify import VerifyError, same_bytes, tensor_matches
 
 ROW_BLOCK_ELEMS = 1 << 20  # weight elements quantized at a time
@@ -160,21 +160,14 @@ def quantize_checkpoint(
     source = open_source(src)
     try:
         plan, schemes, notes = build_quant_plan(source.tensors, source.config_dict, opts)
-        layouts = [(r, plan_shards(r.tensors, max_bytes)) for r in plan.ranks]
-        copies = files_to_copy(source.root)
-        disk = _disk_bytes(plan, layouts, copies)
-        bytes_in = sum(source.tensors[n].nbytes for n in plan.sources_used)
-        dst = Path(dst)
-        check_destination(source.root, dst, force)
+        layouts, copies, disk, bytes_in, dst = prepare(plan, source, dst, force, max_bytes)
         settings = plan.ranks[0].config["moge_quantization"]
         if dry_run:
             report = describe(plan, layouts, source, dst, copies, disk, bytes_in, peak)
             report["estimated_peak_rss_bytes"] += ROW_BLOCK_ELEMS * 40  # a row block in float32 and its temporaries
             report.update(quantization=settings, quantized_tensors=len(schemes), notes=list(source.notes) + notes)
             return report
-        check_free_space(next(p for p in [dst.parent, *dst.parent.parents] if p.exists()), disk)
-        total = sum(s.data_bytes for _, shards in layouts for s in shards)
-        tick = (lambda n: progress(n, total)) if progress else None
+        tick = start_writing(layouts, dst, disk, progress)
         emitter = QuantEmitter(source, peak)
         outputs: list[Path] = []
         try:
@@ -196,10 +189,10 @@ def quantize_checkpoint(
             "tensors": len(plan.tensors),
             "quantized_tensors": len(schemes),
             "bytes_in": bytes_in,
-            "bytes_out": sum((dst / p).stat().st_size for p in outputs),
+            "bytes_out": sum(e["bytes"] for e in output_entries(dst, outputs)),
             "seconds": round(time.perf_counter() - t0, 3),
             "peak_rss_bytes": peak.peak,
-            "outputs": [{"file": str(p), "bytes": (dst / p).stat().st_size} for p in outputs],
+            "outputs": output_entries(dst, outputs),
             "quality": quality_report(emitter.errors),
             "verified": verify,
             "notes": list(source.notes) + notes,
