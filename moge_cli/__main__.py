@@ -1,5 +1,5 @@
 """`python -m moge_cli` runs the CLI."""
 
-from moge_cli.cli import main
+from moge_cli.main import main
 
 main()

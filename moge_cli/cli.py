@@ -1,4 +1,7 @@
-"""Root Typer app: registers one module per command and handles errors once, at the edge."""
+"""Root Typer app: registers one module per command and handles errors once, at the edge.
+
+The `moge` entry point is moge_cli.main, which hands everything but `load PATH --json` to `app`.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +32,3 @@ app.command("generate")(generate.generate_command)
 app.command("convert")(convert.convert_command)
 app.command("profile")(profile.profile_command)
 app.command("quantize")(quantize.quantize_command)
-
-
-def main() -> None:
-    app()

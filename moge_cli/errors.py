@@ -17,3 +17,22 @@ class CheckpointError(MogeError):
 
 class UsageError(MogeError):
     """The caller asked for something that cannot be done (bad option value, bad destination...)."""
+
+
+def debug_enabled() -> bool:
+    """--debug or MOGE_DEBUG=1: let tracebacks through instead of one-line errors."""
+    import os
+
+    return os.environ.get("MOGE_DEBUG", "") not in ("", "0")
+
+
+def describe_error(e: BaseException) -> tuple[str, int]:
+    """(one-line message, exit code) the CLI reports for an exception that escaped a command."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted", 130
+    if isinstance(e, MogeError):
+        return str(e), e.exit_code
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror or e}", 2
+    return f"unexpected {type(e).__name__}: {e} (run with --debug for the traceback)", 2  # a bug: say so plainly

@@ -77,24 +77,29 @@ def _dims(cfg: MoGEConfig) -> dict[str, int]:
     }
 
 
-def _expand(table: dict[str, tuple[str, ...]], dims: dict[str, int], **fmt: int) -> Iterator[tuple[str, tuple[int, ...]]]:
-    for template, shape in table.items():
-        yield template.format(**fmt), tuple(dims[s] for s in shape)
+def _expand(table: dict[str, tuple[str, ...]], dims: dict[str, int], layer: int) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of a per-layer table for one layer."""
+    return {template.replace("{L}", str(layer)): tuple(dims[s] for s in shape) for template, shape in table.items()}
+
+
+def _expand_experts(table: dict[str, tuple[str, ...]], dims: dict[str, int], layer: int, n_experts: int) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of a per-expert table for every expert of one layer (expert-major, as in the files)."""
+    parts = [(*template.replace("{L}", str(layer)).split("{e}"), tuple(dims[s] for s in shape)) for template, shape in table.items()]
+    return {f"{head}{e}{tail}": shape for e in range(n_experts) for head, tail, shape in parts}
 
 
 def layer_tensors(cfg: MoGEConfig, layer: int, layout: str) -> dict[str, tuple[int, ...]]:
     """Expected name -> shape of one decoder layer in `layout`."""
     dims = _dims(cfg)
-    out = dict(_expand(LAYER, dims, L=layer))
+    out = _expand(LAYER, dims, layer)
     if layer in cfg.mlp_only_layers:
-        out.update(_expand(DENSE, dims, L=layer))
+        out.update(_expand(DENSE, dims, layer))
         return out
-    out.update(_expand(MOE, dims, L=layer))
+    out.update(_expand(MOE, dims, layer))
     if layout == STACKED:
-        out.update(_expand(STACKED_EXPERTS, dims, L=layer))
+        out.update(_expand(STACKED_EXPERTS, dims, layer))
     else:
-        for e in range(cfg.num_experts):
-            out.update(_expand(EXPERT, dims, L=layer, e=e))
+        out.update(_expand_experts(EXPERT, dims, layer, cfg.num_experts))
     return out
 
 

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from fixtures.make import write_checkpoint
 from moge_cli.cli import app
 from moge_cli.config import PRESETS, MoGEConfig
+from moge_cli.main import load_json, plain_load_json
 
 TINY = MoGEConfig.from_dict(PRESETS["tiny-moge"])
 REPO = Path(__file__).resolve().parents[1]
@@ -111,6 +112,38 @@ def test_verify_manifest_check_cli(ck, tmp_path):
     assert [p["kind"] for p in json.loads(r.stdout)["problems"]] == ["hash"]
 
 
+def fast_load(capsys, path) -> tuple[int, str, str]:
+    """`moge load PATH --json` through the entry point's typer-free fast path: (exit code, stdout, stderr)."""
+    code = load_json(str(path))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    "argv, path",
+    [(["load", "ck", "--json"], "ck"), (["load", "--json", "ck"], "ck"), (["load", "ck"], None), (["load", "ck", "--tensors"], None),
+     (["load", "ck", "--json", "--verify"], None), (["load", "--json", "--verify"], None), (["--debug", "load", "ck"], None),
+     (["convert", "ck", "--json"], None), (["load", "--json"], None), ([], None)],
+)  # fmt: skip
+def test_fast_path_takes_only_plain_load_json(argv, path):
+    assert plain_load_json(argv) == path
+
+
+def test_fast_path_prints_what_the_typer_command_prints(good, capsys):
+    r = moge("load", good, "--json")
+    assert fast_load(capsys, good) == (r.exit_code, r.stdout, "")
+
+
+def test_load_json_imports_neither_typer_nor_torch(good):
+    code = (
+        "import sys\nfrom moge_cli.main import main\n"
+        "try:\n    main(['load', sys.argv[1], '--json'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "for m in ('typer', 'rich', 'torch', 'numpy'):\n    assert m not in sys.modules, m + ' imported'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(good)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
 def test_load_and_help_do_not_import_torch(good):
     code = (
         "import sys\nfrom moge_cli.cli import app\n"
@@ -122,7 +155,7 @@ def test_load_and_help_do_not_import_torch(good):
 
 
 # ---- schema problems: readable, exit 1 ----------------------------------------------------------
-def test_schema_problem_exit_1_with_report(ck):
+def test_schema_problem_exit_1_with_report(ck, capsys):
     def drop(h):
         del h[first_tensor(h)]
 
@@ -132,6 +165,7 @@ def test_schema_problem_exit_1_with_report(ck):
     edit_index(ck, lambda wm: wm.pop(name))
     r = moge("load", ck, "--json")
     assert r.exit_code == 1
+    assert fast_load(capsys, ck) == (1, r.stdout, "")
     problems = json.loads(r.stdout)["problems"]
     # the tensor is gone, and the index's total_size no longer adds up
     assert [(p["kind"], p["tensor"]) for p in problems] == [("missing", name), ("index", "")]
@@ -294,6 +328,24 @@ def empty_directory(d):
     return str(d), "no model.safetensors.index.json"
 
 
+def entry_not_an_object(d):
+    p = shards(d)[0]
+    edit_header(p, lambda h: h.update({first_tensor(h): [1, 2]}))
+    return p.name, "not a JSON object"
+
+
+def offsets_not_a_pair(d):
+    p = shards(d)[0]
+    edit_header(p, lambda h: h[first_tensor(h)].update(data_offsets=[0, 4, 8]))
+    return p.name, "is not [begin, end]"
+
+
+def boolean_in_shape(d):
+    p = shards(d)[0]
+    edit_header(p, lambda h: h[first_tensor(h)].update(shape=[True, 16]))
+    return p.name, "non-negative integers"
+
+
 def not_safetensors(d):
     p = d / "notes.safetensors"
     p.write_text("hello, I am a text file pretending to be weights\n" * 3)
@@ -305,9 +357,10 @@ def not_safetensors(d):
     [truncate_shard, zero_byte_shard, header_past_end, header_over_cap, invalid_json, unknown_dtype, shape_mismatch,
      absurd_shape, negative_shape, overlapping, offsets_out_of_file, index_missing_shard, index_dotdot, index_absolute,
      index_symlink_escape, index_tensor_not_in_shard, tensor_in_two_shards, index_not_json, config_missing,
-     config_not_json, config_inconsistent, config_wrong_type, config_negative, empty_directory, not_safetensors],
+     config_not_json, config_inconsistent, config_wrong_type, config_negative, empty_directory, not_safetensors,
+     entry_not_an_object, offsets_not_a_pair, boolean_in_shape],
 )  # fmt: skip
-def test_broken_checkpoint_exit_2(ck, breaker):
+def test_broken_checkpoint_exit_2(ck, breaker, capsys):
     names, fragment = breaker(ck)
     target = ck / "notes.safetensors" if breaker is not_safetensors else ck
     r = moge("load", target, "--json")
@@ -317,6 +370,7 @@ def test_broken_checkpoint_exit_2(ck, breaker):
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert names in lines[0] and fragment in lines[0], lines[0]
     assert "Traceback" not in r.output
+    assert fast_load(capsys, target) == (2, "", r.stderr)  # the entry point's fast path says the same
 
 
 def test_nonexistent_path_exit_2(tmp_path):

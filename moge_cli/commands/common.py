@@ -1,26 +1,24 @@
-"""Shared pieces of every command: error handling at the CLI edge, consoles, JSON output."""
+"""Shared pieces of every command: error handling at the CLI edge, consoles, JSON output.
+
+Importable without typer, so that `moge_cli.main`'s fast path can use it.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from typing import Any, Callable, TypeVar
 
-import typer
-
-from moge_cli.errors import MogeError
+from moge_cli.errors import debug_enabled, describe_error
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def debug_enabled() -> bool:
-    return os.environ.get("MOGE_DEBUG", "") not in ("", "0")
+def fail(message: str, code: int = 2):
+    """Print `error: message` on stderr; return the typer.Exit to raise."""
+    import typer
 
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print `error: message` on stderr; return the Exit to raise."""
     sys.stderr.write(f"error: {message}\n")
     return typer.Exit(code)
 
@@ -30,25 +28,17 @@ def handle_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import typer  # already loaded whenever a Typer command runs; this module stays importable without it
+
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
-        except KeyboardInterrupt:
-            raise fail("interrupted", 130) from None
-        except MogeError as e:
-            if debug_enabled():
+        except (KeyboardInterrupt, Exception) as e:
+            if debug_enabled() and not isinstance(e, KeyboardInterrupt):
                 raise
-            raise fail(str(e), e.exit_code) from None
-        except OSError as e:
-            if debug_enabled():
-                raise
-            where = f"{e.filename}: " if e.filename else ""
-            raise fail(f"{where}{e.strerror or e}", 2) from None
-        except Exception as e:  # a bug: say so plainly, keep the traceback behind --debug
-            if debug_enabled():
-                raise
-            raise fail(f"unexpected {type(e).__name__}: {e} (run with --debug for the traceback)", 2) from None
+            message, code = describe_error(e)
+            raise fail(message, code) from None
 
     return wrapper  # type: ignore[return-value]
 
