@@ -275,13 +275,40 @@ def check_free_space(where: Path, need: int) -> None:
         raise UsageError(f"{where}: not enough free disk space: the output needs {need:,} bytes, {free:,} are free")
 
 
+def remove_stale_staging(dst: Path) -> list[Path]:
+    """Delete `.DST.moge-tmp-PID` directories beside dst whose process no longer runs; returns them.
+
+    Only staging directories: a `.moge-old-PID` may hold the previous output of a run killed
+    between its two renames, so it is left for the user.
+    """
+    removed = []
+    for tmp in dst.parent.glob(f".{dst.name}.moge-tmp-*") if dst.parent.is_dir() else ():
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)) and tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 @contextmanager
 def staging_dir(dst: Path) -> Iterator[Path]:
     """A temporary directory beside dst, renamed to dst on success and removed on any error or Ctrl-C.
 
     An existing dst (only reached with --force) is moved aside first and deleted after the rename.
+    Staging directories that a killed run (SIGKILL, power loss) left beside dst are removed first.
     """
     created = [p for p in reversed(dst.parents) if not p.exists()]
+    remove_stale_staging(dst)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.parent / f".{dst.name}.moge-tmp-{os.getpid()}"

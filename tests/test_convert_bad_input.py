@@ -145,6 +145,20 @@ def test_interrupt_removes_partial_output(work, monkeypatch):
     assert res.exit_code == 130 and "interrupted" in res.output and left_behind(work) == []
 
 
+def test_staging_left_by_a_killed_run_is_removed_by_the_next(work):
+    """SIGKILL cannot be caught: the next conversion to the same place removes what the dead run left."""
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = work / f".out.moge-tmp-{victim.pid}"
+    dead.mkdir()
+    (dead / "model-00001-of-00002.safetensors").write_bytes(b"half a shard")
+    victim.kill()
+    victim.wait()
+    live = work / f".out.moge-tmp-{os.getppid()}"  # a running process's staging is not ours to delete
+    live.mkdir()
+    convert(work / "src", work / "out")
+    assert left_behind(work) == sorted(["out", live.name])
+
+
 def test_not_enough_free_space_refused_before_writing(work, monkeypatch):
     monkeypatch.setattr(shards, "free_bytes", lambda path: 10_000)
     with pytest.raises(UsageError, match="not enough free disk space"):
