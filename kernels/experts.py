@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels import native
 from moge_cli.errors import UsageError
 
 # moe_experts takes the decode path while T*k is at most this. Measured on CPU (E=64,
@@ -36,8 +37,11 @@ def moe_experts(
 
     x [T, H], expert_ids [T, k] int, weights [T, k] (float32 from route),
     gate_up [E, 2I, H] (gate rows first, then up), down [E, H, I].
-    Takes moe_decode for at most DECODE_MAX_PAIRS (token, slot) pairs, else moe_prefill.
+    One token runs kernels/cpu.c's fused kernel where it can (native.moe_vec); otherwise
+    moe_decode for at most DECODE_MAX_PAIRS (token, slot) pairs, else moe_prefill.
     """
+    if x.shape[0] == 1 and (y := native.moe_vec(x, expert_ids, weights, gate_up, down)) is not None:
+        return y.to(x.dtype)
     if expert_ids.numel() <= DECODE_MAX_PAIRS:
         return moe_decode(x, expert_ids, weights, gate_up, down)
     return moe_prefill(x, expert_ids, weights, gate_up, down)
@@ -111,8 +115,10 @@ def dense_mlp(
     """SwiGLU MLP (shared expert, dense layer): w2 @ (silu(gate x) * up x).
 
     x [T, H]; w13 is fused [2I, H] (gate rows first) or a (gate [I, H], up [I, H]) pair;
-    w2 [H, I]. Returns [T, H] in x's dtype.
+    w2 [H, I]. Returns [T, H] in x's dtype. One token runs kernels/cpu.c's kernel where it can.
     """
+    if x.shape[0] == 1 and isinstance(w13, torch.Tensor) and (y := native.swiglu_vec(x, w13, w2)) is not None:
+        return y.to(x.dtype)
     if isinstance(w13, (tuple, list)):
         gate, up = w13
         _check_dtypes(x, gate, up, w2)

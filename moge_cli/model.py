@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import dense_mlp, moe_experts, route
+from kernels import dense_mlp, moe_experts, native, route
 from moge_cli.checkpoint import Checkpoint, open_checkpoint
 from moge_cli.config import MoGEConfig
 from moge_cli.errors import CheckpointError, UsageError
@@ -90,9 +90,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; for many low-precision tokens the matmul runs on float32 copies (see UPCAST_MIN_TOKENS)."""
+    """F.linear; one token runs kernels/cpu.c's kernel where it can, and for many low-precision tokens
+    the matmul runs on float32 copies (see UPCAST_MIN_TOKENS)."""
     if not isinstance(w, torch.Tensor):  # a quantized weight (moge_cli.quantized.QLinear) runs its own kernel
         return w.forward(x, b)
+    if x.numel() == x.shape[-1] and (y := native.linear_vec(x, w, b)) is not None:
+        return y
     if x.dtype == torch.float32 or x.device.type != "cpu" or x.numel() < UPCAST_MIN_TOKENS * x.shape[-1]:
         return F.linear(x, w, b)
     return F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
@@ -162,7 +165,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, H]
         with section("router"):
-            logits = F.linear(x.float(), self.gate)  # [N, E]
+            logits = _linear(x.float(), self.gate)  # [N, E]
             expert_ids, weights = route(logits, self.n_groups, self.picks, self.router_scale)  # [N, k] each
         record_routing(self.layer, logits, expert_ids)
         gate_up, down, w13, w2, xc = self.gate_up, self.down, self.shared_w13, self.shared_w2, x

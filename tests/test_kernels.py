@@ -260,6 +260,7 @@ def test_moe_experts_dispatch(monkeypatch):
     from kernels import experts
 
     calls = []
+    monkeypatch.setattr(experts.native, "moe_vec", lambda *a: calls.append("native"))  # returns None: "cannot run here"
     monkeypatch.setattr(experts, "moe_decode", lambda *a: calls.append("decode"))
     monkeypatch.setattr(experts, "moe_prefill", lambda *a: calls.append("prefill"))
     k = 8
@@ -267,7 +268,7 @@ def test_moe_experts_dispatch(monkeypatch):
     for T in (1, small, small + 1, 512):
         ids = torch.zeros(T, k, dtype=torch.long)
         experts.moe_experts(torch.zeros(T, H), ids, ids.float(), *_experts(1))
-    assert calls == ["decode", "decode", "prefill", "prefill"]
+    assert calls == ["native", "decode", "decode", "prefill", "prefill"]
 
 
 @pytest.mark.parametrize("path", ["decode", "prefill"])

@@ -1,0 +1,349 @@
+/* kernels._cpu: single-token (decode) matrix-vector kernels for x86-64 CPUs with AVX2 and FMA.
+ *
+ * Decode reads every active weight once per token, so its speed is memory bandwidth. torch's
+ * float32 matrix-vector product reaches about half of this machine's read bandwidth, and the
+ * routed experts of one token cost ~60 small torch ops per layer. Here:
+ *   linear(y, x, w, b)        y[N] = w[N, K] x[K] + b, one token
+ *   moe(y, x, ids, coefs)     y[H] = sum_j coef_j * down_j(silu(gate_j x) * up_j x) over the
+ *                             picked experts, in one call (two passes over the threads)
+ * Weights are float32 or bfloat16 (x in the same dtype); products accumulate in float32.
+ * Work is split by output rows over a small persistent thread pool: the workers spin briefly
+ * between calls (a decode step issues one every few microseconds), then sleep.
+ * Sums run in a fixed order per output row, so results do not depend on the thread count.
+ *
+ * Pointers come from torch (tensor.data_ptr()); kernels/native.py checks shapes, dtypes and
+ * contiguity before calling. The GIL is released while a kernel runs.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define AVX2 __attribute__((target("avx2,fma")))
+#define MAX_THREADS 64
+#define MAX_PICKS 256
+#define SPIN_ROUNDS 20000  /* ~0.5 ms of pause instructions before a worker sleeps */
+
+enum { F32 = 0, BF16 = 1 };
+
+/* ---- thread pool ------------------------------------------------------------------------------ */
+typedef void (*task_fn)(void *ctx, int part, int parts);
+
+static int n_threads = 1;  /* including the caller */
+static int n_started = 0;  /* workers running */
+static task_fn job_fn;
+static void *job_ctx;
+static atomic_uint job_gen;
+static atomic_int job_pending;
+static pthread_mutex_t job_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t job_cv = PTHREAD_COND_INITIALIZER;
+
+static unsigned start_gen[MAX_THREADS];  /* job_gen when each worker was created: it waits for the next one */
+
+static void *worker(void *arg) {
+    int part = (int)(intptr_t)arg;
+    unsigned seen = start_gen[part];
+    for (;;) {
+        unsigned g;
+        int spins = 0;
+        while ((g = atomic_load_explicit(&job_gen, memory_order_acquire)) == seen) {
+            if (++spins < SPIN_ROUNDS) {
+                _mm_pause();
+                continue;
+            }
+            pthread_mutex_lock(&job_mu);
+            while (atomic_load_explicit(&job_gen, memory_order_acquire) == seen)
+                pthread_cond_wait(&job_cv, &job_mu);
+            pthread_mutex_unlock(&job_mu);
+            spins = 0;
+        }
+        seen = g;
+        if (part < n_threads) job_fn(job_ctx, part, n_threads);
+        atomic_fetch_sub_explicit(&job_pending, 1, memory_order_release);
+    }
+    return NULL;
+}
+
+static void after_fork_in_child(void) { n_started = 0; }  /* the workers do not exist in a forked child */
+
+/* Run fn(ctx, part, parts) for part = 0..parts-1, part 0 on the calling thread. */
+static void run_parallel(task_fn fn, void *ctx, int parallel) {
+    int parts = parallel ? n_threads : 1;
+    if (parts > 1 && n_started < parts - 1) {
+        static int atfork = 0;
+        if (!atfork) atfork = !pthread_atfork(NULL, NULL, after_fork_in_child);
+        while (n_started < parts - 1) {
+            pthread_t t;
+            start_gen[n_started + 1] = atomic_load_explicit(&job_gen, memory_order_relaxed);
+            if (pthread_create(&t, NULL, worker, (void *)(intptr_t)(n_started + 1))) break;
+            pthread_detach(t);
+            n_started++;
+        }
+        if (n_started < parts - 1) parts = 1;
+    }
+    if (parts == 1) {
+        fn(ctx, 0, 1);
+        return;
+    }
+    job_fn = fn;
+    job_ctx = ctx;
+    atomic_store_explicit(&job_pending, n_started, memory_order_relaxed);
+    pthread_mutex_lock(&job_mu);
+    atomic_fetch_add_explicit(&job_gen, 1, memory_order_release);
+    pthread_cond_broadcast(&job_cv);
+    pthread_mutex_unlock(&job_mu);
+    fn(ctx, 0, parts);
+    while (atomic_load_explicit(&job_pending, memory_order_acquire)) _mm_pause();
+}
+
+/* ---- dot products ------------------------------------------------------------------------------ */
+AVX2 static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AVX2 static inline __m256 load8(const void *w, long i, int dtype) {
+    if (dtype == F32) return _mm256_loadu_ps((const float *)w + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline float load1(const void *w, long i, int dtype) {
+    if (dtype == F32) return ((const float *)w)[i];
+    uint32_t u = (uint32_t)((const uint16_t *)w)[i] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t to_bf16(float f) {  /* round to nearest even; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+static inline float round_bf16(float f) {
+    uint16_t h = to_bf16(f);
+    return load1(&h, 0, BF16);
+}
+
+/* out[i] = w[row + i] . x for i < 4 (rows of length k, stride ld elements). */
+AVX2 static void dot4(const void *w, long ld, const float *x, long k, int dtype, float out[4]) {
+    size_t es = dtype == F32 ? 4 : 2;
+    const char *w0 = w, *w1 = w0 + ld * es, *w2 = w1 + ld * es, *w3 = w2 + ld * es;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    long c = 0;
+    for (; c + 8 <= k; c += 8) {
+        __m256 xv = _mm256_loadu_ps(x + c);
+        a0 = _mm256_fmadd_ps(load8(w0, c, dtype), xv, a0);
+        a1 = _mm256_fmadd_ps(load8(w1, c, dtype), xv, a1);
+        a2 = _mm256_fmadd_ps(load8(w2, c, dtype), xv, a2);
+        a3 = _mm256_fmadd_ps(load8(w3, c, dtype), xv, a3);
+    }
+    out[0] = hsum(a0), out[1] = hsum(a1), out[2] = hsum(a2), out[3] = hsum(a3);
+    for (; c < k; c++) {
+        out[0] += load1(w0, c, dtype) * x[c];
+        out[1] += load1(w1, c, dtype) * x[c];
+        out[2] += load1(w2, c, dtype) * x[c];
+        out[3] += load1(w3, c, dtype) * x[c];
+    }
+}
+
+AVX2 static float dot1(const void *w, const float *x, long k, int dtype) {
+    __m256 a = _mm256_setzero_ps();
+    long c = 0;
+    for (; c + 8 <= k; c += 8) a = _mm256_fmadd_ps(load8(w, c, dtype), _mm256_loadu_ps(x + c), a);
+    float s = hsum(a);
+    for (; c < k; c++) s += load1(w, c, dtype) * x[c];
+    return s;
+}
+
+/* y[r] = w[r, :] . x for r in [lo, hi). */
+AVX2 static void rows_dot(const void *w, long k, const float *x, long lo, long hi, int dtype, float *y) {
+    size_t es = dtype == F32 ? 4 : 2;
+    long r = lo;
+    for (; r + 4 <= hi; r += 4) dot4((const char *)w + r * k * es, k, x, k, dtype, y + r);
+    for (; r < hi; r++) y[r] = dot1((const char *)w + r * k * es, x, k, dtype);
+}
+
+/* [lo, hi) of n rows for this part, in multiples of 4 so that dot4 stays in step. */
+static void split(long n, int part, int parts, long *lo, long *hi) {
+    long blocks = (n + 3) / 4;
+    *lo = blocks * part / parts * 4;
+    *hi = blocks * (part + 1) / parts * 4;
+    if (*lo > n) *lo = n;
+    if (*hi > n) *hi = n;
+}
+
+static void to_f32(const void *src, long n, int dtype, float *dst) {
+    if (dtype == F32) {
+        memcpy(dst, src, n * 4);
+        return;
+    }
+    for (long i = 0; i < n; i++) dst[i] = load1(src, i, BF16);
+}
+
+/* Parallel only when the weights are big enough (bytes) to pay for waking the workers. */
+#define PARALLEL_BYTES (64 * 1024)
+
+/* ---- linear ------------------------------------------------------------------------------------ */
+typedef struct {
+    const void *w, *b;
+    const float *x;
+    float *y;
+    long n, k;
+    int dtype;
+} linear_job;
+
+static void linear_part(void *ctx, int part, int parts) {
+    linear_job *j = ctx;
+    long lo, hi;
+    split(j->n, part, parts, &lo, &hi);
+    rows_dot(j->w, j->k, j->x, lo, hi, j->dtype, j->y);
+    if (j->b)
+        for (long r = lo; r < hi; r++) j->y[r] += load1(j->b, r, j->dtype);
+}
+
+/* linear(y, x, w, b, n, k, dtype): y[n] = w[n, k] x[k] (+ b[n]); x, w, b, y all in dtype. */
+static PyObject *py_linear(PyObject *self, PyObject *args) {
+    unsigned long long y, x, w, b;
+    long n, k;
+    int dtype;
+    if (!PyArg_ParseTuple(args, "KKKKlli", &y, &x, &w, &b, &n, &k, &dtype)) return NULL;
+    float *buf = malloc((size_t)(k + n) * sizeof(float));
+    if (!buf) return PyErr_NoMemory();
+    linear_job j = {(const void *)w, (const void *)b, buf, buf + k, n, k, dtype};
+    Py_BEGIN_ALLOW_THREADS
+    to_f32((const void *)x, k, dtype, buf);
+    run_parallel(linear_part, &j, (size_t)n * k * (dtype == F32 ? 4 : 2) >= PARALLEL_BYTES);
+    if (dtype == F32) memcpy((void *)y, buf + k, n * 4);
+    else for (long r = 0; r < n; r++) ((uint16_t *)y)[r] = to_bf16(buf[k + r]);
+    Py_END_ALLOW_THREADS
+    free(buf);
+    Py_RETURN_NONE;
+}
+
+/* ---- SwiGLU MLPs summed: the routed experts of one token ------------------------------------- */
+typedef struct {
+    const char *w13, *w2;  /* [2I, H] (gate rows, then up), [H, I] */
+    long inter;            /* I */
+    float coef;
+    float *h;              /* [2I] scratch: gate x, up x; then silu(gate) * up in the first I */
+} mlp_t;
+
+typedef struct {
+    mlp_t m[MAX_PICKS];
+    int count;
+    long hidden, total_rows;  /* total_rows = sum of 2I */
+    const float *x;
+    float *y;
+    int dtype;
+} moe_job;
+
+static void moe_up_part(void *ctx, int part, int parts) {  /* every mlp's gate and up rows */
+    moe_job *j = ctx;
+    long lo, hi, base = 0;
+    split(j->total_rows, part, parts, &lo, &hi);
+    for (int i = 0; i < j->count && base < hi; base += 2 * j->m[i].inter, i++) {
+        long rows = 2 * j->m[i].inter, a = lo > base ? lo - base : 0, b = hi - base < rows ? hi - base : rows;
+        if (a < b) rows_dot(j->m[i].w13, j->hidden, j->x, a, b, j->dtype, j->m[i].h);
+    }
+}
+
+static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+
+static void moe_down_part(void *ctx, int part, int parts) {  /* y rows: sum over mlps in order */
+    moe_job *j = ctx;
+    long lo, hi;
+    size_t es = j->dtype == F32 ? 4 : 2;
+    split(j->hidden, part, parts, &lo, &hi);
+    for (long r = lo; r < hi; r++) j->y[r] = 0.0f;
+    float acc[4];
+    for (int i = 0; i < j->count; i++) {
+        mlp_t *m = &j->m[i];
+        long r = lo;
+        for (; r + 4 <= hi; r += 4) {
+            dot4(m->w2 + r * m->inter * es, m->inter, m->h, m->inter, j->dtype, acc);
+            for (int t = 0; t < 4; t++) j->y[r + t] += m->coef * acc[t];
+        }
+        for (; r < hi; r++) j->y[r] += m->coef * dot1(m->w2 + r * m->inter * es, m->h, m->inter, j->dtype);
+    }
+}
+
+/* moe(y, x, hidden, dtype, ids, coefs, k, gate_up, down, inter, experts)
+ *   y [H] float32 out; x [H] in dtype; ids [k] int64 and coefs [k] float32: the picked experts
+ *   and their routing weights; gate_up [E, 2I, H], down [E, H, I]. */
+static PyObject *py_moe(PyObject *self, PyObject *args) {
+    unsigned long long y, x, ids, coefs, gate_up, down;
+    long hidden, k, inter, experts;
+    int dtype;
+    if (!PyArg_ParseTuple(args, "KKliKKlKKll", &y, &x, &hidden, &dtype, &ids, &coefs, &k, &gate_up, &down, &inter, &experts)) return NULL;
+    if (k < 1 || k > MAX_PICKS) {
+        PyErr_SetString(PyExc_ValueError, "moe: k must be 1..256");
+        return NULL;
+    }
+    for (long i = 0; i < k; i++)
+        if (((const int64_t *)ids)[i] < 0 || ((const int64_t *)ids)[i] >= experts) {
+            PyErr_Format(PyExc_ValueError, "moe: expert_ids has values outside 0..%ld", experts - 1);
+            return NULL;
+        }
+    size_t es = dtype == F32 ? 4 : 2;
+    float *buf = malloc((size_t)(hidden + 2 * inter * k) * sizeof(float));
+    moe_job *j = malloc(sizeof(moe_job));
+    if (!buf || !j) {
+        free(buf), free(j);
+        return PyErr_NoMemory();
+    }
+    *j = (moe_job){.count = (int)k, .hidden = hidden, .total_rows = 2 * inter * k, .x = buf, .y = (float *)y, .dtype = dtype};
+    for (long i = 0; i < k; i++) {
+        int64_t e = ((const int64_t *)ids)[i];
+        j->m[i] = (mlp_t){(const char *)gate_up + e * 2 * inter * hidden * es, (const char *)down + e * hidden * inter * es, inter,
+                          ((const float *)coefs)[i], buf + hidden + 2 * inter * i};
+    }
+    Py_BEGIN_ALLOW_THREADS
+    to_f32((const void *)x, hidden, dtype, buf);
+    run_parallel(moe_up_part, j, 1);
+    for (int i = 0; i < j->count; i++) {
+        mlp_t *m = &j->m[i];
+        for (long c = 0; c < m->inter; c++) m->h[c] = silu(m->h[c]) * m->h[m->inter + c];
+        if (dtype == BF16)  /* the activation is rounded to the weights' dtype, as torch's path does */
+            for (long c = 0; c < m->inter; c++) m->h[c] = round_bf16(m->h[c]);
+    }
+    run_parallel(moe_down_part, j, 1);
+    Py_END_ALLOW_THREADS
+    free(buf);
+    free(j);
+    Py_RETURN_NONE;
+}
+
+/* ---- module ------------------------------------------------------------------------------------ */
+static PyObject *py_set_threads(PyObject *self, PyObject *args) {
+    int n;
+    if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
+    n_threads = n < 1 ? 1 : n > MAX_THREADS ? MAX_THREADS : n;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_supported(PyObject *self, PyObject *noargs) {
+    __builtin_cpu_init();
+    return PyBool_FromLong(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
+}
+
+static PyMethodDef methods[] = {
+    {"linear", py_linear, METH_VARARGS, "linear(y, x, w, b, n, k, dtype): y = w x + b for one token (pointers)."},
+    {"moe", py_moe, METH_VARARGS, "moe(y, x, hidden, dtype, ids, coefs, k, gate_up, down, inter, experts): routed experts of one token."},
+    {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n): threads per kernel call, the caller's included."},
+    {"supported", py_supported, METH_NOARGS, "True when this CPU has AVX2 and FMA."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu", "Decode kernels for AVX2 CPUs (see kernels/cpu.c).", -1, methods};
+
+PyMODINIT_FUNC PyInit__cpu(void) { return PyModule_Create(&module); }

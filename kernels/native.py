@@ -1,0 +1,98 @@
+"""One-token (decode) kernels from kernels/cpu.c, with the checks the C code leaves to its caller.
+
+`linear_vec` and `moe_vec` return None when they cannot run: the extension is not built (no
+compiler at install time, not x86-64), the CPU lacks AVX2/FMA, the tensors are not one token of
+float32 / bfloat16 on the CPU, or MOGE_NATIVE=0. Callers then take the torch path, which stays
+the reference: tests compare the two.
+
+Shapes: H hidden, N output features, K input features, E experts, I expert width, k picks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    from kernels import _cpu
+except ImportError:  # built optionally; see pyproject.toml
+    _cpu = None
+
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_SUPPORTED = _cpu is not None and _cpu.supported()
+_threads = 0  # threads the pool was last given (follows torch.get_num_threads())
+
+
+def available() -> bool:
+    """The extension is built, the CPU can run it, and MOGE_NATIVE is not 0."""
+    return _cpu is not None and _SUPPORTED and os.environ.get("MOGE_NATIVE", "1") != "0"
+
+
+def _sync_threads() -> None:
+    global _threads
+    n = torch.get_num_threads()
+    if n != _threads:
+        _cpu.set_threads(n)
+        _threads = n
+
+
+def _usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    return (
+        available()
+        and x.device.type == "cpu"
+        and x.dtype in DTYPES
+        and x.is_contiguous()
+        and all(isinstance(w, torch.Tensor) and w.dtype == x.dtype and w.device.type == "cpu" and w.is_contiguous() for w in weights)
+    )
+
+
+def linear_vec(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor | None:
+    """F.linear(x, w, b) for x [..., K] holding one token; w [N, K], b [N]; None if it cannot run here."""
+    n, k = w.shape
+    if x.numel() != k or not _usable(x, w, *(() if b is None else (b,))) or (b is not None and b.shape != (n,)):
+        return None
+    _sync_threads()
+    y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+    _cpu.linear(y.data_ptr(), x.data_ptr(), w.data_ptr(), 0 if b is None else b.data_ptr(), n, k, DTYPES[x.dtype])
+    return y
+
+
+def moe_vec(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+) -> torch.Tensor | None:
+    """Routed experts for one token, float32 [1, H]; None if it cannot run here.
+
+    x [1, H], expert_ids [1, k] int64, weights [1, k] float32, gate_up [E, 2I, H], down [E, H, I].
+    Equals moe_experts up to float32 summation order; for bfloat16 the k expert outputs are summed
+    in float32 without first rounding each one to bfloat16. Raises ValueError for ids outside 0..E-1.
+    """
+    if x.dim() != 2 or x.shape[0] != 1 or expert_ids.dtype != torch.int64 or weights.dtype != torch.float32:
+        return None
+    if not _usable(x, gate_up, down) or not expert_ids.is_contiguous() or not weights.is_contiguous() or expert_ids.shape != weights.shape:
+        return None
+    E, two_i, H = gate_up.shape
+    if x.shape[1] != H or down.shape != (E, H, two_i // 2) or expert_ids.dim() != 2:
+        return None
+    _sync_threads()
+    y = torch.empty(1, H, dtype=torch.float32)
+    _cpu.moe(
+        y.data_ptr(), x.data_ptr(), H, DTYPES[x.dtype], expert_ids.data_ptr(), weights.data_ptr(), expert_ids.shape[1],
+        gate_up.data_ptr(), down.data_ptr(), two_i // 2, E,
+    )  # fmt: skip
+    return y
+
+
+def swiglu_vec(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor | None:
+    """dense_mlp for one token (w13 [2I, H] gate rows then up, w2 [H, I]), float32 [1, H]; None if it cannot run."""
+    if w13.dim() != 2 or w2.dim() != 2:
+        return None
+    return moe_vec(x, _ONE_ID, _ONE_WEIGHT, w13.unsqueeze(0), w2.unsqueeze(0))
+
+
+_ONE_ID = torch.zeros(1, 1, dtype=torch.int64)  # the single "expert" of a dense MLP, with weight 1
+_ONE_WEIGHT = torch.ones(1, 1, dtype=torch.float32)

@@ -1,0 +1,112 @@
+"""kernels/cpu.c (through kernels/native.py) against the torch paths it replaces for one token."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import dense_mlp, moe_decode, native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="kernels._cpu not built or this CPU lacks AVX2/FMA")
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def _rand(*shape, dtype, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, k", [(1, 8), (3, 5), (37, 130), (1536, 1024), (4099, 64)])  # odd sizes hit the scalar tails
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_vec_matches_torch(dtype, n, k, bias):
+    x, w = _rand(1, 1, k, dtype=dtype, seed=1), _rand(n, k, dtype=dtype, scale=k**-0.5, seed=2)
+    b = _rand(n, dtype=dtype, seed=3) if bias else None
+    y = native.linear_vec(x, w, b)
+    assert y.shape == (1, 1, n) and y.dtype == dtype
+    torch.testing.assert_close(y.float(), F.linear(x.float(), w.float(), None if b is None else b.float()).to(dtype).float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("E, k, H, I", [(64, 8, 256, 64), (8, 1, 40, 12), (16, 4, 1024, 256)])
+def test_moe_vec_matches_torch_decode(dtype, E, k, H, I):
+    x = _rand(1, H, dtype=dtype, seed=4)
+    gate_up, down = _rand(E, 2 * I, H, dtype=dtype, scale=H**-0.5, seed=5), _rand(E, H, I, dtype=dtype, scale=I**-0.5, seed=6)
+    ids = torch.randperm(E, generator=torch.Generator().manual_seed(7))[:k][None]
+    ids[0, -1] = ids[0, 0]  # the same expert twice is allowed and counted twice
+    weights = torch.rand(1, k, generator=torch.Generator().manual_seed(8))
+    y = native.moe_vec(x, ids, weights, gate_up, down)
+    assert y.shape == (1, H) and y.dtype == torch.float32
+    torch.testing.assert_close(y.to(dtype).float(), moe_decode(x, ids, weights, gate_up, down).float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_vec_is_dense_mlp(dtype):
+    x, w13, w2 = _rand(1, 96, dtype=dtype, seed=9), _rand(2 * 48, 96, dtype=dtype, scale=0.1, seed=10), _rand(96, 48, dtype=dtype, scale=0.1, seed=11)
+    gate, up = w13.chunk(2)
+    expected = F.linear(F.silu(F.linear(x.float(), gate.float())) * F.linear(x.float(), up.float()), w2.float())
+    torch.testing.assert_close(native.swiglu_vec(x, w13, w2), expected, **TOL[dtype])
+    torch.testing.assert_close(dense_mlp(x, w13, w2).float(), expected.to(dtype).float(), **TOL[dtype])
+
+
+def test_out_of_range_expert_id_raises():
+    gate_up, down = torch.zeros(4, 8, 16), torch.zeros(4, 16, 4)
+    with pytest.raises(ValueError, match="outside 0..3"):
+        native.moe_vec(torch.zeros(1, 16), torch.tensor([[1, 4]]), torch.ones(1, 2), gate_up, down)
+
+
+def test_same_bits_with_any_thread_count():
+    x, w = _rand(1, 1024, dtype=torch.float32, seed=12), _rand(4096, 1024, dtype=torch.float32, seed=13)
+    gate_up, down = _rand(16, 512, 1024, dtype=torch.bfloat16, seed=14), _rand(16, 1024, 256, dtype=torch.bfloat16, seed=15)
+    ids, wts = torch.tensor([[3, 9, 1, 15]]), torch.rand(1, 4)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append((native.linear_vec(x, w), native.moe_vec(x.bfloat16(), ids, wts, gate_up, down)))
+    finally:
+        torch.set_num_threads(before)
+    for lin, moe in results[1:]:
+        assert torch.equal(lin, results[0][0]) and torch.equal(moe, results[0][1])
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["two tokens", "float16", "not contiguous", "dtype mismatch"],
+)
+def test_declines_what_it_cannot_run(case):
+    x, w = torch.randn(1, 64), torch.randn(32, 64)
+    if case == "two tokens":
+        x = torch.randn(2, 64)
+    elif case == "float16":
+        x, w = x.half(), w.half()
+    elif case == "not contiguous":
+        w = torch.randn(64, 32).t()
+    else:
+        w = w.bfloat16()
+    assert native.linear_vec(x, w) is None
+
+
+def test_moge_native_0_turns_it_off_and_forked_children_still_compute():
+    """MOGE_NATIVE=0 is the switch benchmarks use for the torch baseline; a fork after the pool started works."""
+    code = (
+        "import os, torch; from kernels import native\n"
+        "assert native.available() == (os.environ['MOGE_NATIVE'] != '0')\n"
+        "x, w = torch.randn(1, 256), torch.randn(512, 256)\n"
+        "y = native.linear_vec(x, w)\n"
+        "if y is not None:\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        os._exit(0 if torch.allclose(native.linear_vec(x, w), x @ w.T, atol=1e-4) else 1)\n"
+        "    assert os.waitpid(pid, 0)[1] == 0, 'child failed'\n"
+    )
+    for flag in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MOGE_NATIVE": flag}, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
