@@ -108,12 +108,6 @@ AVX2 static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-AVX2 static inline __m256 load8(const void *w, long i, int dtype) {
-    if (dtype == F32) return _mm256_loadu_ps((const float *)w + i);
-    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
 static inline float load1(const void *w, long i, int dtype) {
     if (dtype == F32) return ((const float *)w)[i];
     uint32_t u = (uint32_t)((const uint16_t *)w)[i] << 16;
@@ -134,39 +128,72 @@ static inline float round_bf16(float f) {
     return load1(&h, 0, BF16);
 }
 
-/* out[i] = w[row + i] . x for i < 4 (rows of length k, stride ld elements). */
-AVX2 static void dot4(const void *w, long ld, const float *x, long k, int dtype, float out[4]) {
-    size_t es = dtype == F32 ? 4 : 2;
-    const char *w0 = w, *w1 = w0 + ld * es, *w2 = w1 + ld * es, *w3 = w2 + ld * es;
+/* Every vector x[k] handed to the dot products below is stored twice, back to back: as is, then
+ * "split" (x + k): in each block of 16, the 8 even-indexed values, then the 8 odd ones. A 256-bit
+ * load of 16 bfloat16 weights holds the even ones in the high halves of its 32-bit lanes after a
+ * shift and the odd ones after a mask: two float32 vectors that pair with the split x, with no
+ * shuffle. Float32 weights use x as is. */
+static void split16(const float *x, long k, float *xs) {
+    long c = 0;
+    for (; c + 16 <= k; c += 16)
+        for (int i = 0; i < 8; i++) xs[c + i] = x[c + 2 * i], xs[c + 8 + i] = x[c + 2 * i + 1];
+    for (; c < k; c++) xs[c] = x[c];
+}
+
+/* out[i] = w[i * ld : i * ld + k] . x for i < 4. */
+AVX2 static void dot4_f32(const float *w, long ld, const float *x, long k, float out[4]) {
+    const float *w0 = w, *w1 = w0 + ld, *w2 = w1 + ld, *w3 = w2 + ld;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     long c = 0;
     for (; c + 8 <= k; c += 8) {
         __m256 xv = _mm256_loadu_ps(x + c);
-        a0 = _mm256_fmadd_ps(load8(w0, c, dtype), xv, a0);
-        a1 = _mm256_fmadd_ps(load8(w1, c, dtype), xv, a1);
-        a2 = _mm256_fmadd_ps(load8(w2, c, dtype), xv, a2);
-        a3 = _mm256_fmadd_ps(load8(w3, c, dtype), xv, a3);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + c), xv, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + c), xv, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + c), xv, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + c), xv, a3);
     }
     out[0] = hsum(a0), out[1] = hsum(a1), out[2] = hsum(a2), out[3] = hsum(a3);
+    for (; c < k; c++) out[0] += w0[c] * x[c], out[1] += w1[c] * x[c], out[2] += w2[c] * x[c], out[3] += w3[c] * x[c];
+}
+
+#define BF16_ROW(wr, a, b)                                                           \
+    {                                                                                \
+        __m256i v = _mm256_loadu_si256((const __m256i *)((wr) + c));                 \
+        a = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xe, a);   \
+        b = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, odd)), xo, b);   \
+    }
+
+AVX2 static void dot4_bf16(const uint16_t *w, long ld, const float *x, long k, float out[4]) {
+    const uint16_t *w0 = w, *w1 = w0 + ld, *w2 = w1 + ld, *w3 = w2 + ld;
+    const float *xs = x + k;
+    const __m256i odd = _mm256_set1_epi32((int)0xffff0000u);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    long c = 0;
+    for (; c + 16 <= k; c += 16) {
+        __m256 xe = _mm256_loadu_ps(xs + c), xo = _mm256_loadu_ps(xs + c + 8);
+        BF16_ROW(w0, a0, b0) BF16_ROW(w1, a1, b1) BF16_ROW(w2, a2, b2) BF16_ROW(w3, a3, b3)
+    }
+    out[0] = hsum(_mm256_add_ps(a0, b0)), out[1] = hsum(_mm256_add_ps(a1, b1));
+    out[2] = hsum(_mm256_add_ps(a2, b2)), out[3] = hsum(_mm256_add_ps(a3, b3));
     for (; c < k; c++) {
-        out[0] += load1(w0, c, dtype) * x[c];
-        out[1] += load1(w1, c, dtype) * x[c];
-        out[2] += load1(w2, c, dtype) * x[c];
-        out[3] += load1(w3, c, dtype) * x[c];
+        out[0] += load1(w0, c, BF16) * x[c], out[1] += load1(w1, c, BF16) * x[c];
+        out[2] += load1(w2, c, BF16) * x[c], out[3] += load1(w3, c, BF16) * x[c];
     }
 }
 
-AVX2 static float dot1(const void *w, const float *x, long k, int dtype) {
-    __m256 a = _mm256_setzero_ps();
-    long c = 0;
-    for (; c + 8 <= k; c += 8) a = _mm256_fmadd_ps(load8(w, c, dtype), _mm256_loadu_ps(x + c), a);
-    float s = hsum(a);
-    for (; c < k; c++) s += load1(w, c, dtype) * x[c];
+static float dot1(const void *w, const float *x, long k, int dtype) {  /* the last n % 4 rows */
+    float s = 0.0f;
+    for (long c = 0; c < k; c++) s += load1(w, c, dtype) * x[c];
     return s;
 }
 
+static void dot4(const void *w, long ld, const float *x, long k, int dtype, float out[4]) {
+    if (dtype == F32) dot4_f32(w, ld, x, k, out);
+    else dot4_bf16(w, ld, x, k, out);
+}
+
 /* y[r] = w[r, :] . x for r in [lo, hi). */
-AVX2 static void rows_dot(const void *w, long k, const float *x, long lo, long hi, int dtype, float *y) {
+static void rows_dot(const void *w, long k, const float *x, long lo, long hi, int dtype, float *y) {
     size_t es = dtype == F32 ? 4 : 2;
     long r = lo;
     for (; r + 4 <= hi; r += 4) dot4((const char *)w + r * k * es, k, x, k, dtype, y + r);
@@ -182,12 +209,12 @@ static void split(long n, int part, int parts, long *lo, long *hi) {
     if (*hi > n) *hi = n;
 }
 
+/* dst[0:n] = src as float32, and dst[n:2n] its split copy (see split16). */
 static void to_f32(const void *src, long n, int dtype, float *dst) {
-    if (dtype == F32) {
-        memcpy(dst, src, n * 4);
-        return;
-    }
-    for (long i = 0; i < n; i++) dst[i] = load1(src, i, BF16);
+    if (dtype == F32) memcpy(dst, src, n * 4);
+    else
+        for (long i = 0; i < n; i++) dst[i] = load1(src, i, BF16);
+    split16(dst, n, dst + n);
 }
 
 /* Parallel only when the weights are big enough (bytes) to pay for waking the workers. */
@@ -217,14 +244,14 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
     long n, k;
     int dtype;
     if (!PyArg_ParseTuple(args, "KKKKlli", &y, &x, &w, &b, &n, &k, &dtype)) return NULL;
-    float *buf = malloc((size_t)(k + n) * sizeof(float));
+    float *buf = malloc((size_t)(2 * k + n) * sizeof(float));
     if (!buf) return PyErr_NoMemory();
-    linear_job j = {(const void *)w, (const void *)b, buf, buf + k, n, k, dtype};
+    linear_job j = {(const void *)w, (const void *)b, buf, buf + 2 * k, n, k, dtype};
     Py_BEGIN_ALLOW_THREADS
     to_f32((const void *)x, k, dtype, buf);
     run_parallel(linear_part, &j, (size_t)n * k * (dtype == F32 ? 4 : 2) >= PARALLEL_BYTES);
-    if (dtype == F32) memcpy((void *)y, buf + k, n * 4);
-    else for (long r = 0; r < n; r++) ((uint16_t *)y)[r] = to_bf16(buf[k + r]);
+    if (dtype == F32) memcpy((void *)y, j.y, n * 4);
+    else for (long r = 0; r < n; r++) ((uint16_t *)y)[r] = to_bf16(j.y[r]);
     Py_END_ALLOW_THREADS
     free(buf);
     Py_RETURN_NONE;
@@ -235,7 +262,7 @@ typedef struct {
     const char *w13, *w2;  /* [2I, H] (gate rows, then up), [H, I] */
     long inter;            /* I */
     float coef;
-    float *h;              /* [2I] scratch: gate x, up x; then silu(gate) * up in the first I */
+    float *h;              /* [2I] scratch: gate x, up x; then silu(gate) * up and its split copy */
 } mlp_t;
 
 typedef struct {
@@ -295,7 +322,7 @@ static PyObject *py_moe(PyObject *self, PyObject *args) {
             return NULL;
         }
     size_t es = dtype == F32 ? 4 : 2;
-    float *buf = malloc((size_t)(hidden + 2 * inter * k) * sizeof(float));
+    float *buf = malloc((size_t)(2 * hidden + 2 * inter * k) * sizeof(float));
     moe_job *j = malloc(sizeof(moe_job));
     if (!buf || !j) {
         free(buf), free(j);
@@ -305,7 +332,7 @@ static PyObject *py_moe(PyObject *self, PyObject *args) {
     for (long i = 0; i < k; i++) {
         int64_t e = ((const int64_t *)ids)[i];
         j->m[i] = (mlp_t){(const char *)gate_up + e * 2 * inter * hidden * es, (const char *)down + e * hidden * inter * es, inter,
-                          ((const float *)coefs)[i], buf + hidden + 2 * inter * i};
+                          ((const float *)coefs)[i], buf + 2 * hidden + 2 * inter * i};
     }
     Py_BEGIN_ALLOW_THREADS
     to_f32((const void *)x, hidden, dtype, buf);
@@ -315,6 +342,7 @@ static PyObject *py_moe(PyObject *self, PyObject *args) {
         for (long c = 0; c < m->inter; c++) m->h[c] = silu(m->h[c]) * m->h[m->inter + c];
         if (dtype == BF16)  /* the activation is rounded to the weights' dtype, as torch's path does */
             for (long c = 0; c < m->inter; c++) m->h[c] = round_bf16(m->h[c]);
+        split16(m->h, m->inter, m->h + m->inter);  /* over the up values, no longer needed */
     }
     run_parallel(moe_down_part, j, 1);
     Py_END_ALLOW_THREADS

@@ -11,6 +11,8 @@ Shapes: H hidden, N output features, K input features, E experts, I expert width
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -22,6 +24,7 @@ except ImportError:  # built optionally; see pyproject.toml
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _SUPPORTED = _cpu is not None and _cpu.supported()
 _threads = 0  # threads the pool was last given (follows torch.get_num_threads())
+_decoding = False  # inside decode_threads(): the pool keeps the threads it was given there
 
 
 def available() -> bool:
@@ -29,8 +32,33 @@ def available() -> bool:
     return _cpu is not None and _SUPPORTED and os.environ.get("MOGE_NATIVE", "1") != "0"
 
 
+@contextmanager
+def decode_threads(active: bool = True) -> Iterator[None]:
+    """While a decode step runs, these kernels get torch's threads and torch runs on one.
+
+    Between calls the pool's workers spin for a moment (a step issues one every few microseconds);
+    torch's own threads spinning on the same cores would slow both pools down several times.
+    torch's share of a one-token step is small ops that gain nothing from threads anyway.
+    """
+    global _decoding, _threads
+    if not active or _decoding or not available():
+        yield
+        return
+    n = torch.get_num_threads()
+    _cpu.set_threads(n)
+    _threads, _decoding = n, True
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+        _decoding = False
+
+
 def _sync_threads() -> None:
     global _threads
+    if _decoding:
+        return
     n = torch.get_num_threads()
     if n != _threads:
         _cpu.set_threads(n)

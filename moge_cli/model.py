@@ -228,6 +228,7 @@ class MoGEForCausalLM(nn.Module):
         self.norm = _param((H,), torch.float32, device)
         self.lm_head = _param((V, H), dtype, device)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.quantization = None  # set by moge_cli.quantized.load_quantized
         self.eval()
 
     @classmethod
@@ -267,15 +268,17 @@ class MoGEForCausalLM(nn.Module):
             )
         cos, sin = self._rope_tables(start + T)
         cos, sin = cos[start : start + T, None], sin[start : start + T, None]  # [T, 1, D]
-        with section("embedding"):
-            x = F.embedding(input_ids.to(self.device), self.embed_tokens)  # [B, T, H]
-        for layer in self.layers:
-            x = layer(x, cos, sin, cache)
-        if cache is not None:
-            cache.length += T
-        with section("lm_head"):
-            x = rms_norm(x, self.norm, self.config.rms_norm_eps)
-            return _linear(x, self.lm_head).float()  # [B, T, V]
+        one_token = B * T == 1 and self.device.type == "cpu" and self.quantization is None  # int kernels are torch's
+        with native.decode_threads(one_token):
+            with section("embedding"):
+                x = F.embedding(input_ids.to(self.device), self.embed_tokens)  # [B, T, H]
+            for layer in self.layers:
+                x = layer(x, cos, sin, cache)
+            if cache is not None:
+                cache.length += T
+            with section("lm_head"):
+                x = rms_norm(x, self.norm, self.config.rms_norm_eps)
+                return _linear(x, self.lm_head).float()  # [B, T, V]
 
     def _rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].shape[0] < n:
