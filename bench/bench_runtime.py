@@ -5,7 +5,8 @@
 Writes the random "bench-0.47b" checkpoint (bf16) to a temporary directory unless --checkpoint
 names one, then for each dtype runs one worker process (so peak RSS is per dtype) that measures,
 at batch 1: decode tokens/s (prompt 8, 64 greedy new tokens), prefill tokens/s (512 tokens), the
-read bandwidth (a float32 sum over a buffer much bigger than the caches), the same for a
+read bandwidth (a float32 sum over a buffer much bigger than the caches), the same with
+kernels/cpu.c switched off (MOGE_NATIVE=0: torch ops only), the same for a
 same-shaped Qwen2-MoE in transformers holding the same weights (a bench-only extra:
 `pip install transformers`), and peak RSS. Prints a markdown table. The machine may be shared:
 the engines' runs alternate and every number is the best of --repeats runs.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -207,7 +209,10 @@ def worker(path: str, dtype: str, args) -> dict:
     out = {"dtype": dtype, "threads": torch.get_num_threads(), "bandwidth": read_bandwidth(args.repeats)}
     out["args"] = {k: getattr(args, k) for k in ("prompt", "new_tokens", "prefill", "repeats")}
     step, out["ours"], model = load_ours(path, dtype, max(args.prefill, args.prompt + args.new_tokens + 4))
-    engines = {"ours": (lambda: None, step)}  # name -> (prepare, step)
+    def native(flag: str):  # kernels/cpu.c on ("1") or off ("0": the torch path it replaces)
+        return lambda: os.environ.__setitem__("MOGE_NATIVE", flag)
+
+    engines = {"ours": (native("1"), step), "ours, torch ops only (MOGE_NATIVE=0)": (native("0"), step)}  # name -> (prepare, step)
     if not args.no_transformers:
         try:
             import transformers

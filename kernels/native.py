@@ -23,8 +23,7 @@ except ImportError:  # built optionally; see pyproject.toml
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _SUPPORTED = _cpu is not None and _cpu.supported()
-_threads = 0  # threads the pool was last given (follows torch.get_num_threads())
-_decoding = False  # inside decode_threads(): the pool keeps the threads it was given there
+_decoding = False  # inside decode_threads(), where the kernels run on torch's threads; elsewhere on the caller's alone
 
 
 def available() -> bool:
@@ -40,29 +39,20 @@ def decode_threads(active: bool = True) -> Iterator[None]:
     torch's own threads spinning on the same cores would slow both pools down several times.
     torch's share of a one-token step is small ops that gain nothing from threads anyway.
     """
-    global _decoding, _threads
+    global _decoding
     if not active or _decoding or not available():
         yield
         return
     n = torch.get_num_threads()
     _cpu.set_threads(n)
-    _threads, _decoding = n, True
+    _decoding = True
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(n)
+        _cpu.set_threads(1)
         _decoding = False
-
-
-def _sync_threads() -> None:
-    global _threads
-    if _decoding:
-        return
-    n = torch.get_num_threads()
-    if n != _threads:
-        _cpu.set_threads(n)
-        _threads = n
 
 
 def _usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -80,7 +70,6 @@ def linear_vec(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) 
     n, k = w.shape
     if x.numel() != k or not _usable(x, w, *(() if b is None else (b,))) or (b is not None and b.shape != (n,)):
         return None
-    _sync_threads()
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
     _cpu.linear(y.data_ptr(), x.data_ptr(), w.data_ptr(), 0 if b is None else b.data_ptr(), n, k, DTYPES[x.dtype])
     return y
@@ -106,7 +95,6 @@ def moe_vec(
     E, two_i, H = gate_up.shape
     if x.shape[1] != H or down.shape != (E, H, two_i // 2) or expert_ids.dim() != 2:
         return None
-    _sync_threads()
     y = torch.empty(1, H, dtype=torch.float32)
     _cpu.moe(
         y.data_ptr(), x.data_ptr(), H, DTYPES[x.dtype], expert_ids.data_ptr(), weights.data_ptr(), expert_ids.shape[1],

@@ -65,14 +65,13 @@ def test_same_bits_with_any_thread_count():
     x, w = _rand(1, 1024, dtype=torch.float32, seed=12), _rand(4096, 1024, dtype=torch.float32, seed=13)
     gate_up, down = _rand(16, 512, 1024, dtype=torch.bfloat16, seed=14), _rand(16, 1024, 256, dtype=torch.bfloat16, seed=15)
     ids, wts = torch.tensor([[3, 9, 1, 15]]), torch.rand(1, 4)
-    before = torch.get_num_threads()
     results = []
     try:
         for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
+            native._cpu.set_threads(threads)
             results.append((native.linear_vec(x, w), native.moe_vec(x.bfloat16(), ids, wts, gate_up, down)))
     finally:
-        torch.set_num_threads(before)
+        native._cpu.set_threads(1)
     for lin, moe in results[1:]:
         assert torch.equal(lin, results[0][0]) and torch.equal(moe, results[0][1])
 
@@ -92,6 +91,21 @@ def test_declines_what_it_cannot_run(case):
     else:
         w = w.bfloat16()
     assert native.linear_vec(x, w) is None
+
+
+def test_decode_threads_lends_torchs_threads_to_the_kernels():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with native.decode_threads():
+            assert torch.get_num_threads() == 1
+            with native.decode_threads():  # nested: no change
+                assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with native.decode_threads(active=False):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_moge_native_0_turns_it_off_and_forked_children_still_compute():
