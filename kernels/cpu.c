@@ -69,10 +69,22 @@ static void *worker(void *arg) {
 }
 
 static void after_fork_in_child(void) { n_started = 0; }  /* the workers do not exist in a forked child */
+static void run_on_pool(task_fn fn, void *ctx);
 
-/* Run fn(ctx, part, parts) for part = 0..parts-1, part 0 on the calling thread. */
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;  /* one job at a time */
+
+/* Run fn(ctx, part, parts) for part = 0..parts-1, part 0 on the calling thread. A call made while
+ * another thread's job holds the pool runs alone on its own thread. */
 static void run_parallel(task_fn fn, void *ctx, int parallel) {
-    int parts = parallel ? n_threads : 1;
+    if (parallel && n_threads > 1 && pthread_mutex_trylock(&pool_mu) == 0) {
+        run_on_pool(fn, ctx);
+        pthread_mutex_unlock(&pool_mu);
+    } else
+        fn(ctx, 0, 1);
+}
+
+static void run_on_pool(task_fn fn, void *ctx) {
+    int parts = n_threads;
     if (parts > 1 && n_started < parts - 1) {
         static int atfork = 0;
         if (!atfork) atfork = !pthread_atfork(NULL, NULL, after_fork_in_child);
@@ -355,7 +367,11 @@ static PyObject *py_moe(PyObject *self, PyObject *args) {
 static PyObject *py_set_threads(PyObject *self, PyObject *args) {
     int n;
     if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&pool_mu);  /* not while another thread's job runs */
     n_threads = n < 1 ? 1 : n > MAX_THREADS ? MAX_THREADS : n;
+    pthread_mutex_unlock(&pool_mu);
+    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 

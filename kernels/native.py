@@ -67,6 +67,8 @@ def _usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 
 def linear_vec(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor | None:
     """F.linear(x, w, b) for x [..., K] holding one token; w [N, K], b [N]; None if it cannot run here."""
+    if w.dim() != 2:
+        return None
     n, k = w.shape
     if x.numel() != k or not _usable(x, w, *(() if b is None else (b,))) or (b is not None and b.shape != (n,)):
         return None

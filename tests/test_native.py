@@ -76,6 +76,24 @@ def test_same_bits_with_any_thread_count():
         assert torch.equal(lin, results[0][0]) and torch.equal(moe, results[0][1])
 
 
+def test_concurrent_callers_get_the_same_results():
+    """Kernels called from several Python threads at once: one job holds the pool, the others run alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x, w = _rand(1, 1024, dtype=torch.bfloat16, seed=16), _rand(2048, 1024, dtype=torch.bfloat16, seed=17)
+    gate_up, down = _rand(16, 512, 1024, dtype=torch.float32, seed=18), _rand(16, 1024, 256, dtype=torch.float32, seed=19)
+    ids, wts = torch.tensor([[2, 7, 11, 5]]), torch.rand(1, 4)
+    expected = (native.linear_vec(x, w), native.moe_vec(x.float(), ids, wts, gate_up, down))
+    native._cpu.set_threads(2)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda _: (native.linear_vec(x, w), native.moe_vec(x.float(), ids, wts, gate_up, down)), range(40)))
+    finally:
+        native._cpu.set_threads(1)
+    for lin, moe in results:
+        assert torch.equal(lin, expected[0]) and torch.equal(moe, expected[1])
+
+
 @pytest.mark.parametrize(
     "case",
     ["two tokens", "float16", "not contiguous", "dtype mismatch"],
