@@ -168,29 +168,30 @@ AVX2 static void dot4_f32(const float *w, long ld, const float *x, long k, float
     for (; c < k; c++) out[0] += w0[c] * x[c], out[1] += w1[c] * x[c], out[2] += w2[c] * x[c], out[3] += w3[c] * x[c];
 }
 
-#define BF16_ROW(wr, a, b)                                                           \
-    {                                                                                \
-        __m256i v = _mm256_loadu_si256((const __m256i *)((wr) + c));                 \
-        a = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xe, a);   \
-        b = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, odd)), xo, b);   \
+#define BF16_16(a, b)                                                                  \
+    {                                                                                  \
+        __m256i v = _mm256_loadu_si256((const __m256i *)(w + c));                      \
+        a = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), _mm256_loadu_ps(xs + c), a); \
+        b = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, odd)), _mm256_loadu_ps(xs + c + 8), b); \
+        c += 16;                                                                       \
     }
 
-AVX2 static void dot4_bf16(const uint16_t *w, long ld, const float *x, long k, float out[4]) {
-    const uint16_t *w0 = w, *w1 = w0 + ld, *w2 = w1 + ld, *w3 = w2 + ld;
+/* w[0:k] . x for bfloat16 w, one row at a time and a whole 64-byte line per step: measured 16.8 GB/s
+ * on one core here against 12.3 for four rows of 32 bytes per step (and 18.5 for a bare read). */
+AVX2 static float dot_bf16(const uint16_t *w, const float *x, long k) {
     const float *xs = x + k;
     const __m256i odd = _mm256_set1_epi32((int)0xffff0000u);
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     long c = 0;
-    for (; c + 16 <= k; c += 16) {
-        __m256 xe = _mm256_loadu_ps(xs + c), xo = _mm256_loadu_ps(xs + c + 8);
-        BF16_ROW(w0, a0, b0) BF16_ROW(w1, a1, b1) BF16_ROW(w2, a2, b2) BF16_ROW(w3, a3, b3)
+    while (c + 64 <= k) {
+        BF16_16(a0, b0) BF16_16(a1, b1) BF16_16(a2, b2) BF16_16(a3, b3)
     }
-    out[0] = hsum(_mm256_add_ps(a0, b0)), out[1] = hsum(_mm256_add_ps(a1, b1));
-    out[2] = hsum(_mm256_add_ps(a2, b2)), out[3] = hsum(_mm256_add_ps(a3, b3));
-    for (; c < k; c++) {
-        out[0] += load1(w0, c, BF16) * x[c], out[1] += load1(w1, c, BF16) * x[c];
-        out[2] += load1(w2, c, BF16) * x[c], out[3] += load1(w3, c, BF16) * x[c];
+    while (c + 16 <= k) {
+        BF16_16(a0, b0)
     }
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1)), _mm256_add_ps(_mm256_add_ps(a2, b2), _mm256_add_ps(a3, b3))));
+    for (; c < k; c++) s += load1(w, c, BF16) * x[c];
+    return s;
 }
 
 static float dot1(const void *w, const float *x, long k, int dtype) {  /* the last n % 4 rows */
@@ -201,7 +202,8 @@ static float dot1(const void *w, const float *x, long k, int dtype) {  /* the la
 
 static void dot4(const void *w, long ld, const float *x, long k, int dtype, float out[4]) {
     if (dtype == F32) dot4_f32(w, ld, x, k, out);
-    else dot4_bf16(w, ld, x, k, out);
+    else
+        for (int i = 0; i < 4; i++) out[i] = dot_bf16((const uint16_t *)w + i * ld, x, k);
 }
 
 /* y[r] = w[r, :] . x for r in [lo, hi). */
