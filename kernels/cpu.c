@@ -17,6 +17,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <immintrin.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -365,6 +366,142 @@ static PyObject *py_moe(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---- the rest of a decode step: RMSNorm, routing, attention over the cache --------------------- */
+static void store(void *y, long i, float v, int dtype) {
+    if (dtype == F32) ((float *)y)[i] = v;
+    else ((uint16_t *)y)[i] = to_bf16(v);
+}
+
+/* rms_norm(y, x, w, n, eps, dtype): y = x * (1 / sqrt(mean(x^2) + eps)) * w; x, y in dtype, w float32. */
+static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
+    unsigned long long y, x, w;
+    long n;
+    double eps;
+    int dtype;
+    if (!PyArg_ParseTuple(args, "KKKldi", &y, &x, &w, &n, &eps, &dtype)) return NULL;
+    double sum = 0.0;
+    for (long i = 0; i < n; i++) {
+        float v = load1((const void *)x, i, dtype);
+        sum += (double)v * v;
+    }
+    float inv = 1.0f / sqrtf((float)(sum / n) + (float)eps);
+    for (long i = 0; i < n; i++) store((void *)y, i, load1((const void *)x, i, dtype) * inv * ((const float *)w)[i], dtype);
+    Py_RETURN_NONE;
+}
+
+/* route(ids, weights, logits, experts, groups, picks, scale): kernels.route for one token.
+ * Softmax over all experts in float32; in each contiguous group the `picks` most probable experts,
+ * by descending probability, ties to the lowest index; weight = probability * scale[e]. */
+static PyObject *py_route(PyObject *self, PyObject *args) {
+    unsigned long long ids, weights, logits, scale;
+    long E, G, picks;
+    if (!PyArg_ParseTuple(args, "KKKlllK", &ids, &weights, &logits, &E, &G, &picks, &scale)) return NULL;
+    if (E <= 0 || E > 4096 || G <= 0 || E % G || picks <= 0 || picks > E / G) {
+        PyErr_SetString(PyExc_ValueError, "route: bad expert / group / pick counts");
+        return NULL;
+    }
+    const float *l = (const float *)logits;
+    float p[4096], m = l[0], sum = 0.0f;
+    for (long e = 1; e < E; e++) m = l[e] > m ? l[e] : m;
+    for (long e = 0; e < E; e++) sum += p[e] = expf(l[e] - m);
+    for (long e = 0; e < E; e++) p[e] /= sum;
+    long per = E / G, out = 0;
+    for (long g = 0; g < G; g++) {
+        for (long j = 0; j < picks; j++) {
+            long best = -1;
+            for (long e = g * per; e < (g + 1) * per; e++) {
+                int used = 0;
+                for (long t = out - j; t < out; t++) used |= ((int64_t *)ids)[t] == e;  /* picked already */
+                if (!used && (best < 0 || p[e] > p[best])) best = e;  /* strict >: ties to the lowest index */
+            }
+            ((int64_t *)ids)[out] = best;
+            ((float *)weights)[out++] = p[best] * ((const float *)scale)[best];
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* Attention of one query token (batch 1) over a KV cache, heads split over the pool. */
+typedef struct {
+    const float *q;        /* [nH, D] float32, RoPE applied */
+    const void *k, *v;     /* cache [nKV, S_max, D] in dtype */
+    float *o;              /* [nH, D] float32 */
+    float *scores;         /* [nH, S] scratch */
+    long n_heads, n_kv, dim, s_max, len;
+    int dtype;
+} attend_job;
+
+static void attend_part(void *ctx, int part, int parts) {
+    attend_job *j = ctx;
+    long lo = j->n_heads * part / parts, hi = j->n_heads * (part + 1) / parts;
+    size_t es = j->dtype == F32 ? 4 : 2;
+    float scale = 1.0f / sqrtf((float)j->dim);
+    for (long h = lo; h < hi; h++) {
+        long g = h / (j->n_heads / j->n_kv);
+        const char *kh = (const char *)j->k + g * j->s_max * j->dim * es, *vh = (const char *)j->v + g * j->s_max * j->dim * es;
+        const float *q = j->q + h * j->dim;
+        float *sc = j->scores + h * j->len, m = -INFINITY, sum = 0.0f;
+        for (long t = 0; t < j->len; t++) {
+            float d = 0.0f;
+            for (long c = 0; c < j->dim; c++) d += q[c] * load1(kh + t * j->dim * es, c, j->dtype);
+            sc[t] = d * scale;
+            m = sc[t] > m ? sc[t] : m;
+        }
+        for (long t = 0; t < j->len; t++) sum += sc[t] = expf(sc[t] - m);
+        float *o = j->o + h * j->dim;
+        for (long c = 0; c < j->dim; c++) o[c] = 0.0f;
+        for (long t = 0; t < j->len; t++) {
+            float pt = sc[t] / sum;
+            for (long c = 0; c < j->dim; c++) o[c] += pt * load1(vh + t * j->dim * es, c, j->dtype);
+        }
+    }
+}
+
+/* attend(o, qkv, cos, sin, k_cache, v_cache, pos, n_heads, n_kv, dim, s_max, dtype)
+ *   qkv [(nH + 2 nKV) D] in dtype: this token's q, k, v heads; cos, sin [D] float32: the RoPE
+ *   tables' row for position pos (sin with its first half negated); caches [nKV, s_max, D] in
+ *   dtype. Rotates q and k (neox halves), writes k and v at pos, attends over 0..pos, writes o
+ *   [nH D] in dtype. Numbers as the torch path: rotation and softmax in float32, k rounded to
+ *   the cache's dtype before it is used. */
+static PyObject *py_attend(PyObject *self, PyObject *args) {
+    unsigned long long o, qkv, cosp, sinp, kc, vc;
+    long pos, nH, nKV, D, s_max;
+    int dtype;
+    if (!PyArg_ParseTuple(args, "KKKKKKllllli", &o, &qkv, &cosp, &sinp, &kc, &vc, &pos, &nH, &nKV, &D, &s_max, &dtype)) return NULL;
+    if (pos < 0 || pos >= s_max || nKV <= 0 || nH % nKV || D % 2) {
+        PyErr_SetString(PyExc_ValueError, "attend: bad position or head counts");
+        return NULL;
+    }
+    size_t es = dtype == F32 ? 4 : 2;
+    float *buf = malloc((size_t)(2 * nH * D + nH * (pos + 1)) * sizeof(float));
+    if (!buf) return PyErr_NoMemory();
+    const float *cs = (const float *)cosp, *sn = (const float *)sinp;
+    float *q = buf, *out = buf + nH * D, rot[4096];
+    if (D > 4096) {
+        free(buf);
+        PyErr_SetString(PyExc_ValueError, "attend: head_dim over 4096");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (long h = 0; h < nH + nKV; h++) {  /* q heads, then k heads: x*cos + roll(x, D/2)*sin */
+        for (long c = 0; c < D; c++) {
+            float x = load1((const void *)qkv, h * D + c, dtype), r = load1((const void *)qkv, h * D + (c + D / 2) % D, dtype);
+            rot[c] = x * cs[c] + r * sn[c];
+        }
+        if (h < nH) memcpy(q + h * D, rot, D * sizeof(float));
+        else
+            for (long c = 0; c < D; c++) store((char *)kc + ((h - nH) * s_max + pos) * D * es, c, rot[c], dtype);
+    }
+    for (long g = 0; g < nKV; g++)
+        memcpy((char *)vc + (g * s_max + pos) * D * es, (const char *)qkv + ((nH + nKV + g) * D) * es, D * es);
+    attend_job j = {q, (const void *)kc, (const void *)vc, out, buf + 2 * nH * D, nH, nKV, D, s_max, pos + 1, dtype};
+    run_parallel(attend_part, &j, (size_t)(pos + 1) * nKV * D * es * 2 >= PARALLEL_BYTES);
+    for (long i = 0; i < nH * D; i++) store((void *)o, i, out[i], dtype);
+    Py_END_ALLOW_THREADS
+    free(buf);
+    Py_RETURN_NONE;
+}
+
 /* ---- module ------------------------------------------------------------------------------------ */
 static PyObject *py_set_threads(PyObject *self, PyObject *args) {
     int n;
@@ -385,6 +522,9 @@ static PyObject *py_supported(PyObject *self, PyObject *noargs) {
 static PyMethodDef methods[] = {
     {"linear", py_linear, METH_VARARGS, "linear(y, x, w, b, n, k, dtype): y = w x + b for one token (pointers)."},
     {"moe", py_moe, METH_VARARGS, "moe(y, x, hidden, dtype, ids, coefs, k, gate_up, down, inter, experts): routed experts of one token."},
+    {"rms_norm", py_rms_norm, METH_VARARGS, "rms_norm(y, x, w, n, eps, dtype): RMSNorm of one token."},
+    {"route", py_route, METH_VARARGS, "route(ids, weights, logits, experts, groups, picks, scale): kernels.route for one token."},
+    {"attend", py_attend, METH_VARARGS, "attend(o, qkv, cos, sin, k_cache, v_cache, pos, n_heads, n_kv, dim, s_max, dtype): one token's attention."},
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n): threads per kernel call, the caller's included."},
     {"supported", py_supported, METH_NOARGS, "True when this CPU has AVX2 and FMA."},
     {NULL, NULL, 0, NULL},

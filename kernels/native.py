@@ -114,3 +114,46 @@ def swiglu_vec(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Te
 
 _ONE_ID = torch.zeros(1, 1, dtype=torch.int64)  # the single "expert" of a dense MLP, with weight 1
 _ONE_WEIGHT = torch.ones(1, 1, dtype=torch.float32)
+
+
+def rms_norm_vec(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """model.rms_norm for one token (x [..., H] in float32 / bfloat16, weight [H] float32); None if it cannot run."""
+    if x.numel() != x.shape[-1] or weight.dtype != torch.float32 or weight.shape != (x.shape[-1],) or not _usable(x) or not weight.is_contiguous():
+        return None
+    y = torch.empty_like(x)
+    _cpu.rms_norm(y.data_ptr(), x.data_ptr(), weight.data_ptr(), x.shape[-1], eps, DTYPES[x.dtype])
+    return y
+
+
+def route_vec(logits: torch.Tensor, n_groups: int, picks_per_group: int, router_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """kernels.route for one token: logits [1, E] float32 -> (expert_ids [1, k] int64, weights [1, k] float32); None if it cannot run."""
+    if logits.dim() != 2 or logits.shape[0] != 1 or logits.dtype != torch.float32 or router_scale.dtype != torch.float32:
+        return None
+    E = logits.shape[1]
+    if not _usable(logits) or not router_scale.is_contiguous() or router_scale.numel() != E or E > 4096 or n_groups <= 0 or E % n_groups:
+        return None
+    if not 0 < picks_per_group <= E // n_groups:
+        return None
+    k = n_groups * picks_per_group
+    ids, weights = torch.empty(1, k, dtype=torch.int64), torch.empty(1, k, dtype=torch.float32)
+    _cpu.route(ids.data_ptr(), weights.data_ptr(), logits.data_ptr(), E, n_groups, picks_per_group, router_scale.data_ptr())
+    return ids, weights
+
+
+def attend_vec(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, n_heads: int) -> torch.Tensor | None:
+    """One token's attention, batch 1: RoPE on q and k, k and v written to the cache at pos, attention
+    over positions 0..pos. qkv [..., (nH + 2 nKV) D], cos / sin [D] float32 (row pos of the model's
+    tables), caches [1, nKV, S, D]. Returns o [nH D] in qkv's dtype, or None if it cannot run here."""
+    if k_cache.dim() != 4 or k_cache.shape[0] != 1 or v_cache.shape != k_cache.shape:
+        return None
+    _, n_kv, s_max, dim = k_cache.shape
+    if qkv.numel() != (n_heads + 2 * n_kv) * dim or not 0 <= pos < s_max or cos.shape != (dim,) or sin.shape != (dim,):
+        return None
+    if not _usable(qkv, k_cache, v_cache) or cos.dtype != torch.float32 or sin.dtype != torch.float32 or not (cos.is_contiguous() and sin.is_contiguous()):
+        return None
+    o = torch.empty(n_heads * dim, dtype=qkv.dtype)
+    _cpu.attend(
+        o.data_ptr(), qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        pos, n_heads, n_kv, dim, s_max, DTYPES[qkv.dtype],
+    )  # fmt: skip
+    return o

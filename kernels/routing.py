@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels import native
 from moge_cli.errors import UsageError
 
 
@@ -23,6 +24,8 @@ def route(
     lowest expert index. weight = softmax(logits)[e] * router_scale[e], not renormalised.
     """
     T, E = _check(logits, n_groups, picks_per_group, router_scale)
+    if T == 1 and (one := native.route_vec(logits, n_groups, picks_per_group, router_scale)) is not None:  # kernels/cpu.c
+        return one
     per_group = E // n_groups
     probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
     # A stable descending sort keeps equal probabilities in index order, so ties go to

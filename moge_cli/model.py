@@ -69,6 +69,8 @@ class KVCache:
 # ---- pure pieces ---------------------------------------------------------------------------------
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps) * weight in float32, returned in x's dtype."""
+    if x.numel() == x.shape[-1] and (y := native.rms_norm_vec(x, weight, eps)) is not None:  # one token: kernels/cpu.c
+        return y
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
 
@@ -118,6 +120,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         nH, nKV, D = self.n_heads, self.n_kv, self.head_dim
         qkv = _linear(x, self.qkv_weight, self.qkv_bias).view(B, T, nH + 2 * nKV, D)
+        if cache is not None and B * T == 1:  # one token: rotation, cache write and attention in kernels/cpu.c
+            o = native.attend_vec(qkv, cos[0, 0], sin[0, 0], cache.k_layers[layer], cache.v_layers[layer], cache.length, nH)
+            if o is not None:
+                return _linear(o.view(B, T, nH * D), self.o_weight, self.o_bias)
         qk = apply_rope(qkv[:, :, : nH + nKV].float(), cos, sin)  # [B, T, nH+nKV, D], q and k heads at once
         q, k, v = qk[:, :, :nH].transpose(1, 2), qk[:, :, nH:].transpose(1, 2), qkv[:, :, nH + nKV :].transpose(1, 2)
         start = 0 if cache is None else cache.length  # q [B, nH, T, D], k and v [B, nKV, T, D]

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import dense_mlp, moe_decode, native
+from kernels import dense_mlp, moe_decode, native, route
+from moge_cli.model import MoGEForCausalLM, rms_norm
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="kernels._cpu not built or this CPU lacks AVX2/FMA")
 
@@ -142,3 +143,52 @@ def test_moge_native_0_turns_it_off_and_forked_children_still_compute():
     for flag in ("0", "1"):
         out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MOGE_NATIVE": flag}, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_vec_matches_torch(dtype, monkeypatch):
+    x, w = _rand(1, 1, 1000, dtype=dtype, scale=3.0, seed=20), _rand(1000, dtype=torch.float32, seed=21)
+    y = native.rms_norm_vec(x, w, 1e-6)
+    monkeypatch.setenv("MOGE_NATIVE", "0")
+    torch.testing.assert_close(y.float(), rms_norm(x, w, 1e-6).float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("groups, picks", [(8, 1), (2, 2), (4, 3), (1, 4)])
+def test_route_vec_is_route_with_ties(groups, picks, monkeypatch):
+    g = torch.Generator().manual_seed(22)
+    logits = torch.randn(1, 48, generator=g)
+    logits[0, 5:9] = logits[0, 5]  # exact ties inside a group: the lowest index wins
+    logits[0, 30] = logits[0, 25] = logits[0, 40]
+    scale = torch.rand(48, generator=g) + 0.5
+    ids, weights = native.route_vec(logits, groups, picks, scale)
+    monkeypatch.setenv("MOGE_NATIVE", "0")
+    ref_ids, ref_weights = route(logits, groups, picks, scale)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (4, 4), (6, 1)])
+def test_decode_with_native_attention_matches_torch(dtype, heads, kv_heads, monkeypatch):
+    """Whole-model decode through the cache: every one-token kernel on against all off, same logits."""
+    from moge_cli.config import PRESETS, MoGEConfig
+
+    cfg = MoGEConfig.from_dict({**PRESETS["tiny-moge"], "num_attention_heads": heads, "num_key_value_heads": kv_heads, "hidden_size": 96})
+    torch.manual_seed(23)
+    model = MoGEForCausalLM.from_config(cfg, dtype=dtype, device="cpu")
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    prompt = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+
+    feed = [7, 2, 9, 4, 4, 1, 8, 3, 5, 0, 6, 2]  # the same tokens for both (bf16 greedy paths may part at near-ties)
+
+    def decode(flag: str) -> torch.Tensor:
+        monkeypatch.setenv("MOGE_NATIVE", flag)
+        cache = model.new_cache(1, 64)
+        logits = [model(prompt, cache)[:, -1]]
+        for t in feed:
+            logits.append(model(torch.tensor([[t]]), cache)[:, -1])
+        return torch.cat(logits)
+
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 0.05, "atol": 0.05}
+    torch.testing.assert_close(decode("1"), decode("0"), **tol)
