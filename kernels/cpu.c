@@ -29,7 +29,9 @@
 #define MAX_PICKS 256
 #define SPIN_ROUNDS 20000  /* ~0.5 ms of pause instructions before a worker sleeps */
 
-enum { F32 = 0, BF16 = 1 };
+enum { F32 = 0, BF16 = 1, I8 = 2 };  /* activations are F32 or BF16; weights also I8 (a float scale per row) */
+
+static size_t esize(int t) { return t == F32 ? 4 : t == BF16 ? 2 : 1; }
 
 /* ---- thread pool ------------------------------------------------------------------------------ */
 typedef void (*task_fn)(void *ctx, int part, int parts);
@@ -195,24 +197,57 @@ AVX2 static float dot_bf16(const uint16_t *w, const float *x, long k) {
     return s;
 }
 
-static float dot1(const void *w, const float *x, long k, int dtype) {  /* the last n % 4 rows */
-    float s = 0.0f;
-    for (long c = 0; c < k; c++) s += load1(w, c, dtype) * x[c];
+#define I8_8(a)                                                                                          \
+    {                                                                                                    \
+        __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + c)));                     \
+        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_loadu_ps(x + c), a);                            \
+        c += 8;                                                                                          \
+    }
+
+/* w[0:k] . x for int8 w (the row's scale is applied by the caller), a 64-byte line per step. */
+AVX2 static float dot_i8(const int8_t *w, const float *x, long k) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    long c = 0;
+    while (c + 64 <= k) {
+        I8_8(a0) I8_8(a1) I8_8(a2) I8_8(a3) I8_8(a0) I8_8(a1) I8_8(a2) I8_8(a3)
+    }
+    while (c + 8 <= k) {
+        I8_8(a0)
+    }
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; c < k; c++) s += w[c] * x[c];
     return s;
 }
 
-static void dot4(const void *w, long ld, const float *x, long k, int dtype, float out[4]) {
-    if (dtype == F32) dot4_f32(w, ld, x, k, out);
-    else
-        for (int i = 0; i < 4; i++) out[i] = dot_bf16((const uint16_t *)w + i * ld, x, k);
+static float dot1(const void *w, const float *x, long k, int wtype) {  /* the last n % 4 rows */
+    float s = 0.0f;
+    for (long c = 0; c < k; c++) s += (wtype == I8 ? ((const int8_t *)w)[c] : load1(w, c, wtype)) * x[c];
+    return s;
 }
 
-/* y[r] = w[r, :] . x for r in [lo, hi). */
-static void rows_dot(const void *w, long k, const float *x, long lo, long hi, int dtype, float *y) {
-    size_t es = dtype == F32 ? 4 : 2;
+static void dot4(const void *w, long ld, const float *x, long k, int wtype, float out[4]) {
+    if (wtype == F32) dot4_f32(w, ld, x, k, out);
+    else if (wtype == BF16)
+        for (int i = 0; i < 4; i++) out[i] = dot_bf16((const uint16_t *)w + i * ld, x, k);
+    else
+        for (int i = 0; i < 4; i++) out[i] = dot_i8((const int8_t *)w + i * ld, x, k);
+}
+
+/* A weight matrix [n, k]: float32 / bfloat16, or int8 with one scale per row (in sdtype). */
+typedef struct {
+    const char *w;
+    const void *scale;
+    int wtype, sdtype;
+} mat_t;
+
+/* y[r] = w[r, :] . x (times the row's scale) for r in [lo, hi). */
+static void rows_dot(mat_t m, long k, const float *x, long lo, long hi, float *y) {
+    size_t es = esize(m.wtype);
     long r = lo;
-    for (; r + 4 <= hi; r += 4) dot4((const char *)w + r * k * es, k, x, k, dtype, y + r);
-    for (; r < hi; r++) y[r] = dot1((const char *)w + r * k * es, x, k, dtype);
+    for (; r + 4 <= hi; r += 4) dot4(m.w + r * k * es, k, x, k, m.wtype, y + r);
+    for (; r < hi; r++) y[r] = dot1(m.w + r * k * es, x, k, m.wtype);
+    if (m.scale)
+        for (r = lo; r < hi; r++) y[r] *= load1(m.scale, r, m.sdtype);
 }
 
 /* [lo, hi) of n rows for this part, in multiples of 4 so that dot4 stays in step. */
@@ -237,7 +272,8 @@ static void to_f32(const void *src, long n, int dtype, float *dst) {
 
 /* ---- linear ------------------------------------------------------------------------------------ */
 typedef struct {
-    const void *w, *b;
+    mat_t w;
+    const void *b;
     const float *x;
     float *y;
     long n, k;
@@ -248,23 +284,24 @@ static void linear_part(void *ctx, int part, int parts) {
     linear_job *j = ctx;
     long lo, hi;
     split(j->n, part, parts, &lo, &hi);
-    rows_dot(j->w, j->k, j->x, lo, hi, j->dtype, j->y);
+    rows_dot(j->w, j->k, j->x, lo, hi, j->y);
     if (j->b)
         for (long r = lo; r < hi; r++) j->y[r] += load1(j->b, r, j->dtype);
 }
 
-/* linear(y, x, w, b, n, k, dtype): y[n] = w[n, k] x[k] (+ b[n]); x, w, b, y all in dtype. */
+/* linear(y, x, w, b, n, k, dtype, wtype, scale, sdtype): y[n] = w[n, k] x[k] (+ b[n]); x, b, y in
+ * dtype; w in wtype (int8: times scale[n] in sdtype). */
 static PyObject *py_linear(PyObject *self, PyObject *args) {
-    unsigned long long y, x, w, b;
+    unsigned long long y, x, w, b, scale;
     long n, k;
-    int dtype;
-    if (!PyArg_ParseTuple(args, "KKKKlli", &y, &x, &w, &b, &n, &k, &dtype)) return NULL;
+    int dtype, wtype, sdtype;
+    if (!PyArg_ParseTuple(args, "KKKKlliiKi", &y, &x, &w, &b, &n, &k, &dtype, &wtype, &scale, &sdtype)) return NULL;
     float *buf = malloc((size_t)(2 * k + n) * sizeof(float));
     if (!buf) return PyErr_NoMemory();
-    linear_job j = {(const void *)w, (const void *)b, buf, buf + 2 * k, n, k, dtype};
+    linear_job j = {{(const char *)w, (const void *)scale, wtype, sdtype}, (const void *)b, buf, buf + 2 * k, n, k, dtype};
     Py_BEGIN_ALLOW_THREADS
     to_f32((const void *)x, k, dtype, buf);
-    run_parallel(linear_part, &j, (size_t)n * k * (dtype == F32 ? 4 : 2) >= PARALLEL_BYTES);
+    run_parallel(linear_part, &j, (size_t)n * k * esize(wtype) >= PARALLEL_BYTES);
     if (dtype == F32) memcpy((void *)y, j.y, n * 4);
     else for (long r = 0; r < n; r++) ((uint16_t *)y)[r] = to_bf16(j.y[r]);
     Py_END_ALLOW_THREADS
@@ -274,7 +311,7 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
 
 /* ---- SwiGLU MLPs summed: the routed experts of one token ------------------------------------- */
 typedef struct {
-    const char *w13, *w2;  /* [2I, H] (gate rows, then up), [H, I] */
+    mat_t w13, w2;         /* [2I, H] (gate rows, then up), [H, I] */
     long inter;            /* I */
     float coef;
     float *h;              /* [2I] scratch: gate x, up x; then silu(gate) * up and its split copy */
@@ -295,7 +332,7 @@ static void moe_up_part(void *ctx, int part, int parts) {  /* every mlp's gate a
     split(j->total_rows, part, parts, &lo, &hi);
     for (int i = 0; i < j->count && base < hi; base += 2 * j->m[i].inter, i++) {
         long rows = 2 * j->m[i].inter, a = lo > base ? lo - base : 0, b = hi - base < rows ? hi - base : rows;
-        if (a < b) rows_dot(j->m[i].w13, j->hidden, j->x, a, b, j->dtype, j->m[i].h);
+        if (a < b) rows_dot(j->m[i].w13, j->hidden, j->x, a, b, j->m[i].h);
     }
 }
 
@@ -304,29 +341,35 @@ static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 static void moe_down_part(void *ctx, int part, int parts) {  /* y rows: sum over mlps in order */
     moe_job *j = ctx;
     long lo, hi;
-    size_t es = j->dtype == F32 ? 4 : 2;
     split(j->hidden, part, parts, &lo, &hi);
     for (long r = lo; r < hi; r++) j->y[r] = 0.0f;
     float acc[4];
     for (int i = 0; i < j->count; i++) {
         mlp_t *m = &j->m[i];
+        size_t es = esize(m->w2.wtype);
         long r = lo;
         for (; r + 4 <= hi; r += 4) {
-            dot4(m->w2 + r * m->inter * es, m->inter, m->h, m->inter, j->dtype, acc);
-            for (int t = 0; t < 4; t++) j->y[r + t] += m->coef * acc[t];
+            dot4(m->w2.w + r * m->inter * es, m->inter, m->h, m->inter, m->w2.wtype, acc);
+            for (int t = 0; t < 4; t++) j->y[r + t] += m->coef * (m->w2.scale ? acc[t] * load1(m->w2.scale, r + t, m->w2.sdtype) : acc[t]);
         }
-        for (; r < hi; r++) j->y[r] += m->coef * dot1(m->w2 + r * m->inter * es, m->h, m->inter, j->dtype);
+        for (; r < hi; r++) {
+            float d = dot1(m->w2.w + r * m->inter * es, m->h, m->inter, m->w2.wtype);
+            j->y[r] += m->coef * (m->w2.scale ? d * load1(m->w2.scale, r, m->w2.sdtype) : d);
+        }
     }
 }
 
-/* moe(y, x, hidden, dtype, ids, coefs, k, gate_up, down, inter, experts)
+/* moe(y, x, hidden, dtype, ids, coefs, k, gate_up, down, inter, experts, wtype, gate_up_scale, down_scale, sdtype)
  *   y [H] float32 out; x [H] in dtype; ids [k] int64 and coefs [k] float32: the picked experts
- *   and their routing weights; gate_up [E, 2I, H], down [E, H, I]. */
+ *   and their routing weights; gate_up [E, 2I, H], down [E, H, I] in wtype; for int8 weights,
+ *   scales [E, 2I] and [E, H] in sdtype (else 0). */
 static PyObject *py_moe(PyObject *self, PyObject *args) {
-    unsigned long long y, x, ids, coefs, gate_up, down;
+    unsigned long long y, x, ids, coefs, gate_up, down, gu_scale, dn_scale;
     long hidden, k, inter, experts;
-    int dtype;
-    if (!PyArg_ParseTuple(args, "KKliKKlKKll", &y, &x, &hidden, &dtype, &ids, &coefs, &k, &gate_up, &down, &inter, &experts)) return NULL;
+    int dtype, wtype, sdtype;
+    if (!PyArg_ParseTuple(args, "KKliKKlKKlliKKi", &y, &x, &hidden, &dtype, &ids, &coefs, &k, &gate_up, &down, &inter, &experts, &wtype,
+                          &gu_scale, &dn_scale, &sdtype))
+        return NULL;
     if (k < 1 || k > MAX_PICKS) {
         PyErr_SetString(PyExc_ValueError, "moe: k must be 1..256");
         return NULL;
@@ -336,7 +379,7 @@ static PyObject *py_moe(PyObject *self, PyObject *args) {
             PyErr_Format(PyExc_ValueError, "moe: expert_ids has values outside 0..%ld", experts - 1);
             return NULL;
         }
-    size_t es = dtype == F32 ? 4 : 2;
+    size_t es = esize(wtype), ss = esize(sdtype);
     float *buf = malloc((size_t)(2 * hidden + 2 * inter * k) * sizeof(float));
     moe_job *j = malloc(sizeof(moe_job));
     if (!buf || !j) {
@@ -346,8 +389,9 @@ static PyObject *py_moe(PyObject *self, PyObject *args) {
     *j = (moe_job){.count = (int)k, .hidden = hidden, .total_rows = 2 * inter * k, .x = buf, .y = (float *)y, .dtype = dtype};
     for (long i = 0; i < k; i++) {
         int64_t e = ((const int64_t *)ids)[i];
-        j->m[i] = (mlp_t){(const char *)gate_up + e * 2 * inter * hidden * es, (const char *)down + e * hidden * inter * es, inter,
-                          ((const float *)coefs)[i], buf + 2 * hidden + 2 * inter * i};
+        mat_t w13 = {(const char *)gate_up + e * 2 * inter * hidden * es, gu_scale ? (const char *)gu_scale + e * 2 * inter * ss : NULL, wtype, sdtype};
+        mat_t w2 = {(const char *)down + e * hidden * inter * es, dn_scale ? (const char *)dn_scale + e * hidden * ss : NULL, wtype, sdtype};
+        j->m[i] = (mlp_t){w13, w2, inter, ((const float *)coefs)[i], buf + 2 * hidden + 2 * inter * i};
     }
     Py_BEGIN_ALLOW_THREADS
     to_f32((const void *)x, hidden, dtype, buf);
@@ -355,7 +399,7 @@ static PyObject *py_moe(PyObject *self, PyObject *args) {
     for (int i = 0; i < j->count; i++) {
         mlp_t *m = &j->m[i];
         for (long c = 0; c < m->inter; c++) m->h[c] = silu(m->h[c]) * m->h[m->inter + c];
-        if (dtype == BF16)  /* the activation is rounded to the weights' dtype, as torch's path does */
+        if (dtype == BF16)  /* the activation is rounded to the model's dtype, as torch's path does */
             for (long c = 0; c < m->inter; c++) m->h[c] = round_bf16(m->h[c]);
         split16(m->h, m->inter, m->h + m->inter);  /* over the up values, no longer needed */
     }

@@ -21,7 +21,8 @@ try:
 except ImportError:  # built optionally; see pyproject.toml
     _cpu = None
 
-DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # activations (and scales)
+WEIGHT_TYPES = {**DTYPES, torch.int8: 2}
 _SUPPORTED = _cpu is not None and _cpu.supported()
 _decoding = False  # inside decode_threads(), where the kernels run on torch's threads; elsewhere on the caller's alone
 
@@ -65,16 +66,33 @@ def _usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     )
 
 
-def linear_vec(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor | None:
-    """F.linear(x, w, b) for x [..., K] holding one token; w [N, K], b [N]; None if it cannot run here."""
-    if w.dim() != 2:
+def linear_vec(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor | None:
+    """F.linear(x, w, b) for x [..., K] holding one token; w [N, K], b [N]; None if it cannot run here.
+
+    w in x's dtype, or int8 with `scale` [N] (float32 / bfloat16): the weight is w * scale[:, None].
+    """
+    if w.dim() != 2 or not _weights_ok(w, scale, w.shape[0]):
         return None
     n, k = w.shape
-    if x.numel() != k or not _usable(x, w, *(() if b is None else (b,))) or (b is not None and b.shape != (n,)):
+    if x.numel() != k or not _usable(x, *(() if b is None else (b,))) or (b is not None and b.shape != (n,)):
+        return None
+    if w.dtype != torch.int8 and not _usable(x, w):
         return None
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
-    _cpu.linear(y.data_ptr(), x.data_ptr(), w.data_ptr(), 0 if b is None else b.data_ptr(), n, k, DTYPES[x.dtype])
+    _cpu.linear(
+        y.data_ptr(), x.data_ptr(), w.data_ptr(), 0 if b is None else b.data_ptr(), n, k, DTYPES[x.dtype],
+        WEIGHT_TYPES[w.dtype], 0 if scale is None else scale.data_ptr(), 0 if scale is None else DTYPES[scale.dtype],
+    )  # fmt: skip
     return y
+
+
+def _weights_ok(w: torch.Tensor, scale: torch.Tensor | None, rows: int) -> bool:
+    """Float weights without a scale, or int8 weights with a contiguous float scale per row ([..., rows])."""
+    if w.dtype not in WEIGHT_TYPES or w.device.type != "cpu" or not w.is_contiguous():
+        return False
+    if w.dtype != torch.int8:
+        return scale is None
+    return scale is not None and scale.dtype in DTYPES and scale.is_contiguous() and scale.shape[-1] == rows and scale.shape[:-1] == w.shape[:-2]
 
 
 def moe_vec(
@@ -83,24 +101,35 @@ def moe_vec(
     weights: torch.Tensor,
     gate_up: torch.Tensor,
     down: torch.Tensor,
+    gate_up_scale: torch.Tensor | None = None,
+    down_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Routed experts for one token, float32 [1, H]; None if it cannot run here.
 
-    x [1, H], expert_ids [1, k] int64, weights [1, k] float32, gate_up [E, 2I, H], down [E, H, I].
+    x [1, H], expert_ids [1, k] int64, weights [1, k] float32, gate_up [E, 2I, H], down [E, H, I]
+    in x's dtype, or int8 with per-row scales gate_up_scale [E, 2I] and down_scale [E, H].
     Equals moe_experts up to float32 summation order; for bfloat16 the k expert outputs are summed
     in float32 without first rounding each one to bfloat16. Raises ValueError for ids outside 0..E-1.
     """
     if x.dim() != 2 or x.shape[0] != 1 or expert_ids.dtype != torch.int64 or weights.dtype != torch.float32:
         return None
-    if not _usable(x, gate_up, down) or not expert_ids.is_contiguous() or not weights.is_contiguous() or expert_ids.shape != weights.shape:
+    if not _usable(x) or not expert_ids.is_contiguous() or not weights.is_contiguous() or expert_ids.shape != weights.shape or expert_ids.dim() != 2:
+        return None
+    if gate_up.dim() != 3 or gate_up.dtype != down.dtype or (gate_up.dtype != torch.int8 and gate_up.dtype != x.dtype):
         return None
     E, two_i, H = gate_up.shape
-    if x.shape[1] != H or down.shape != (E, H, two_i // 2) or expert_ids.dim() != 2:
+    if x.shape[1] != H or down.shape != (E, H, two_i // 2):
+        return None
+    if not _weights_ok(gate_up, gate_up_scale, two_i) or not _weights_ok(down, down_scale, H):
+        return None
+    if gate_up_scale is not None and gate_up_scale.dtype != down_scale.dtype:
         return None
     y = torch.empty(1, H, dtype=torch.float32)
+    scaled = gate_up_scale is not None
     _cpu.moe(
         y.data_ptr(), x.data_ptr(), H, DTYPES[x.dtype], expert_ids.data_ptr(), weights.data_ptr(), expert_ids.shape[1],
-        gate_up.data_ptr(), down.data_ptr(), two_i // 2, E,
+        gate_up.data_ptr(), down.data_ptr(), two_i // 2, E, WEIGHT_TYPES[gate_up.dtype],
+        gate_up_scale.data_ptr() if scaled else 0, down_scale.data_ptr() if scaled else 0, DTYPES[gate_up_scale.dtype] if scaled else 0,
     )  # fmt: skip
     return y
 
@@ -109,11 +138,11 @@ def swiglu_vec(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Te
     """dense_mlp for one token (w13 [2I, H] gate rows then up, w2 [H, I]), float32 [1, H]; None if it cannot run."""
     if w13.dim() != 2 or w2.dim() != 2:
         return None
-    return moe_vec(x, _ONE_ID, _ONE_WEIGHT, w13.unsqueeze(0), w2.unsqueeze(0))
+    return moe_vec(x, ONE_ID, ONE_WEIGHT, w13.unsqueeze(0), w2.unsqueeze(0))
 
 
-_ONE_ID = torch.zeros(1, 1, dtype=torch.int64)  # the single "expert" of a dense MLP, with weight 1
-_ONE_WEIGHT = torch.ones(1, 1, dtype=torch.float32)
+ONE_ID = torch.zeros(1, 1, dtype=torch.int64)  # the single "expert" of a dense MLP, with weight 1
+ONE_WEIGHT = torch.ones(1, 1, dtype=torch.float32)
 
 
 def rms_norm_vec(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:

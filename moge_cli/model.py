@@ -235,6 +235,7 @@ class MoGEForCausalLM(nn.Module):
         self.lm_head = _param((V, H), dtype, device)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.quantization = None  # set by moge_cli.quantized.load_quantized
+        self.native_decode = True  # one-token steps on kernels/cpu.c's threads (false where torch's int4 kernels run)
         self.eval()
 
     @classmethod
@@ -274,7 +275,7 @@ class MoGEForCausalLM(nn.Module):
             )
         cos, sin = self._rope_tables(start + T)
         cos, sin = cos[start : start + T, None], sin[start : start + T, None]  # [T, 1, D]
-        one_token = B * T == 1 and self.device.type == "cpu" and self.quantization is None  # int kernels are torch's
+        one_token = B * T == 1 and self.device.type == "cpu" and self.native_decode
         with native.decode_threads(one_token):
             with section("embedding"):
                 x = F.embedding(input_ids.to(self.device), self.embed_tokens)  # [B, T, H]

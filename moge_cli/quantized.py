@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import route
+from kernels import native, route
 from moge_cli.config import MoGEConfig
 from moge_cli.errors import CheckpointError, UsageError
 from moge_cli.instrument import routing as record_routing
@@ -122,6 +122,8 @@ class QLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, e: int = 0) -> torch.Tensor:
         shape = x.shape
+        if self.mode == "int8" and x.numel() == self.in_features and (y := native.linear_vec(x, self._w[e], bias, self._s[e])) is not None:
+            return y  # one token: kernels/cpu.c, int8 rows times their scales
         if self.mode != "dequant" and x.dtype == self.dtype and x.numel() < MANY_TOKENS * self.in_features:  # decode
             x2 = x if x.dim() == 2 else x.view(-1, self.in_features)
             if self.mode == "int8":
@@ -208,7 +210,8 @@ class QMoE(nn.Module):
         with section("routed_experts"):
             y = routed_experts(x, expert_ids, weights, self.gate_up, self.down)
         with section("shared_expert"):
-            y = y + swiglu(x, self.shared_w13, self.shared_w2).float()
+            shared = native_moe(x, native.ONE_ID, native.ONE_WEIGHT, self.shared_w13, self.shared_w2, shared=True) if x.shape[0] == 1 else None
+            y = y + (shared if shared is not None else swiglu(x, self.shared_w13, self.shared_w2).float())
         return y.to(x.dtype)
 
 
@@ -227,6 +230,8 @@ def routed_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
     each picked expert runs once on its rows; results go back to pair order and are summed in float32.
     """
     T, k = expert_ids.shape
+    if T == 1 and (y := native_moe(x, expert_ids, weights, gate_up, down)) is not None:
+        return y
     if T == 1:  # decode: k different experts on one token, no grouping needed
         ys = torch.cat([swiglu(x, gate_up, down, e) for e in expert_ids[0].tolist()])  # [k, H]
         return torch.mm(weights.float(), ys.float())  # [1, k] @ [k, H]: the weighted sum, in float32
@@ -249,6 +254,25 @@ def routed_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
         xe = x[pairs // k] if len(pairs) > 1 else x[int(pairs[0]) // k].unsqueeze(0)
         y[pairs] = swiglu(xe, gate_up, down, e)
     return (y.view(T, k, -1).float() * weights.float().unsqueeze(-1)).sum(dim=1)
+
+
+def native_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, gate_up, down, shared: bool = False) -> torch.Tensor | None:
+    """kernels/cpu.c's one-token experts (float32 [1, H]) for int8 QLinear stacks or plain weights; None otherwise.
+
+    shared=True: gate_up / down are one MLP ([2I, H] / [H, I], or QLinears of one expert).
+    """
+    if isinstance(gate_up, QLinear) and isinstance(down, QLinear):
+        if gate_up.mode != "int8" or down.mode != "int8":
+            return None
+        return native.moe_vec(x, expert_ids, weights, gate_up.weight, down.weight, gate_up.scales, down.scales)
+    if isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor):
+        return native.moe_vec(x, expert_ids, weights, *((gate_up.unsqueeze(0), down.unsqueeze(0)) if shared else (gate_up, down)))
+    return None
+
+
+def runs_natively(model) -> bool:
+    """Every quantized weight of the model is int8 per channel: its decode runs on kernels/cpu.c, not torch's int kernels."""
+    return all(q.mode == "int8" for q in model.modules() if isinstance(q, QLinear))
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -296,6 +320,7 @@ def load_quantized(ckpt, quant: QuantizedCheckpoint, *, dtype=None, device="cpu"
         if any(isinstance(v, QLinear) for v in mlp.children()):
             mlp.__class__ = QMoE if isinstance(mlp, MoE) else QDenseMLP if isinstance(mlp, DenseMLP) else type(mlp)
     model.quantization = quant
+    model.native_decode = runs_natively(model)
     return model
 
 

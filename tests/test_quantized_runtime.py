@@ -153,3 +153,24 @@ def test_load_quantized_refuses_other_devices_and_kernels(src, tmp_path):
     with pytest.raises(Exception, match="kernel"):
         load_quantized(ck, quantization_of(ck), kernel="magic")
     ck.close()
+
+
+@pytest.mark.parametrize("bits, native_decode", [(8, True), (4, False)])
+def test_int8_decode_runs_on_the_c_kernels_and_agrees_with_torch(src, tmp_path, monkeypatch, bits, native_decode):
+    """int8 per-channel weights decode through kernels/cpu.c (torch's int4 kernels keep torch's threads)."""
+    from kernels import native
+
+    if not native.available():
+        pytest.skip("kernels._cpu not built")
+    quantize_checkpoint(src, tmp_path / "q", bits=bits, lm_head=True)
+    model = load_model(tmp_path / "q")
+    assert model.native_decode is native_decode
+    ids = torch.randint(0, TINY.vocab_size, (1, 10), generator=torch.Generator().manual_seed(3))
+
+    def decode(flag: str) -> torch.Tensor:
+        monkeypatch.setenv("MOGE_NATIVE", flag)
+        cache = model.new_cache(1, 16)
+        model(ids[:, :6], cache=cache)
+        return torch.cat([model(ids[:, i : i + 1], cache=cache) for i in range(6, 10)], dim=1)
+
+    torch.testing.assert_close(decode("1"), decode("0"), atol=0.05, rtol=0.05)
