@@ -1,15 +1,18 @@
-/* kernels._cpu: single-token (decode) matrix-vector kernels for x86-64 CPUs with AVX2 and FMA.
+/* kernels._cpu: single-token (decode) kernels for x86-64 CPUs with AVX2 and FMA.
  *
  * Decode reads every active weight once per token, so its speed is memory bandwidth. torch's
- * float32 matrix-vector product reaches about half of this machine's read bandwidth, and the
- * routed experts of one token cost ~60 small torch ops per layer. Here:
- *   linear(y, x, w, b)        y[N] = w[N, K] x[K] + b, one token
+ * float32 matrix-vector product reaches about half of this machine's read bandwidth, and one
+ * token costs ~100 small torch ops per layer. Here:
+ *   linear(y, x, w, b)        y[N] = w[N, K] x[K] + b
  *   moe(y, x, ids, coefs)     y[H] = sum_j coef_j * down_j(silu(gate_j x) * up_j x) over the
- *                             picked experts, in one call (two passes over the threads)
- * Weights are float32 or bfloat16 (x in the same dtype); products accumulate in float32.
- * Work is split by output rows over a small persistent thread pool: the workers spin briefly
- * between calls (a decode step issues one every few microseconds), then sleep.
- * Sums run in a fixed order per output row, so results do not depend on the thread count.
+ *                             picked experts (or a shared expert), two passes over the threads
+ *   rms_norm, route, attend   the rest of a layer: RMSNorm; softmax and grouped top-K'; RoPE,
+ *                             the KV-cache write and GQA attention over the cache
+ * Activations are float32 or bfloat16; weights the same, or int8 with a scale per row; products
+ * accumulate in float32. Work is split by output rows (attention: by head) over a small persistent
+ * thread pool whose workers spin briefly between calls (a decode step issues one every few
+ * microseconds), then sleep. Sums run in a fixed order per output, so results do not depend on
+ * the thread count.
  *
  * Pointers come from torch (tensor.data_ptr()); kernels/native.py checks shapes, dtypes and
  * contiguity before calling. The GIL is released while a kernel runs.

@@ -10,6 +10,8 @@ QLinear kernels (`kernel=`), for a bfloat16 / float16 model:
              torch._weight_int8pack_mm; int4 groups -> torch._weight_int4pack_mm_for_cpu.
   "dequant"  the stored integers are kept; each call dequantises the picked weight to float32.
 bench/bench_quantize.py measures both; "torch" decodes faster (see README), so it is the default.
+One-token calls on int8 weights run kernels/cpu.c instead (native.linear_vec / moe_vec with the
+stored int8 rows and their scales): faster again, and the model then decodes on that pool's threads.
 A float32 model always uses "dequant": torch's int kernels have no fast float32 path on CPU.
 Many-token calls (prefill) dequantise to float32 and run one float32 GEMM, like the float model
 (int4 "torch" weights keep only torch's opaque packing, so they stay on the int4 kernel).
