@@ -3,7 +3,8 @@
     python bench/bench_convert.py [--layers 13] [--repeat 5] [--naive-repeat 1] [--dir /tmp] [--keep]
 
 Writes a random bf16 per-expert checkpoint of >= 3 GB (hidden 1024, 64 experts, moe_intermediate 512,
-vocab 65536, 13 layers, 1 GB shards), then times, each in a fresh subprocess with the page cache warm:
+vocab 65536, 13 layers, 1 GB shards), then times, each in a fresh subprocess, after dropping the page
+cache (as root) and reading the input back in, so that the input is warm and nothing else is cached:
   copy          shutil.copyfile of every input file (the ceiling: same bytes in, same bytes out)
   moge stacked  converters.convert(layout="stacked")
   moge fp16     converters.convert(dtype="float16")
@@ -102,8 +103,19 @@ def warm(files: list[Path]) -> None:
                 pass
 
 
+def settle() -> None:
+    """Write back and drop the page cache where allowed (root), so every run starts alike: the copy
+    baseline swung 2.5-12.6 s between runs when earlier outputs' pages were still being reclaimed."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1")
+    except OSError:
+        pass
+
+
 def run(variant: str, src: Path, dst: Path) -> dict:
     shutil.rmtree(dst, ignore_errors=True)
+    settle()
     warm(sorted(src.glob("*.safetensors")))
     out = subprocess.run([sys.executable, "-c", CHILD, variant, str(src), str(dst)], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     if out.returncode:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels import native
 from moge_cli.errors import CheckpointError, UsageError
 from moge_cli.safetensors_format import TORCH_NAMES
 
@@ -33,7 +34,8 @@ class Caster:
     thread). bfloat16 -> float16 goes through a cache-sized float32 buffer: two vectorized copies
     are several times faster than torch's direct path and give the same bits (bfloat16 -> float32
     is exact; the direct path goes through float too). Not float16 -> bfloat16: there the NaN
-    payloads would differ.
+    payloads would differ. Where kernels/cpu.c is built, bfloat16 -> float16 is its one-pass cast,
+    which also counts the overflows (the torch path then runs only to clamp them).
     """
 
     def __init__(self, src: torch.dtype, dst: torch.dtype, clamp: bool, block: int = BLOCK_ELEMS):
@@ -67,7 +69,10 @@ class Caster:
 
     def _chunk(self, x: torch.Tensor, y: torch.Tensor) -> int:
         k = x.numel()
-        if self.mid is not None:
+        if self.mid is not None and (n := native.cast_bf16_f16(x, y)) is not None:  # kernels/cpu.c: one pass
+            if not n or not self.clamp:
+                return n
+        elif self.mid is not None:
             y.copy_(self.mid[:k].copy_(x))
         else:
             y.copy_(x)

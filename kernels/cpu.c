@@ -1,4 +1,4 @@
-/* kernels._cpu: single-token (decode) kernels for x86-64 CPUs with AVX2 and FMA.
+/* kernels._cpu: single-token (decode) kernels for x86-64 CPUs with AVX2, FMA and F16C.
  *
  * Decode reads every active weight once per token, so its speed is memory bandwidth. torch's
  * float32 matrix-vector product reaches about half of this machine's read bandwidth, and one
@@ -8,6 +8,7 @@
  *                             picked experts (or a shared expert), two passes over the threads
  *   rms_norm, route, attend   the rest of a layer: RMSNorm; softmax and grouped top-K'; RoPE,
  *                             the KV-cache write and GQA attention over the cache
+ *   cast_bf16_f16             bfloat16 -> float16 in one pass, counting overflows (moge convert)
  * Activations are float32 or bfloat16; weights the same, or int8 with a scale per row; products
  * accumulate in float32. Work is split by output rows (attention: by head) over a small persistent
  * thread pool whose workers spin briefly between calls (a decode step issues one every few
@@ -549,6 +550,38 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---- conversion: bfloat16 -> float16 with overflow counting (moge convert --dtype float16) ------- */
+/* cast_bf16_f16(dst, src, n) -> the number of finite values beyond +-65504 (they become +-inf).
+ * One pass: bfloat16 -> float32 is exact (a shift), float32 -> float16 rounds to nearest even
+ * (F16C), as torch's .to(float16) does. */
+__attribute__((target("avx2,f16c"))) static long cast_bf16_f16(uint16_t *dst, const uint16_t *src, long n) {
+    const __m256 fp16_max = _mm256_set1_ps(65504.0f), inf = _mm256_set1_ps(INFINITY);
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    long over = 0, i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + i))), 16));
+        __m256 a = _mm256_and_ps(v, abs_mask);
+        over += __builtin_popcount(_mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(a, fp16_max, _CMP_GT_OQ), _mm256_cmp_ps(a, inf, _CMP_LT_OQ))));
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    }
+    for (; i < n; i++) {
+        float f = load1(src, i, BF16), a = fabsf(f);
+        over += a > 65504.0f && a < INFINITY;
+        dst[i] = _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+    }
+    return over;
+}
+
+static PyObject *py_cast_bf16_f16(PyObject *self, PyObject *args) {
+    unsigned long long dst, src;
+    long n, over;
+    if (!PyArg_ParseTuple(args, "KKl", &dst, &src, &n)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    over = cast_bf16_f16((uint16_t *)dst, (const uint16_t *)src, n);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(over);
+}
+
 /* ---- module ------------------------------------------------------------------------------------ */
 static PyObject *py_set_threads(PyObject *self, PyObject *args) {
     int n;
@@ -563,7 +596,7 @@ static PyObject *py_set_threads(PyObject *self, PyObject *args) {
 
 static PyObject *py_supported(PyObject *self, PyObject *noargs) {
     __builtin_cpu_init();
-    return PyBool_FromLong(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
+    return PyBool_FromLong(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"));
 }
 
 static PyMethodDef methods[] = {
@@ -572,6 +605,7 @@ static PyMethodDef methods[] = {
     {"rms_norm", py_rms_norm, METH_VARARGS, "rms_norm(y, x, w, n, eps, dtype): RMSNorm of one token."},
     {"route", py_route, METH_VARARGS, "route(ids, weights, logits, experts, groups, picks, scale): kernels.route for one token."},
     {"attend", py_attend, METH_VARARGS, "attend(o, qkv, cos, sin, k_cache, v_cache, pos, n_heads, n_kv, dim, s_max, dtype): one token's attention."},
+    {"cast_bf16_f16", py_cast_bf16_f16, METH_VARARGS, "cast_bf16_f16(dst, src, n) -> values beyond +-65504 (made +-inf)."},
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n): threads per kernel call, the caller's included."},
     {"supported", py_supported, METH_NOARGS, "True when this CPU has AVX2 and FMA."},
     {NULL, NULL, 0, NULL},

@@ -1,4 +1,5 @@
-"""One-token (decode) kernels from kernels/cpu.c, with the checks the C code leaves to its caller.
+"""One-token (decode) kernels from kernels/cpu.c, with the checks the C code leaves to its caller
+(and its bfloat16 -> float16 cast for moge convert).
 
 `linear_vec` and `moe_vec` return None when they cannot run: the extension is not built (no
 compiler at install time, not x86-64), the CPU lacks AVX2/FMA, the tensors are not one token of
@@ -28,7 +29,7 @@ _decoding = False  # inside decode_threads(), where the kernels run on torch's t
 
 
 def available() -> bool:
-    """The extension is built, the CPU can run it, and MOGE_NATIVE is not 0."""
+    """The extension is built, the CPU can run it (AVX2, FMA, F16C), and MOGE_NATIVE is not 0."""
     return _cpu is not None and _SUPPORTED and os.environ.get("MOGE_NATIVE", "1") != "0"
 
 
@@ -186,3 +187,13 @@ def attend_vec(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache:
         pos, n_heads, n_kv, dim, s_max, DTYPES[qkv.dtype],
     )  # fmt: skip
     return o
+
+
+def cast_bf16_f16(x: torch.Tensor, y: torch.Tensor) -> int | None:
+    """y[:] = x.to(float16) for contiguous bfloat16 x and float16 y of the same size, one pass; returns the
+    number of finite values beyond +-65504 (made +-inf), or None if it cannot run here."""
+    if not available() or x.dtype != torch.bfloat16 or y.dtype != torch.float16 or x.numel() != y.numel():
+        return None
+    if x.device.type != "cpu" or y.device.type != "cpu" or not x.is_contiguous() or not y.is_contiguous():
+        return None
+    return _cpu.cast_bf16_f16(y.data_ptr(), x.data_ptr(), x.numel())

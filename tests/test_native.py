@@ -192,3 +192,13 @@ def test_decode_with_native_attention_matches_torch(dtype, heads, kv_heads, monk
 
     tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 0.05, "atol": 0.05}
     torch.testing.assert_close(decode("1"), decode("0"), **tol)
+
+
+def test_cast_bf16_f16_is_torchs_cast_bit_for_bit():
+    special = torch.tensor([0.0, -0.0, 1e-8, -6e-5, 65280.0, 65536.0, -70000.0, 3e38, float("inf"), float("-inf"), float("nan"), 1 / 3])
+    x = torch.cat([special, torch.randn(1000) * 300, torch.randn(37) * 1e5]).bfloat16()  # an odd length: the scalar tail too
+    y = torch.empty(x.numel(), dtype=torch.float16)
+    n = native.cast_bf16_f16(x, y)
+    assert torch.equal(y.view(torch.int16), x.to(torch.float16).view(torch.int16))  # NaN and inf bits included
+    xf = x.float()
+    assert n == int(((xf.abs() > 65504) & xf.isfinite()).sum()) > 0
