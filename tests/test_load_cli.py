@@ -134,21 +134,16 @@ def test_fast_path_prints_what_the_typer_command_prints(good, capsys):
     assert fast_load(capsys, good) == (r.exit_code, r.stdout, "")
 
 
-def test_load_json_imports_neither_typer_nor_torch(good):
+@pytest.mark.parametrize(
+    "entry, absent",
+    [("from moge_cli.main import main as run", ("typer", "rich", "torch", "numpy")),  # the console script: fast path
+     ("from moge_cli.cli import app as run", ("torch", "numpy"))],  # the Typer app
+)  # fmt: skip
+def test_load_json_does_not_import_heavy_modules(good, entry, absent):
     code = (
-        "import sys\nfrom moge_cli.main import main\n"
-        "try:\n    main(['load', sys.argv[1], '--json'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
-        "for m in ('typer', 'rich', 'torch', 'numpy'):\n    assert m not in sys.modules, m + ' imported'\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code, str(good)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-
-
-def test_load_and_help_do_not_import_torch(good):
-    code = (
-        "import sys\nfrom moge_cli.cli import app\n"
-        "try:\n    app(['load', sys.argv[1], '--json'])\nexcept SystemExit:\n    pass\n"
-        "assert 'torch' not in sys.modules, 'torch imported'\nassert 'numpy' not in sys.modules, 'numpy imported'\n"
+        f"import sys\n{entry}\n"
+        "try:\n    run(['load', sys.argv[1], '--json'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        f"for m in {absent!r}:\n    assert m not in sys.modules, m + ' imported'\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(good)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
