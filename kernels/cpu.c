@@ -1,45 +1,28 @@
-/* kernels._cpu: single-token (decode) kernels for x86-64 CPUs with AVX2, FMA and F16C.
+/* kernels._cpu: the one-token kernels (see cpu.h): thread pool, dot products, and a layer's ops.
  *
  * Decode reads every active weight once per token, so its speed is memory bandwidth. torch's
  * float32 matrix-vector product reaches about half of this machine's read bandwidth, and one
- * token costs ~100 small torch ops per layer. Here:
- *   linear(y, x, w, b)        y[N] = w[N, K] x[K] + b
- *   moe(y, x, ids, coefs)     y[H] = sum_j coef_j * down_j(silu(gate_j x) * up_j x) over the
- *                             picked experts (or a shared expert), two passes over the threads
- *   rms_norm, route, attend   the rest of a layer: RMSNorm; softmax and grouped top-K'; RoPE,
- *                             the KV-cache write and GQA attention over the cache
- *   cast_bf16_f16             bfloat16 -> float16 in one pass, counting overflows (moge convert)
- * Activations are float32 or bfloat16; weights the same, or int8 with a scale per row; products
- * accumulate in float32. Work is split by output rows (attention: by head) over a small persistent
- * thread pool whose workers spin briefly between calls (a decode step issues one every few
- * microseconds), then sleep. Sums run in a fixed order per output, so results do not depend on
- * the thread count.
- *
- * Pointers come from torch (tensor.data_ptr()); kernels/native.py checks shapes, dtypes and
- * contiguity before calling. The GIL is released while a kernel runs.
+ * token costs ~100 small torch ops per layer. Products accumulate in float32. Work is split by
+ * output rows (attention: by head) over a small persistent thread pool whose workers spin
+ * briefly between calls (a decode step issues one every few microseconds), then sleep. Sums run
+ * in a fixed order per output, so results do not depend on the thread count.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "cpu.h"
+
 #include <immintrin.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define AVX2 __attribute__((target("avx2,fma")))
 #define MAX_THREADS 64
-#define MAX_PICKS 256
 #define SPIN_ROUNDS 20000  /* ~0.5 ms of pause instructions before a worker sleeps */
-
-enum { F32 = 0, BF16 = 1, I8 = 2 };  /* activations are F32 or BF16; weights also I8 (a float scale per row) */
+#define PARALLEL_BYTES (64 * 1024)  /* parallel only when the weights are big enough to pay for waking the workers */
 
 static size_t esize(int t) { return t == F32 ? 4 : t == BF16 ? 2 : 1; }
 
 /* ---- thread pool ------------------------------------------------------------------------------ */
-typedef void (*task_fn)(void *ctx, int part, int parts);
-
 static int n_threads = 1;  /* including the caller */
 static int n_started = 0;  /* workers running */
 static task_fn job_fn;
@@ -82,7 +65,7 @@ static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;  /* one job at a tim
 
 /* Run fn(ctx, part, parts) for part = 0..parts-1, part 0 on the calling thread. A call made while
  * another thread's job holds the pool runs alone on its own thread. */
-static void run_parallel(task_fn fn, void *ctx, int parallel) {
+void run_parallel(task_fn fn, void *ctx, int parallel) {
     if (parallel && n_threads > 1 && pthread_mutex_trylock(&pool_mu) == 0) {
         run_on_pool(fn, ctx);
         pthread_mutex_unlock(&pool_mu);
@@ -119,44 +102,102 @@ static void run_on_pool(task_fn fn, void *ctx) {
     while (atomic_load_explicit(&job_pending, memory_order_acquire)) _mm_pause();
 }
 
-/* ---- dot products ------------------------------------------------------------------------------ */
-AVX2 static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+void pool_set_threads(int n) {
+    pthread_mutex_lock(&pool_mu);  /* not while another thread's job runs */
+    n_threads = n < 1 ? 1 : n > MAX_THREADS ? MAX_THREADS : n;
+    pthread_mutex_unlock(&pool_mu);
 }
 
-static inline float load1(const void *w, long i, int dtype) {
-    if (dtype == F32) return ((const float *)w)[i];
-    uint32_t u = (uint32_t)((const uint16_t *)w)[i] << 16;
+/* ---- values ------------------------------------------------------------------------------------ */
+float load1(const void *p, long i, int dtype) {
+    if (dtype == F32) return ((const float *)p)[i];
+    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
     float f;
     memcpy(&f, &u, 4);
     return f;
 }
 
-static inline uint16_t to_bf16(float f) {  /* round to nearest even; NaN stays NaN */
+uint16_t to_bf16(float f) {  /* round to nearest even; NaN stays NaN */
     uint32_t u;
     memcpy(&u, &f, 4);
     if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);
     return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
-static inline float round_bf16(float f) {
-    uint16_t h = to_bf16(f);
-    return load1(&h, 0, BF16);
+void round_to(float *v, long n, int dtype) {
+    if (dtype != BF16) return;
+    for (long i = 0; i < n; i++) {
+        uint16_t h = to_bf16(v[i]);
+        v[i] = load1(&h, 0, BF16);
+    }
 }
 
-/* Every vector x[k] handed to the dot products below is stored twice, back to back: as is, then
- * "split" (x + k): in each block of 16, the 8 even-indexed values, then the 8 odd ones. A 256-bit
- * load of 16 bfloat16 weights holds the even ones in the high halves of its 32-bit lanes after a
- * shift and the odd ones after a mask: two float32 vectors that pair with the split x, with no
- * shuffle. Float32 weights use x as is. */
-static void split16(const float *x, long k, float *xs) {
+void to_float(const void *src, long n, int dtype, float *dst) {
+    if (dtype == F32) memcpy(dst, src, n * 4);
+    else
+        for (long i = 0; i < n; i++) dst[i] = load1(src, i, BF16);
+}
+
+void from_float(const float *src, long n, int dtype, void *dst) {
+    if (dtype == F32) memcpy(dst, src, n * 4);
+    else
+        for (long i = 0; i < n; i++) ((uint16_t *)dst)[i] = to_bf16(src[i]);
+}
+
+/* ---- input vectors ------------------------------------------------------------------------------
+ * xs ("split"): in each block of 16, the 8 even-indexed values, then the 8 odd ones. A 256-bit load
+ * of 16 bfloat16 weights holds the even ones in the high halves of its 32-bit lanes after a shift
+ * and the odd ones after a mask: two float32 vectors that pair with xs, with no shuffle.
+ * xp ("permuted"): in each block of 64, x[8l + t] at 8t + l. A 256-bit load of int4 words holds
+ * values 8l + t of the block at bits 4t of lane l: shift and mask give 8 int32 vectors that pair
+ * with xp, with no shuffle. x32: sums of x over each 32 values (zero points: sum (u - z) x =
+ * sum u x - z sum x). */
+long vec_floats(long k) { return 3 * k + k / 32 + 1; }
+
+vec_t vec_prepare(const float *x, long k, float *storage) {
+    float *xs = storage + k, *xp = storage + 2 * k, *x32 = storage + 3 * k;
+    if (x != storage) memmove(storage, x, k * sizeof(float));
+    x = storage;
     long c = 0;
     for (; c + 16 <= k; c += 16)
         for (int i = 0; i < 8; i++) xs[c + i] = x[c + 2 * i], xs[c + 8 + i] = x[c + 2 * i + 1];
     for (; c < k; c++) xs[c] = x[c];
+    for (c = 0; c + 64 <= k; c += 64)
+        for (int l = 0; l < 8; l++)
+            for (int t = 0; t < 8; t++) xp[c + 8 * t + l] = x[c + 8 * l + t];
+    for (; c < k; c++) xp[c] = x[c];
+    for (long b = 0; b < k / 32; b++) {
+        float s = 0.0f;
+        for (int i = 0; i < 32; i++) s += x[32 * b + i];
+        x32[b] = s;
+    }
+    return (vec_t){x, xs, xp, x32, k};
+}
+
+/* ---- weight matrices ---------------------------------------------------------------------------- */
+static size_t row_bytes(mat_t m, long k) { return m.wtype == I4 ? (size_t)k / 2 : (size_t)k * esize(m.wtype); }
+static long groups_of(mat_t m, long k) { return m.wtype == I4 ? k / m.group : 1; }
+
+mat_t mat_row_block(mat_t m, long rows, long k, long index) {
+    long g = groups_of(m, k);
+    if (m.w) m.w += (size_t)index * rows * row_bytes(m, k);
+    if (m.scale) m.scale = (const char *)m.scale + (size_t)index * rows * g * (m.wtype == I4 ? 4 : esize(m.sdtype));
+    if (m.zero) m.zero += (size_t)index * rows * g;
+    return m;
+}
+
+int mat_supported(mat_t m, long k) {
+    if (m.wtype == I4) return k % 64 == 0 && m.scale && m.zero && m.sdtype == F32 && (m.group == 32 || (m.group > 0 && m.group % 64 == 0 && k % m.group == 0));
+    if (m.wtype == I8) return m.scale != NULL && (m.sdtype == F32 || m.sdtype == BF16);
+    return m.wtype == F32 || m.wtype == BF16;
+}
+
+/* ---- dot products ------------------------------------------------------------------------------- */
+AVX2 static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
 }
 
 /* out[i] = w[i * ld : i * ld + k] . x for i < 4. */
@@ -185,8 +226,9 @@ AVX2 static void dot4_f32(const float *w, long ld, const float *x, long k, float
 
 /* w[0:k] . x for bfloat16 w, one row at a time and a whole 64-byte line per step: measured 16.8 GB/s
  * on one core here against 12.3 for four rows of 32 bytes per step (and 18.5 for a bare read). */
-AVX2 static float dot_bf16(const uint16_t *w, const float *x, long k) {
-    const float *xs = x + k;
+AVX2 static float dot_bf16(const uint16_t *w, vec_t x) {
+    const float *xs = x.xs;
+    long k = x.k;
     const __m256i odd = _mm256_set1_epi32((int)0xffff0000u);
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     long c = 0;
@@ -197,7 +239,7 @@ AVX2 static float dot_bf16(const uint16_t *w, const float *x, long k) {
         BF16_16(a0, b0)
     }
     float s = hsum(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1)), _mm256_add_ps(_mm256_add_ps(a2, b2), _mm256_add_ps(a3, b3))));
-    for (; c < k; c++) s += load1(w, c, BF16) * x[c];
+    for (; c < k; c++) s += load1(w, c, BF16) * x.x[c];
     return s;
 }
 
@@ -223,38 +265,65 @@ AVX2 static float dot_i8(const int8_t *w, const float *x, long k) {
     return s;
 }
 
+#define NIB(t) _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 4 * (t)), low4))
+#define XP(t) _mm256_loadu_ps(xb + 8 * (t))
+
+/* One int4 row (k % 64 == 0): sum over groups g of scale_g * (sum u x - zero_g * sum x). Each
+ * 64-value block (one 256-bit load of words) is summed in four chains, then scaled: its lanes 0-3
+ * hold values 0-31 and lanes 4-7 values 32-63, so group 32 takes two scales per block. */
+AVX2 static float dot_i4(const uint32_t *w, const float *s, const uint8_t *z, long group, vec_t x) {
+    const __m256i low4 = _mm256_set1_epi32(15);
+    __m256 acc = _mm256_setzero_ps();
+    for (long c = 0; c < x.k; c += 64) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(w + c / 8));
+        const float *xb = x.xp + c;
+        __m256 b0 = _mm256_mul_ps(NIB(0), XP(0)), b1 = _mm256_mul_ps(NIB(1), XP(1));
+        __m256 b2 = _mm256_mul_ps(NIB(2), XP(2)), b3 = _mm256_mul_ps(NIB(3), XP(3));
+        b0 = _mm256_fmadd_ps(NIB(4), XP(4), b0), b1 = _mm256_fmadd_ps(NIB(5), XP(5), b1);
+        b2 = _mm256_fmadd_ps(NIB(6), XP(6), b2);
+        b3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 28)), XP(7), b3);
+        __m256 block = _mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3));
+        long g = c / group;
+        __m256 sv = group == 32 ? _mm256_set_m128(_mm_set1_ps(s[g + 1]), _mm_set1_ps(s[g])) : _mm256_set1_ps(s[g]);
+        acc = _mm256_fmadd_ps(block, sv, acc);
+    }
+    float r = hsum(acc);
+    long per = group / 32;
+    for (long g = 0; g < x.k / group; g++) {
+        float sx = 0.0f;
+        for (long i = 0; i < per; i++) sx += x.x32[g * per + i];
+        r -= s[g] * (float)z[g] * sx;
+    }
+    return r;
+}
+
 static float dot1(const void *w, const float *x, long k, int wtype) {  /* the last n % 4 rows */
     float s = 0.0f;
     for (long c = 0; c < k; c++) s += (wtype == I8 ? ((const int8_t *)w)[c] : load1(w, c, wtype)) * x[c];
     return s;
 }
 
-static void dot4(const void *w, long ld, const float *x, long k, int wtype, float out[4]) {
-    if (wtype == F32) dot4_f32(w, ld, x, k, out);
-    else if (wtype == BF16)
-        for (int i = 0; i < 4; i++) out[i] = dot_bf16((const uint16_t *)w + i * ld, x, k);
+/* y[r - lo] = row r of m . x, times its scale, for r in [lo, hi). */
+static void rows_dot(mat_t m, vec_t x, long lo, long hi, float *y) {
+    long k = x.k, r = lo;
+    size_t rb = row_bytes(m, k);
+    if (m.wtype == I4) {
+        long g = k / m.group;
+        for (; r < hi; r++) y[r - lo] = dot_i4((const uint32_t *)(m.w + r * rb), (const float *)m.scale + r * g, m.zero + r * g, m.group, x);
+        return;
+    }
+    if (m.wtype == F32)
+        for (; r + 4 <= hi; r += 4) dot4_f32((const float *)(m.w + r * rb), k, x.x, k, y + (r - lo));
+    else if (m.wtype == BF16)
+        for (; r < hi; r++) y[r - lo] = dot_bf16((const uint16_t *)(m.w + r * rb), x);
     else
-        for (int i = 0; i < 4; i++) out[i] = dot_i8((const int8_t *)w + i * ld, x, k);
+        for (; r < hi; r++) y[r - lo] = dot_i8((const int8_t *)(m.w + r * rb), x.x, k);
+    for (; r < hi; r++) y[r - lo] = dot1(m.w + r * rb, x.x, k, m.wtype);
+    if (m.wtype == I8)
+        for (r = lo; r < hi; r++) y[r - lo] *= load1(m.scale, r, m.sdtype);
 }
 
-/* A weight matrix [n, k]: float32 / bfloat16, or int8 with one scale per row (in sdtype). */
-typedef struct {
-    const char *w;
-    const void *scale;
-    int wtype, sdtype;
-} mat_t;
-
-/* y[r] = w[r, :] . x (times the row's scale) for r in [lo, hi). */
-static void rows_dot(mat_t m, long k, const float *x, long lo, long hi, float *y) {
-    size_t es = esize(m.wtype);
-    long r = lo;
-    for (; r + 4 <= hi; r += 4) dot4(m.w + r * k * es, k, x, k, m.wtype, y + r);
-    for (; r < hi; r++) y[r] = dot1(m.w + r * k * es, x, k, m.wtype);
-    if (m.scale)
-        for (r = lo; r < hi; r++) y[r] *= load1(m.scale, r, m.sdtype);
-}
-
-/* [lo, hi) of n rows for this part, in multiples of 4 so that dot4 stays in step. */
+/* [lo, hi) of n rows for this part, in multiples of 4 so that dot4_f32 stays in step. */
 static void split(long n, int part, int parts, long *lo, long *hi) {
     long blocks = (n + 3) / 4;
     *lo = blocks * part / parts * 4;
@@ -263,218 +332,128 @@ static void split(long n, int part, int parts, long *lo, long *hi) {
     if (*hi > n) *hi = n;
 }
 
-/* dst[0:n] = src as float32, and dst[n:2n] its split copy (see split16). */
-static void to_f32(const void *src, long n, int dtype, float *dst) {
-    if (dtype == F32) memcpy(dst, src, n * 4);
-    else
-        for (long i = 0; i < n; i++) dst[i] = load1(src, i, BF16);
-    split16(dst, n, dst + n);
-}
-
-/* Parallel only when the weights are big enough (bytes) to pay for waking the workers. */
-#define PARALLEL_BYTES (64 * 1024)
-
 /* ---- linear ------------------------------------------------------------------------------------ */
 typedef struct {
     mat_t w;
-    const void *b;
-    const float *x;
+    const float *b;
+    vec_t x;
     float *y;
-    long n, k;
-    int dtype;
+    long n;
 } linear_job;
 
 static void linear_part(void *ctx, int part, int parts) {
     linear_job *j = ctx;
     long lo, hi;
     split(j->n, part, parts, &lo, &hi);
-    rows_dot(j->w, j->k, j->x, lo, hi, j->y);
+    rows_dot(j->w, j->x, lo, hi, j->y + lo);
     if (j->b)
-        for (long r = lo; r < hi; r++) j->y[r] += load1(j->b, r, j->dtype);
+        for (long r = lo; r < hi; r++) j->y[r] += j->b[r];
 }
 
-/* linear(y, x, w, b, n, k, dtype, wtype, scale, sdtype): y[n] = w[n, k] x[k] (+ b[n]); x, b, y in
- * dtype; w in wtype (int8: times scale[n] in sdtype). */
-static PyObject *py_linear(PyObject *self, PyObject *args) {
-    unsigned long long y, x, w, b, scale;
-    long n, k;
-    int dtype, wtype, sdtype;
-    if (!PyArg_ParseTuple(args, "KKKKlliiKi", &y, &x, &w, &b, &n, &k, &dtype, &wtype, &scale, &sdtype)) return NULL;
-    float *buf = malloc((size_t)(2 * k + n) * sizeof(float));
-    if (!buf) return PyErr_NoMemory();
-    linear_job j = {{(const char *)w, (const void *)scale, wtype, sdtype}, (const void *)b, buf, buf + 2 * k, n, k, dtype};
-    Py_BEGIN_ALLOW_THREADS
-    to_f32((const void *)x, k, dtype, buf);
-    run_parallel(linear_part, &j, (size_t)n * k * esize(wtype) >= PARALLEL_BYTES);
-    if (dtype == F32) memcpy((void *)y, j.y, n * 4);
-    else for (long r = 0; r < n; r++) ((uint16_t *)y)[r] = to_bf16(j.y[r]);
-    Py_END_ALLOW_THREADS
-    free(buf);
-    Py_RETURN_NONE;
+void linear(mat_t w, const float *bias, vec_t x, long n, float *y) {
+    linear_job j = {w, bias, x, y, n};
+    run_parallel(linear_part, &j, (size_t)n * row_bytes(w, x.k) >= PARALLEL_BYTES);
 }
 
-/* ---- SwiGLU MLPs summed: the routed experts of one token ------------------------------------- */
+/* ---- SwiGLU MLPs summed: the picked experts of one token, and the shared expert ----------------- */
 typedef struct {
-    mat_t w13, w2;         /* [2I, H] (gate rows, then up), [H, I] */
-    long inter;            /* I */
-    float coef;
-    float *h;              /* [2I] scratch: gate x, up x; then silu(gate) * up and its split copy */
-} mlp_t;
-
-typedef struct {
-    mlp_t m[MAX_PICKS];
+    const mlp_t *m;
     int count;
-    long hidden, total_rows;  /* total_rows = sum of 2I */
-    const float *x;
+    long total_rows;  /* sum of 2I */
+    vec_t x;
+    float **h;        /* per mlp: [2I] gate x, up x */
+    vec_t *act;       /* per mlp: silu(gate) * up, prepared */
     float *y;
-    int dtype;
-} moe_job;
+} mlps_job;
 
-static void moe_up_part(void *ctx, int part, int parts) {  /* every mlp's gate and up rows */
-    moe_job *j = ctx;
+static void mlps_up_part(void *ctx, int part, int parts) {  /* every mlp's gate and up rows */
+    mlps_job *j = ctx;
     long lo, hi, base = 0;
     split(j->total_rows, part, parts, &lo, &hi);
     for (int i = 0; i < j->count && base < hi; base += 2 * j->m[i].inter, i++) {
         long rows = 2 * j->m[i].inter, a = lo > base ? lo - base : 0, b = hi - base < rows ? hi - base : rows;
-        if (a < b) rows_dot(j->m[i].w13, j->hidden, j->x, a, b, j->m[i].h);
+        if (a < b) rows_dot(j->m[i].w13, j->x, a, b, j->h[i] + a);
     }
+}
+
+static void mlps_down_part(void *ctx, int part, int parts) {  /* y rows: sum over mlps in order */
+    mlps_job *j = ctx;
+    long lo, hi;
+    split(j->x.k, part, parts, &lo, &hi);
+    float d[64];
+    for (long r = lo; r < hi; r++) j->y[r] = 0.0f;
+    for (int i = 0; i < j->count; i++)
+        for (long r0 = lo; r0 < hi; r0 += 64) {
+            long r1 = r0 + 64 < hi ? r0 + 64 : hi;
+            rows_dot(j->m[i].w2, j->act[i], r0, r1, d);
+            for (long r = r0; r < r1; r++) j->y[r] += j->m[i].coef * d[r - r0];
+        }
 }
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
-static void moe_down_part(void *ctx, int part, int parts) {  /* y rows: sum over mlps in order */
-    moe_job *j = ctx;
-    long lo, hi;
-    split(j->hidden, part, parts, &lo, &hi);
-    for (long r = lo; r < hi; r++) j->y[r] = 0.0f;
-    float acc[4];
-    for (int i = 0; i < j->count; i++) {
-        mlp_t *m = &j->m[i];
-        size_t es = esize(m->w2.wtype);
-        long r = lo;
-        for (; r + 4 <= hi; r += 4) {
-            dot4(m->w2.w + r * m->inter * es, m->inter, m->h, m->inter, m->w2.wtype, acc);
-            for (int t = 0; t < 4; t++) j->y[r + t] += m->coef * (m->w2.scale ? acc[t] * load1(m->w2.scale, r + t, m->w2.sdtype) : acc[t]);
-        }
-        for (; r < hi; r++) {
-            float d = dot1(m->w2.w + r * m->inter * es, m->h, m->inter, m->w2.wtype);
-            j->y[r] += m->coef * (m->w2.scale ? d * load1(m->w2.scale, r, m->w2.sdtype) : d);
-        }
-    }
+long mlps_scratch_floats(const mlp_t *m, int count) {
+    long n = 0;
+    for (int i = 0; i < count; i++) n += 2 * m[i].inter + vec_floats(m[i].inter);
+    return n;
 }
 
-/* moe(y, x, hidden, dtype, ids, coefs, k, gate_up, down, inter, experts, wtype, gate_up_scale, down_scale, sdtype)
- *   y [H] float32 out; x [H] in dtype; ids [k] int64 and coefs [k] float32: the picked experts
- *   and their routing weights; gate_up [E, 2I, H], down [E, H, I] in wtype; for int8 weights,
- *   scales [E, 2I] and [E, H] in sdtype (else 0). */
-static PyObject *py_moe(PyObject *self, PyObject *args) {
-    unsigned long long y, x, ids, coefs, gate_up, down, gu_scale, dn_scale;
-    long hidden, k, inter, experts;
-    int dtype, wtype, sdtype;
-    if (!PyArg_ParseTuple(args, "KKliKKlKKlliKKi", &y, &x, &hidden, &dtype, &ids, &coefs, &k, &gate_up, &down, &inter, &experts, &wtype,
-                          &gu_scale, &dn_scale, &sdtype))
-        return NULL;
-    if (k < 1 || k > MAX_PICKS) {
-        PyErr_SetString(PyExc_ValueError, "moe: k must be 1..256");
-        return NULL;
+void mlps(const mlp_t *m, int count, vec_t x, int dtype, float *scratch, float *y) {
+    float *h[MAX_PICKS + 1];
+    vec_t act[MAX_PICKS + 1];
+    mlps_job j = {m, count, 0, x, h, act, y};
+    for (int i = 0; i < count; i++) {
+        h[i] = scratch;
+        scratch += 2 * m[i].inter + vec_floats(m[i].inter);
+        j.total_rows += 2 * m[i].inter;
     }
-    for (long i = 0; i < k; i++)
-        if (((const int64_t *)ids)[i] < 0 || ((const int64_t *)ids)[i] >= experts) {
-            PyErr_Format(PyExc_ValueError, "moe: expert_ids has values outside 0..%ld", experts - 1);
-            return NULL;
-        }
-    size_t es = esize(wtype), ss = esize(sdtype);
-    float *buf = malloc((size_t)(2 * hidden + 2 * inter * k) * sizeof(float));
-    moe_job *j = malloc(sizeof(moe_job));
-    if (!buf || !j) {
-        free(buf), free(j);
-        return PyErr_NoMemory();
+    run_parallel(mlps_up_part, &j, 1);
+    for (int i = 0; i < count; i++) {
+        long I = m[i].inter;
+        float *a = h[i] + 2 * I;
+        for (long c = 0; c < I; c++) a[c] = silu(h[i][c]) * h[i][I + c];
+        round_to(a, I, dtype);  /* the activation is rounded to the model's dtype, as torch's path does */
+        act[i] = vec_prepare(a, I, a);
     }
-    *j = (moe_job){.count = (int)k, .hidden = hidden, .total_rows = 2 * inter * k, .x = buf, .y = (float *)y, .dtype = dtype};
-    for (long i = 0; i < k; i++) {
-        int64_t e = ((const int64_t *)ids)[i];
-        mat_t w13 = {(const char *)gate_up + e * 2 * inter * hidden * es, gu_scale ? (const char *)gu_scale + e * 2 * inter * ss : NULL, wtype, sdtype};
-        mat_t w2 = {(const char *)down + e * hidden * inter * es, dn_scale ? (const char *)dn_scale + e * hidden * ss : NULL, wtype, sdtype};
-        j->m[i] = (mlp_t){w13, w2, inter, ((const float *)coefs)[i], buf + 2 * hidden + 2 * inter * i};
-    }
-    Py_BEGIN_ALLOW_THREADS
-    to_f32((const void *)x, hidden, dtype, buf);
-    run_parallel(moe_up_part, j, 1);
-    for (int i = 0; i < j->count; i++) {
-        mlp_t *m = &j->m[i];
-        for (long c = 0; c < m->inter; c++) m->h[c] = silu(m->h[c]) * m->h[m->inter + c];
-        if (dtype == BF16)  /* the activation is rounded to the model's dtype, as torch's path does */
-            for (long c = 0; c < m->inter; c++) m->h[c] = round_bf16(m->h[c]);
-        split16(m->h, m->inter, m->h + m->inter);  /* over the up values, no longer needed */
-    }
-    run_parallel(moe_down_part, j, 1);
-    Py_END_ALLOW_THREADS
-    free(buf);
-    free(j);
-    Py_RETURN_NONE;
+    run_parallel(mlps_down_part, &j, 1);
 }
 
-/* ---- the rest of a decode step: RMSNorm, routing, attention over the cache --------------------- */
-static void store(void *y, long i, float v, int dtype) {
-    if (dtype == F32) ((float *)y)[i] = v;
-    else ((uint16_t *)y)[i] = to_bf16(v);
-}
-
-/* rms_norm(y, x, w, n, eps, dtype): y = x * (1 / sqrt(mean(x^2) + eps)) * w; x, y in dtype, w float32. */
-static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
-    unsigned long long y, x, w;
-    long n;
-    double eps;
-    int dtype;
-    if (!PyArg_ParseTuple(args, "KKKldi", &y, &x, &w, &n, &eps, &dtype)) return NULL;
+/* ---- RMSNorm, routing, attention ------------------------------------------------------------------ */
+void rms_norm(const float *x, const float *w, long n, float eps, float *y) {
     double sum = 0.0;
-    for (long i = 0; i < n; i++) {
-        float v = load1((const void *)x, i, dtype);
-        sum += (double)v * v;
-    }
-    float inv = 1.0f / sqrtf((float)(sum / n) + (float)eps);
-    for (long i = 0; i < n; i++) store((void *)y, i, load1((const void *)x, i, dtype) * inv * ((const float *)w)[i], dtype);
-    Py_RETURN_NONE;
+    for (long i = 0; i < n; i++) sum += (double)x[i] * x[i];
+    float inv = 1.0f / sqrtf((float)(sum / n) + eps);
+    for (long i = 0; i < n; i++) y[i] = x[i] * inv * w[i];
 }
 
-/* route(ids, weights, logits, experts, groups, picks, scale): kernels.route for one token.
- * Softmax over all experts in float32; in each contiguous group the `picks` most probable experts,
+/* Softmax over all experts in float32; in each contiguous group the `picks` most probable experts,
  * by descending probability, ties to the lowest index; weight = probability * scale[e]. */
-static PyObject *py_route(PyObject *self, PyObject *args) {
-    unsigned long long ids, weights, logits, scale;
-    long E, G, picks;
-    if (!PyArg_ParseTuple(args, "KKKlllK", &ids, &weights, &logits, &E, &G, &picks, &scale)) return NULL;
-    if (E <= 0 || E > 4096 || G <= 0 || E % G || picks <= 0 || picks > E / G) {
-        PyErr_SetString(PyExc_ValueError, "route: bad expert / group / pick counts");
-        return NULL;
-    }
-    const float *l = (const float *)logits;
+int route(const float *l, long E, long G, long picks, const float *scale, int64_t *ids, float *weights) {
+    if (E <= 0 || E > 4096 || G <= 0 || E % G || picks <= 0 || picks > E / G) return -1;
     float p[4096], m = l[0], sum = 0.0f;
     for (long e = 1; e < E; e++) m = l[e] > m ? l[e] : m;
     for (long e = 0; e < E; e++) sum += p[e] = expf(l[e] - m);
     for (long e = 0; e < E; e++) p[e] /= sum;
     long per = E / G, out = 0;
-    for (long g = 0; g < G; g++) {
+    for (long g = 0; g < G; g++)
         for (long j = 0; j < picks; j++) {
             long best = -1;
             for (long e = g * per; e < (g + 1) * per; e++) {
                 int used = 0;
-                for (long t = out - j; t < out; t++) used |= ((int64_t *)ids)[t] == e;  /* picked already */
-                if (!used && (best < 0 || p[e] > p[best])) best = e;  /* strict >: ties to the lowest index */
+                for (long t = out - j; t < out; t++) used |= ids[t] == e;  /* picked already */
+                if (!used && (best < 0 || p[e] > p[best])) best = e;     /* strict >: ties to the lowest index */
             }
-            ((int64_t *)ids)[out] = best;
-            ((float *)weights)[out++] = p[best] * ((const float *)scale)[best];
+            ids[out] = best;
+            weights[out++] = p[best] * scale[best];
         }
-    }
-    Py_RETURN_NONE;
+    return 0;
 }
 
-/* Attention of one query token (batch 1) over a KV cache, heads split over the pool. */
 typedef struct {
-    const float *q;        /* [nH, D] float32, RoPE applied */
-    const void *k, *v;     /* cache [nKV, S_max, D] in dtype */
-    float *o;              /* [nH, D] float32 */
-    float *scores;         /* [nH, S] scratch */
+    const float *q;     /* [nH, D] float32, RoPE applied */
+    const void *k, *v;  /* cache [nKV, S_max, D] in dtype */
+    float *o;           /* [nH, D] float32 */
+    float *scores;      /* [nH, S] scratch */
     long n_heads, n_kv, dim, s_max, len;
     int dtype;
 } attend_job;
@@ -482,7 +461,7 @@ typedef struct {
 static void attend_part(void *ctx, int part, int parts) {
     attend_job *j = ctx;
     long lo = j->n_heads * part / parts, hi = j->n_heads * (part + 1) / parts;
-    size_t es = j->dtype == F32 ? 4 : 2;
+    size_t es = esize(j->dtype);
     float scale = 1.0f / sqrtf((float)j->dim);
     for (long h = lo; h < hi; h++) {
         long g = h / (j->n_heads / j->n_kv);
@@ -505,56 +484,34 @@ static void attend_part(void *ctx, int part, int parts) {
     }
 }
 
-/* attend(o, qkv, cos, sin, k_cache, v_cache, pos, n_heads, n_kv, dim, s_max, dtype)
- *   qkv [(nH + 2 nKV) D] in dtype: this token's q, k, v heads; cos, sin [D] float32: the RoPE
- *   tables' row for position pos (sin with its first half negated); caches [nKV, s_max, D] in
- *   dtype. Rotates q and k (neox halves), writes k and v at pos, attends over 0..pos, writes o
- *   [nH D] in dtype. Numbers as the torch path: rotation and softmax in float32, k rounded to
- *   the cache's dtype before it is used. */
-static PyObject *py_attend(PyObject *self, PyObject *args) {
-    unsigned long long o, qkv, cosp, sinp, kc, vc;
-    long pos, nH, nKV, D, s_max;
-    int dtype;
-    if (!PyArg_ParseTuple(args, "KKKKKKllllli", &o, &qkv, &cosp, &sinp, &kc, &vc, &pos, &nH, &nKV, &D, &s_max, &dtype)) return NULL;
-    if (pos < 0 || pos >= s_max || nKV <= 0 || nH % nKV || D % 2) {
-        PyErr_SetString(PyExc_ValueError, "attend: bad position or head counts");
-        return NULL;
-    }
-    size_t es = dtype == F32 ? 4 : 2;
-    float *buf = malloc((size_t)(2 * nH * D + nH * (pos + 1)) * sizeof(float));
-    if (!buf) return PyErr_NoMemory();
-    const float *cs = (const float *)cosp, *sn = (const float *)sinp;
-    float *q = buf, *out = buf + nH * D, rot[4096];
-    if (D > 4096) {
-        free(buf);
-        PyErr_SetString(PyExc_ValueError, "attend: head_dim over 4096");
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
+long attend_scratch_floats(long nH, long D, long pos) { return nH * D + nH * (pos + 1); }
+
+/* Numbers as torch's path: rotation and softmax in float32, k rounded to the cache's dtype before it
+ * is used. cos, sin [D]: the RoPE tables' row for pos, sin with its first half negated. */
+void attend(const float *qkv, const float *cs, const float *sn, void *kc, void *vc, long pos, long nH, long nKV,
+            long D, long s_max, int dtype, float *scratch, float *o) {
+    size_t es = esize(dtype);
+    float *q = scratch;
     for (long h = 0; h < nH + nKV; h++) {  /* q heads, then k heads: x*cos + roll(x, D/2)*sin */
+        const float *x = qkv + h * D;
+        float *dst = h < nH ? q + h * D : NULL;
         for (long c = 0; c < D; c++) {
-            float x = load1((const void *)qkv, h * D + c, dtype), r = load1((const void *)qkv, h * D + (c + D / 2) % D, dtype);
-            rot[c] = x * cs[c] + r * sn[c];
+            float r = x[c] * cs[c] + x[(c + D / 2) % D] * sn[c];
+            if (dst) dst[c] = r;
+            else if (dtype == F32) ((float *)kc)[((h - nH) * s_max + pos) * D + c] = r;
+            else ((uint16_t *)kc)[((h - nH) * s_max + pos) * D + c] = to_bf16(r);
         }
-        if (h < nH) memcpy(q + h * D, rot, D * sizeof(float));
-        else
-            for (long c = 0; c < D; c++) store((char *)kc + ((h - nH) * s_max + pos) * D * es, c, rot[c], dtype);
     }
-    for (long g = 0; g < nKV; g++)
-        memcpy((char *)vc + (g * s_max + pos) * D * es, (const char *)qkv + ((nH + nKV + g) * D) * es, D * es);
-    attend_job j = {q, (const void *)kc, (const void *)vc, out, buf + 2 * nH * D, nH, nKV, D, s_max, pos + 1, dtype};
+    for (long g = 0; g < nKV; g++) from_float(qkv + (nH + nKV + g) * D, D, dtype, (char *)vc + (g * s_max + pos) * D * es);
+    attend_job j = {q, kc, vc, o, scratch + nH * D, nH, nKV, D, s_max, pos + 1, dtype};
     run_parallel(attend_part, &j, (size_t)(pos + 1) * nKV * D * es * 2 >= PARALLEL_BYTES);
-    for (long i = 0; i < nH * D; i++) store((void *)o, i, out[i], dtype);
-    Py_END_ALLOW_THREADS
-    free(buf);
-    Py_RETURN_NONE;
 }
 
 /* ---- conversion: bfloat16 -> float16 with overflow counting (moge convert --dtype float16) ------- */
 /* cast_bf16_f16(dst, src, n) -> the number of finite values beyond +-65504 (they become +-inf).
  * One pass: bfloat16 -> float32 is exact (a shift), float32 -> float16 rounds to nearest even
  * (F16C), as torch's .to(float16) does. */
-__attribute__((target("avx2,f16c"))) static long cast_bf16_f16(uint16_t *dst, const uint16_t *src, long n) {
+__attribute__((target("avx2,f16c"))) long cast_bf16_f16(uint16_t *dst, const uint16_t *src, long n) {
     const __m256 fp16_max = _mm256_set1_ps(65504.0f), inf = _mm256_set1_ps(INFINITY);
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     long over = 0, i = 0;
@@ -571,46 +528,3 @@ __attribute__((target("avx2,f16c"))) static long cast_bf16_f16(uint16_t *dst, co
     }
     return over;
 }
-
-static PyObject *py_cast_bf16_f16(PyObject *self, PyObject *args) {
-    unsigned long long dst, src;
-    long n, over;
-    if (!PyArg_ParseTuple(args, "KKl", &dst, &src, &n)) return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    over = cast_bf16_f16((uint16_t *)dst, (const uint16_t *)src, n);
-    Py_END_ALLOW_THREADS
-    return PyLong_FromLong(over);
-}
-
-/* ---- module ------------------------------------------------------------------------------------ */
-static PyObject *py_set_threads(PyObject *self, PyObject *args) {
-    int n;
-    if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&pool_mu);  /* not while another thread's job runs */
-    n_threads = n < 1 ? 1 : n > MAX_THREADS ? MAX_THREADS : n;
-    pthread_mutex_unlock(&pool_mu);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
-static PyObject *py_supported(PyObject *self, PyObject *noargs) {
-    __builtin_cpu_init();
-    return PyBool_FromLong(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"));
-}
-
-static PyMethodDef methods[] = {
-    {"linear", py_linear, METH_VARARGS, "linear(y, x, w, b, n, k, dtype): y = w x + b for one token (pointers)."},
-    {"moe", py_moe, METH_VARARGS, "moe(y, x, hidden, dtype, ids, coefs, k, gate_up, down, inter, experts): routed experts of one token."},
-    {"rms_norm", py_rms_norm, METH_VARARGS, "rms_norm(y, x, w, n, eps, dtype): RMSNorm of one token."},
-    {"route", py_route, METH_VARARGS, "route(ids, weights, logits, experts, groups, picks, scale): kernels.route for one token."},
-    {"attend", py_attend, METH_VARARGS, "attend(o, qkv, cos, sin, k_cache, v_cache, pos, n_heads, n_kv, dim, s_max, dtype): one token's attention."},
-    {"cast_bf16_f16", py_cast_bf16_f16, METH_VARARGS, "cast_bf16_f16(dst, src, n) -> values beyond +-65504 (made +-inf)."},
-    {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n): threads per kernel call, the caller's included."},
-    {"supported", py_supported, METH_NOARGS, "True when this CPU has AVX2 and FMA."},
-    {NULL, NULL, 0, NULL},
-};
-
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu", "Decode kernels for AVX2 CPUs (see kernels/cpu.c).", -1, methods};
-
-PyMODINIT_FUNC PyInit__cpu(void) { return PyModule_Create(&module); }

@@ -23,7 +23,7 @@ except ImportError:  # built optionally; see pyproject.toml
     _cpu = None
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # activations (and scales)
-WEIGHT_TYPES = {**DTYPES, torch.int8: 2}
+WEIGHT_TYPES = {**DTYPES, torch.int8: 2, torch.int32: 3}  # int32: int4 in compressed-tensors words
 _SUPPORTED = _cpu is not None and _cpu.supported()
 _decoding = False  # inside decode_threads(), where the kernels run on torch's threads; elsewhere on the caller's alone
 
@@ -67,33 +67,52 @@ def _usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     )
 
 
-def linear_vec(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor | None:
-    """F.linear(x, w, b) for x [..., K] holding one token; w [N, K], b [N]; None if it cannot run here.
+def weight_args(w: torch.Tensor, k: int, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> tuple | None:
+    """(w, wtype, scale, sdtype, zero, group) for the C kernels (mat_t in kernels/cpu.h), or None if they cannot read it.
 
-    w in x's dtype, or int8 with `scale` [N] (float32 / bfloat16): the weight is w * scale[:, None].
+    w [..., N, K] float32 / bfloat16 without a scale; int8 [..., N, K] with a float32 / bfloat16
+    scale [..., N]; or int4 as compressed-tensors int32 words [..., N, K/8] (value q + 8, low bits
+    first) with a float32 scale [..., N, G] and uint8 zero [..., N, G] (zero point + 8): weight =
+    (u - zero) * scale, groups of K/G columns (32, or a multiple of 64; K a multiple of 64).
     """
-    if w.dim() != 2 or not _weights_ok(w, scale, w.shape[0]):
+    if w.dtype not in WEIGHT_TYPES or w.device.type != "cpu" or not w.is_contiguous() or w.dim() < 2:
         return None
-    n, k = w.shape
-    if x.numel() != k or not _usable(x, *(() if b is None else (b,))) or (b is not None and b.shape != (n,)):
+    lead, n = w.shape[:-2], w.shape[-2]
+    if w.dtype == torch.int32:
+        if k % 64 or w.shape[-1] * 8 != k or scale is None or zero is None or scale.dtype != torch.float32 or zero.dtype != torch.uint8:
+            return None
+        if not (scale.is_contiguous() and zero.is_contiguous()) or scale.shape != (*lead, n, scale.shape[-1]) or zero.shape != scale.shape:
+            return None
+        groups = scale.shape[-1]
+        group = k // groups if groups and k % groups == 0 else 0
+        if not (group == 32 or (group and group % 64 == 0)):
+            return None
+        return w.data_ptr(), WEIGHT_TYPES[w.dtype], scale.data_ptr(), 0, zero.data_ptr(), group
+    if w.shape[-1] != k or zero is not None:
         return None
-    if w.dtype != torch.int8 and not _usable(x, w):
+    if w.dtype != torch.int8:
+        return (w.data_ptr(), WEIGHT_TYPES[w.dtype], 0, 0, 0, 0) if scale is None else None
+    if scale is None or scale.dtype not in DTYPES or not scale.is_contiguous() or scale.shape != (*lead, n):
+        return None
+    return w.data_ptr(), WEIGHT_TYPES[w.dtype], scale.data_ptr(), DTYPES[scale.dtype], 0, 0
+
+
+def linear_vec(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """F.linear(x, w, b) for x [..., K] holding one token; w [N, K] (see weight_args for the integer
+    types and their scale / zero), b [N]; None if it cannot run here."""
+    k = x.shape[-1]
+    if w.dim() != 2 or x.numel() != k or (args := weight_args(w, k, scale, zero)) is None:
+        return None
+    n = w.shape[0]
+    if not _usable(x, *(() if b is None else (b,))) or (b is not None and b.shape != (n,)):
+        return None
+    if w.dtype in DTYPES and w.dtype != x.dtype:
         return None
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
-    _cpu.linear(
-        y.data_ptr(), x.data_ptr(), w.data_ptr(), 0 if b is None else b.data_ptr(), n, k, DTYPES[x.dtype],
-        WEIGHT_TYPES[w.dtype], 0 if scale is None else scale.data_ptr(), 0 if scale is None else DTYPES[scale.dtype],
-    )  # fmt: skip
+    _cpu.linear(y.data_ptr(), x.data_ptr(), args[0], 0 if b is None else b.data_ptr(), n, k, DTYPES[x.dtype], *args[1:])
     return y
-
-
-def _weights_ok(w: torch.Tensor, scale: torch.Tensor | None, rows: int) -> bool:
-    """Float weights without a scale, or int8 weights with a contiguous float scale per row ([..., rows])."""
-    if w.dtype not in WEIGHT_TYPES or w.device.type != "cpu" or not w.is_contiguous():
-        return False
-    if w.dtype != torch.int8:
-        return scale is None
-    return scale is not None and scale.dtype in DTYPES and scale.is_contiguous() and scale.shape[-1] == rows and scale.shape[:-1] == w.shape[:-2]
 
 
 def moe_vec(
@@ -104,11 +123,13 @@ def moe_vec(
     down: torch.Tensor,
     gate_up_scale: torch.Tensor | None = None,
     down_scale: torch.Tensor | None = None,
+    gate_up_zero: torch.Tensor | None = None,
+    down_zero: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Routed experts for one token, float32 [1, H]; None if it cannot run here.
 
     x [1, H], expert_ids [1, k] int64, weights [1, k] float32, gate_up [E, 2I, H], down [E, H, I]
-    in x's dtype, or int8 with per-row scales gate_up_scale [E, 2I] and down_scale [E, H].
+    in x's dtype, or integer stacks with scales (and int4 zero points) as weight_args describes.
     Equals moe_experts up to float32 summation order; for bfloat16 the k expert outputs are summed
     in float32 without first rounding each one to bfloat16. Raises ValueError for ids outside 0..E-1.
     """
@@ -116,21 +137,19 @@ def moe_vec(
         return None
     if not _usable(x) or not expert_ids.is_contiguous() or not weights.is_contiguous() or expert_ids.shape != weights.shape or expert_ids.dim() != 2:
         return None
-    if gate_up.dim() != 3 or gate_up.dtype != down.dtype or (gate_up.dtype != torch.int8 and gate_up.dtype != x.dtype):
+    if gate_up.dim() != 3 or gate_up.dtype != down.dtype or (gate_up.dtype in DTYPES and gate_up.dtype != x.dtype):
         return None
-    E, two_i, H = gate_up.shape
-    if x.shape[1] != H or down.shape != (E, H, two_i // 2):
+    E, two_i, H = gate_up.shape[0], gate_up.shape[1], x.shape[1]
+    inter = two_i // 2
+    if down.shape[:2] != (E, H):
         return None
-    if not _weights_ok(gate_up, gate_up_scale, two_i) or not _weights_ok(down, down_scale, H):
-        return None
-    if gate_up_scale is not None and gate_up_scale.dtype != down_scale.dtype:
+    gu, dn = weight_args(gate_up, H, gate_up_scale, gate_up_zero), weight_args(down, inter, down_scale, down_zero)
+    if gu is None or dn is None or gu[3] != dn[3]:
         return None
     y = torch.empty(1, H, dtype=torch.float32)
-    scaled = gate_up_scale is not None
     _cpu.moe(
         y.data_ptr(), x.data_ptr(), H, DTYPES[x.dtype], expert_ids.data_ptr(), weights.data_ptr(), expert_ids.shape[1],
-        gate_up.data_ptr(), down.data_ptr(), two_i // 2, E, WEIGHT_TYPES[gate_up.dtype],
-        gate_up_scale.data_ptr() if scaled else 0, down_scale.data_ptr() if scaled else 0, DTYPES[gate_up_scale.dtype] if scaled else 0,
+        gu[0], dn[0], inter, E, gu[1], gu[2], dn[2], gu[3], gu[4], dn[4], gu[5], dn[5],
     )  # fmt: skip
     return y
 

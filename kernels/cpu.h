@@ -1,0 +1,88 @@
+/* kernels._cpu: shared declarations of the one-token (decode) kernels.
+ *
+ *   cpu.c     thread pool, dot products per weight type, and the ops of a layer for one token:
+ *             linear, SwiGLU MLPs summed (routed + shared experts), RMSNorm, routing, attention
+ *   step.c    a whole decode step (every layer, then the lm_head) from a plan of pointers
+ *   module.c  the Python entry points (pointers from torch's data_ptr(), checked by kernels/native.py)
+ *
+ * Activations are float32 inside the kernels; a bfloat16 model's values are rounded to bfloat16
+ * wherever torch's path stores them in the model dtype. Weights are float32, bfloat16, int8 with a
+ * scale per row, or int4 in compressed-tensors int32 words with a scale and zero point per group.
+ */
+#ifndef MOGE_CPU_H
+#define MOGE_CPU_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define AVX2 __attribute__((target("avx2,fma")))
+#define MAX_PICKS 256
+
+enum { F32 = 0, BF16 = 1, I8 = 2, I4 = 3 };  /* activations: F32 or BF16; weights: any */
+
+/* A weight matrix [n, k]. I8: w int8 [n, k], scale [n] in sdtype. I4: w uint32 [n, k / 8] (value
+ * 8j + t at bits 4t, stored as q + 8), scale float32 [n, k / group], zero uint8 [n, k / group]
+ * (the stored zero point + 8; 8 when symmetric): weight = (u - zero) * scale. */
+typedef struct {
+    const char *w;
+    const void *scale;
+    const uint8_t *zero;
+    int wtype, sdtype;
+    long group;
+} mat_t;
+
+mat_t mat_row_block(mat_t m, long rows, long k, long index);  /* matrix `index` of a stack of [rows, k] ones */
+int mat_supported(mat_t m, long k);                           /* the kernels can read it (I4: k % 64, group) */
+
+/* An input vector, prepared once for every weight type: x [k], its bfloat16 split copy, its int4
+ * permuted copy and its sums per 32 values. vec_floats(k) floats of storage. */
+typedef struct {
+    const float *x, *xs, *xp, *x32;
+    long k;
+} vec_t;
+
+long vec_floats(long k);
+vec_t vec_prepare(const float *x, long k, float *storage);  /* x may alias storage[0:k] */
+
+float load1(const void *p, long i, int dtype);
+uint16_t to_bf16(float f);
+void round_to(float *v, long n, int dtype);  /* v rounded to dtype in place (no-op for F32) */
+void to_float(const void *src, long n, int dtype, float *dst);
+void from_float(const float *src, long n, int dtype, void *dst);
+
+/* ---- thread pool ---- */
+typedef void (*task_fn)(void *ctx, int part, int parts);
+void run_parallel(task_fn fn, void *ctx, int parallel);
+void pool_set_threads(int n);
+
+/* ---- ops: every one float32 in and out ---- */
+void linear(mat_t w, const float *bias, vec_t x, long n, float *y);  /* y[n] = w x (+ bias) */
+
+typedef struct {
+    mat_t w13, w2;  /* [2I, H] (gate rows, then up), [H, I] */
+    long inter;     /* I */
+    float coef;
+} mlp_t;
+/* y[H] = sum_j coef_j * w2_j(silu(gate_j x) * up_j x), in order; the activation rounded to dtype.
+ * scratch: mlps_scratch_floats(...) floats. */
+long mlps_scratch_floats(const mlp_t *m, int count);
+void mlps(const mlp_t *m, int count, vec_t x, int dtype, float *scratch, float *y);
+
+void rms_norm(const float *x, const float *w, long n, float eps, float *y);
+/* kernels.route for one token (E <= 4096): ids [G * picks], weights; 0, or -1 for bad counts. */
+int route(const float *logits, long E, long G, long picks, const float *scale, int64_t *ids, float *weights);
+/* RoPE on qkv's q and k heads, k and v written to the caches [nKV, s_max, D] (dtype) at pos,
+ * attention over 0..pos into o [nH D]. scratch: attend_scratch_floats(...) floats. */
+long attend_scratch_floats(long nH, long D, long pos);
+void attend(const float *qkv, const float *cos, const float *sin, void *k_cache, void *v_cache, long pos, long nH, long nKV,
+            long D, long s_max, int dtype, float *scratch, float *o);
+
+/* dst = src as float16 (n values), one pass; returns the count of finite values beyond +-65504. */
+long cast_bf16_f16(uint16_t *dst, const uint16_t *src, long n);
+
+/* ---- a whole decode step (step.c) ---- */
+const char *step_check(const int64_t *plan);
+int step(const int64_t *plan, float *logits, long token, long pos, void *k_cache, void *v_cache, long s_max, const float *cos,
+         const float *sin, float eps);
+
+#endif
