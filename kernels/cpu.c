@@ -148,30 +148,38 @@ void from_float(const float *src, long n, int dtype, void *dst) {
  * xs ("split"): in each block of 16, the 8 even-indexed values, then the 8 odd ones. A 256-bit load
  * of 16 bfloat16 weights holds the even ones in the high halves of its 32-bit lanes after a shift
  * and the odd ones after a mask: two float32 vectors that pair with xs, with no shuffle.
- * xp ("permuted"): in each block of 64, x[8l + t] at 8t + l. A 256-bit load of int4 words holds
- * values 8l + t of the block at bits 4t of lane l: shift and mask give 8 int32 vectors that pair
- * with xp, with no shuffle. x32: sums of x over each 32 values (zero points: sum (u - z) x =
- * sum u x - z sum x). */
-long vec_floats(long k) { return 3 * k + k / 32 + 1; }
+ * xq: x as int8 with a scale per 32 values (sx, as llama.cpp's Q8_0), for int4 weights. A 256-bit
+ * load of int4 words holds value 8l + t of a 64-value block in nibble t of lane l; masking gives
+ * the even t in bytes 4l + t/2, a shift and mask the odd t: xq stores each block as those two
+ * 32-byte vectors, so the products need no shuffle. sxv: per block the lane scales (sx of values
+ * 0-31 in lanes 0-3, of 32-63 in lanes 4-7); x32: per 32 values, sx * sum of xq (zero points:
+ * sum (u - z) x = sum u x - z sum x). Only for k % 64 == 0, as int4 weights need. */
+long vec_floats(long k) { return 2 * k + k / 4 + k / 8 + k / 32 + 1; }
 
 vec_t vec_prepare(const float *x, long k, float *storage) {
-    float *xs = storage + k, *xp = storage + 2 * k, *x32 = storage + 3 * k;
+    float *xs = storage + k, *sxv = storage + 2 * k + k / 4, *x32 = sxv + k / 8;
+    int8_t *xq = (int8_t *)(storage + 2 * k);
     if (x != storage) memmove(storage, x, k * sizeof(float));
     x = storage;
     long c = 0;
     for (; c + 16 <= k; c += 16)
         for (int i = 0; i < 8; i++) xs[c + i] = x[c + 2 * i], xs[c + 8 + i] = x[c + 2 * i + 1];
     for (; c < k; c++) xs[c] = x[c];
-    for (c = 0; c + 64 <= k; c += 64)
-        for (int l = 0; l < 8; l++)
-            for (int t = 0; t < 8; t++) xp[c + 8 * t + l] = x[c + 8 * l + t];
-    for (; c < k; c++) xp[c] = x[c];
-    for (long b = 0; b < k / 32; b++) {
-        float s = 0.0f;
-        for (int i = 0; i < 32; i++) s += x[32 * b + i];
-        x32[b] = s;
-    }
-    return (vec_t){x, xs, xp, x32, k};
+    if (k % 64 == 0)
+        for (long b = 0; b < k / 32; b++) {  /* 32-value block b: half b % 2 of 64-value block b / 2 */
+            float amax = 0.0f;
+            for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[32 * b + i]));
+            float sx = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int sum = 0;
+            for (int i = 0; i < 32; i++) {
+                int q = (int)nearbyintf(x[32 * b + i] * inv), v = 32 * (int)(b % 2) + i, l = v / 8, t = v % 8;
+                xq[64 * (b / 2) + 32 * (t % 2) + 4 * l + t / 2] = (int8_t)q;
+                sum += q;
+            }
+            for (int l = 0; l < 4; l++) sxv[8 * (b / 2) + 4 * (b % 2) + l] = sx;
+            x32[b] = sx * (float)sum;
+        }
+    return (vec_t){x, xs, xq, sxv, x32, k};
 }
 
 /* ---- weight matrices ---------------------------------------------------------------------------- */
@@ -265,35 +273,33 @@ AVX2 static float dot_i8(const int8_t *w, const float *x, long k) {
     return s;
 }
 
-#define NIB(t) _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 4 * (t)), low4))
-#define XP(t) _mm256_loadu_ps(xb + 8 * (t))
-
-/* One int4 row (k % 64 == 0): sum over groups g of scale_g * (sum u x - zero_g * sum x). Each
- * 64-value block (one 256-bit load of words) is summed in four chains, then scaled: its lanes 0-3
- * hold values 0-31 and lanes 4-7 values 32-63, so group 32 takes two scales per block. */
-AVX2 static float dot_i4(const uint32_t *w, const float *s, const uint8_t *z, long group, vec_t x) {
-    const __m256i low4 = _mm256_set1_epi32(15);
-    __m256 acc = _mm256_setzero_ps();
+/* One int4 row (k % 64 == 0) against xq: sum over groups g of scale_g * (sum u xq sx - zero_g * x_g),
+ * where x_g (xg) is the group's sum of x. Integer products per 64-value block (one 256-bit load of
+ * words): unsigned nibbles times signed int8 x, pairs summed to int16, then to int32 per lane, then
+ * scaled in float32 by weight scale x activation scale. Group 32 takes two weight scales a block. */
+AVX2 static float dot_i4(const uint32_t *w, const float *s, const uint8_t *z, const float *xg, long group, vec_t x) {
+    const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
     for (long c = 0; c < x.k; c += 64) {
         __m256i v = _mm256_loadu_si256((const __m256i *)(w + c / 8));
-        const float *xb = x.xp + c;
-        __m256 b0 = _mm256_mul_ps(NIB(0), XP(0)), b1 = _mm256_mul_ps(NIB(1), XP(1));
-        __m256 b2 = _mm256_mul_ps(NIB(2), XP(2)), b3 = _mm256_mul_ps(NIB(3), XP(3));
-        b0 = _mm256_fmadd_ps(NIB(4), XP(4), b0), b1 = _mm256_fmadd_ps(NIB(5), XP(5), b1);
-        b2 = _mm256_fmadd_ps(NIB(6), XP(6), b2);
-        b3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 28)), XP(7), b3);
-        __m256 block = _mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3));
+        const __m256i *xb = (const __m256i *)(x.xq + c);
+        __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xb)), _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xb + 1)));
+        __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
         long g = c / group;
-        __m256 sv = group == 32 ? _mm256_set_m128(_mm_set1_ps(s[g + 1]), _mm_set1_ps(s[g])) : _mm256_set1_ps(s[g]);
-        acc = _mm256_fmadd_ps(block, sv, acc);
+        __m256 sw = group == 32 ? _mm256_set_m128(_mm_set1_ps(s[g + 1]), _mm_set1_ps(s[g])) : _mm256_set1_ps(s[g]);
+        __m256 sv = _mm256_mul_ps(sw, _mm256_loadu_ps(x.sxv + c / 8));
+        if (c & 64) acc1 = _mm256_fmadd_ps(d, sv, acc1);
+        else acc0 = _mm256_fmadd_ps(d, sv, acc0);
     }
-    float r = hsum(acc);
-    long per = group / 32;
-    for (long g = 0; g < x.k / group; g++) {
-        float sx = 0.0f;
-        for (long i = 0; i < per; i++) sx += x.x32[g * per + i];
-        r -= s[g] * (float)z[g] * sx;
+    long G = x.k / group, g = 0;
+    __m256 zs = _mm256_setzero_ps();  /* sum_g scale_g * zero_g * x_g */
+    for (; g + 8 <= G; g += 8) {
+        __m256 zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(z + g))));
+        zs = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + g), zf), _mm256_loadu_ps(xg + g), zs);
     }
+    float r = hsum(_mm256_sub_ps(_mm256_add_ps(acc0, acc1), zs));
+    for (; g < G; g++) r -= s[g] * (float)z[g] * xg[g];
     return r;
 }
 
@@ -308,8 +314,13 @@ static void rows_dot(mat_t m, vec_t x, long lo, long hi, float *y) {
     long k = x.k, r = lo;
     size_t rb = row_bytes(m, k);
     if (m.wtype == I4) {
-        long g = k / m.group;
-        for (; r < hi; r++) y[r - lo] = dot_i4((const uint32_t *)(m.w + r * rb), (const float *)m.scale + r * g, m.zero + r * g, m.group, x);
+        long G = k / m.group, per = m.group / 32;
+        float xg[G];  /* per group: sum of x (as quantized) */
+        for (long g = 0; g < G; g++) {
+            xg[g] = 0.0f;
+            for (long i = 0; i < per; i++) xg[g] += x.x32[g * per + i];
+        }
+        for (; r < hi; r++) y[r - lo] = dot_i4((const uint32_t *)(m.w + r * rb), (const float *)m.scale + r * G, m.zero + r * G, xg, m.group, x);
         return;
     }
     if (m.wtype == F32)

@@ -34,10 +34,12 @@ typedef struct {
 mat_t mat_row_block(mat_t m, long rows, long k, long index);  /* matrix `index` of a stack of [rows, k] ones */
 int mat_supported(mat_t m, long k);                           /* the kernels can read it (I4: k % 64, group) */
 
-/* An input vector, prepared once for every weight type: x [k], its bfloat16 split copy, its int4
- * permuted copy and its sums per 32 values. vec_floats(k) floats of storage. */
+/* An input vector, prepared once for every weight type: x [k], its bfloat16 split copy, and for
+ * int4 weights x as int8 with scales and sums per 32 values (see cpu.c). vec_floats(k) floats of storage. */
 typedef struct {
-    const float *x, *xs, *xp, *x32;
+    const float *x, *xs;
+    const int8_t *xq;
+    const float *sxv, *x32;
     long k;
 } vec_t;
 
@@ -81,8 +83,8 @@ void attend(const float *qkv, const float *cos, const float *sin, void *k_cache,
 long cast_bf16_f16(uint16_t *dst, const uint16_t *src, long n);
 
 /* ---- a whole decode step (step.c) ---- */
-const char *step_check(const int64_t *plan);
-int step(const int64_t *plan, float *logits, long token, long pos, void *k_cache, void *v_cache, long s_max, const float *cos,
+const char *decode_step_check(const int64_t *plan);
+int decode_step(const int64_t *plan, float *logits, long token, long pos, void *k_cache, void *v_cache, long s_max, const float *cos,
          const float *sin, float eps);
 
 #endif

@@ -138,7 +138,7 @@ static PyObject *py_step(PyObject *self, PyObject *args) {
     long token, pos, s_max;
     double eps;
     if (!PyArg_ParseTuple(args, "KKllKKlKKd", &plan, &logits, &token, &pos, &kc, &vc, &s_max, &cosp, &sinp, &eps)) return NULL;
-    const char *problem = step_check(PTR(plan));
+    const char *problem = decode_step_check(PTR(plan));
     if (problem) {
         PyErr_SetString(PyExc_ValueError, problem);
         return NULL;
@@ -149,7 +149,7 @@ static PyObject *py_step(PyObject *self, PyObject *args) {
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = step(PTR(plan), PTR(logits), token, pos, PTR(kc), PTR(vc), s_max, PTR(cosp), PTR(sinp), (float)eps);
+    rc = decode_step(PTR(plan), PTR(logits), token, pos, PTR(kc), PTR(vc), s_max, PTR(cosp), PTR(sinp), (float)eps);
     Py_END_ALLOW_THREADS
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;

@@ -208,6 +208,18 @@ def attend_vec(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache:
     return o
 
 
+def step(plan: torch.Tensor, logits: torch.Tensor, token: int, pos: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+         cos: torch.Tensor, sin: torch.Tensor, eps: float) -> None:
+    """kernels/step.c: a whole decode step of one token at pos from a plan (moge_cli/decode_step.py) into
+    logits [V] float32. Caches [L, 1, nKV, S, D] contiguous in the plan's dtype; cos, sin [D] float32."""
+    for t in (k_cache, v_cache):
+        if not t.is_contiguous() or t.dim() != 5 or t.shape[1] != 1 or t.device.type != "cpu":
+            raise ValueError("step: caches must be contiguous [L, 1, nKV, S, D] on the CPU")
+    if not (cos.is_contiguous() and sin.is_contiguous() and cos.dtype == sin.dtype == torch.float32 and logits.dtype == torch.float32):
+        raise ValueError("step: cos, sin and logits must be contiguous float32")
+    _cpu.step(plan.data_ptr(), logits.data_ptr(), token, pos, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[3], cos.data_ptr(), sin.data_ptr(), eps)
+
+
 def cast_bf16_f16(x: torch.Tensor, y: torch.Tensor) -> int | None:
     """y[:] = x.to(float16) for contiguous bfloat16 x and float16 y of the same size, one pass; returns the
     number of finite values beyond +-65504 (made +-inf), or None if it cannot run here."""

@@ -79,7 +79,7 @@ static header_t read_header(cursor *c) {
 }
 
 /* A message for a plan the kernels cannot run, or NULL. Checked once per step: it is cheap. */
-const char *step_check(const int64_t *plan) {
+const char *decode_step_check(const int64_t *plan) {
     cursor c = {plan};
     header_t h = read_header(&c);
     if (h.L < 1 || h.H < 1 || h.nKV < 1 || h.nH % h.nKV || h.D % 2 || h.D > 4096 || (h.dtype != F32 && h.dtype != BF16))
@@ -103,7 +103,7 @@ static void add_rounded(float *x, const float *y, long n, int dtype) {
 
 /* logits [V] float32 for `token` at `pos`; caches [L, nKV, s_max, D] in dtype; cos, sin [D] float32
  * (the RoPE tables' row for pos, sin with its first half negated). Returns 0, or -1 when out of memory. */
-int step(const int64_t *plan, float *logits, long token, long pos, void *k_cache, void *v_cache, long s_max, const float *cos,
+int decode_step(const int64_t *plan, float *logits, long token, long pos, void *k_cache, void *v_cache, long s_max, const float *cos,
          const float *sin, float eps) {
     cursor c = {plan};
     header_t h = read_header(&c);

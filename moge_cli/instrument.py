@@ -21,6 +21,11 @@ def section(name: str):
     return _NULL if _active is None else _active.section(name)
 
 
+def active() -> bool:
+    """A Recorder is collecting: the model runs op by op so that every section is timed."""
+    return _active is not None
+
+
 def routing(layer: int, logits: Any, expert_ids: Any) -> None:
     if _active is not None and _active.keep_routing:
         _active.record_routing(layer, logits, expert_ids)

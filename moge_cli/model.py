@@ -17,6 +17,7 @@ from kernels import dense_mlp, moe_experts, native, route
 from moge_cli.checkpoint import Checkpoint, open_checkpoint
 from moge_cli.config import MoGEConfig
 from moge_cli.errors import CheckpointError, UsageError
+from moge_cli import decode_step, instrument
 from moge_cli.instrument import routing as record_routing
 from moge_cli.instrument import section
 from moge_cli.names import PER_EXPERT, STACKED, expected_tensors
@@ -236,6 +237,7 @@ class MoGEForCausalLM(nn.Module):
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.quantization = None  # set by moge_cli.quantized.load_quantized
         self.native_decode = True  # one-token steps on kernels/cpu.c's threads (false where torch's int4 kernels run)
+        self._plan: decode_step.DecodePlan | None | bool = False  # built at the first decode step (None: cannot run)
         self.eval()
 
     @classmethod
@@ -276,6 +278,11 @@ class MoGEForCausalLM(nn.Module):
         cos, sin = self._rope_tables(start + T)
         cos, sin = cos[start : start + T, None], sin[start : start + T, None]  # [T, 1, D]
         one_token = B * T == 1 and self.device.type == "cpu" and self.native_decode
+        if one_token and cache is not None and not instrument.active() and (plan := self.decode_plan()) is not None:
+            with native.decode_threads():  # the whole step in one C call (kernels/step.c)
+                logits = plan.step(int(input_ids), cache, cos[0, 0], sin[0, 0], self.config.vocab_size, self.config.rms_norm_eps)
+            cache.length += 1
+            return logits
         with native.decode_threads(one_token):
             with section("embedding"):
                 x = F.embedding(input_ids.to(self.device), self.embed_tokens)  # [B, T, H]
@@ -286,6 +293,13 @@ class MoGEForCausalLM(nn.Module):
             with section("lm_head"):
                 x = rms_norm(x, self.norm, self.config.rms_norm_eps)
                 return _linear(x, self.lm_head).float()  # [B, T, V]
+
+    def decode_plan(self) -> decode_step.DecodePlan | None:
+        """kernels/step.c's plan for this model, built at the first decode step, or None where it cannot run.
+        It holds the weights' addresses: after replacing a parameter, set model._plan = False to rebuild it."""
+        if self._plan is False:
+            self._plan = decode_step.plan(self)
+        return self._plan
 
     def _rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].shape[0] < n:

@@ -6,12 +6,15 @@ experts ([E, N, K] stacks, one expert picked per call), the shared expert and de
 QDenseMLP). Embeddings, and any weight whose parts mix schemes, are dequantised once at load.
 
 QLinear kernels (`kernel=`), for a bfloat16 / float16 model:
+  "native"   (default) the stored integers as kernels/cpu.c reads them: int8 rows with a scale per
+             row (mode "int8"), int4 in the checkpoint's own int32 words with float32 scales and
+             uint8 zero points per group (mode "packed4"). One-token calls, and whole decode steps
+             (moge_cli/decode_step.py), run there on that pool's threads. Where the extension is
+             missing, or an int4 shape does not fit it, as "torch".
   "torch"    torch's CPU weight-only kernels, converted once at load: int8 per channel ->
              torch._weight_int8pack_mm; int4 groups -> torch._weight_int4pack_mm_for_cpu.
   "dequant"  the stored integers are kept; each call dequantises the picked weight to float32.
-bench/bench_quantize.py measures both; "torch" decodes faster (see README), so it is the default.
-One-token calls on int8 weights run kernels/cpu.c instead (native.linear_vec / moe_vec with the
-stored int8 rows and their scales): faster again, and the model then decodes on that pool's threads.
+bench/bench_quantize.py measures all three.
 A float32 model always uses "dequant": torch's int kernels have no fast float32 path on CPU.
 Many-token calls (prefill) dequantise to float32 and run one float32 GEMM, like the float model
 (int4 "torch" weights keep only torch's opaque packing, so they stay on the int4 kernel).
@@ -35,8 +38,8 @@ from moge_cli.instrument import section
 from moge_cli.names import PER_EXPERT, expected_tensors
 from moge_cli.quant_format import QuantizedCheckpoint, Scheme, expected_quantized, module_of, read_quantization
 
-KERNELS = ("torch", "dequant")
-DEFAULT_KERNEL = os.environ.get("MOGE_QUANT_KERNEL", "torch")
+KERNELS = ("native", "torch", "dequant")
+DEFAULT_KERNEL = os.environ.get("MOGE_QUANT_KERNEL", "native")
 MANY_TOKENS = 16  # from this many rows, a call dequantises to float32 and runs one GEMM (model.UPCAST_MIN_TOKENS)
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's CPU int4 kernel takes
 LINEAR_PARAMS = ("qkv_weight", "o_weight", "lm_head", "gate_up", "down", "shared_w13", "shared_w2", "w13", "w2")
@@ -91,6 +94,12 @@ class QLinear(nn.Module):
         if self.mode == "int8":  # q [E, N, K] int8, scale [E, N]
             w = torch.stack([q for q, _, _ in parts])
             scales = torch.stack([s[:, 0] for _, s, _ in parts]).to(dtype)
+        elif self.mode == "packed4":  # compressed-tensors words [E, N, K/8] int32, scale [E, N, G] float32, zero + 8 [E, N, G] uint8
+            from converters.quantize import pack_int32
+
+            w = torch.stack([pack_int32(q, 4) for q, _, _ in parts])
+            scales = torch.stack([s.float() for _, s, _ in parts])
+            self.zeros = nn.Parameter(torch.stack([(torch.zeros_like(s, dtype=torch.int8) if z is None else z).to(torch.uint8) + 8 for _, s, z in parts]), requires_grad=False)
         elif self.mode == "int4":  # torch's packing [E, N, K/2], scales and zeros [E, G, N, 2]
             w = torch.stack([torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32) + 8, 1) for q, _, _ in parts])
             scales = torch.stack([_scales_and_zeros(s, z) for _, s, z in parts]).to(dtype)
@@ -104,6 +113,7 @@ class QLinear(nn.Module):
         self.group_size = self.in_features // self.groups
         # Per-expert views, made once: indexing a stack costs more than the small matmuls it feeds.
         self._w, self._s = list(self.weight.unbind(0)), list(self.scales.unbind(0))
+        self._z = list(self.zeros.unbind(0)) if self.mode == "packed4" else [None] * self.num_experts
 
     @property
     def num_experts(self) -> int:
@@ -118,15 +128,24 @@ class QLinear(nn.Module):
             return self.weight[e].to(dtype) * self.scales[e].to(dtype).unsqueeze(-1)
         if self.mode == "int4":
             raise UsageError("QLinear: weights in torch's int4 packing cannot be dequantised")
+        if self.mode == "packed4":
+            q = unpack_rows(self.weight[e], 4, self.out_features, self.in_features)
+            return dequantize(q, self.scales[e].to(self.dtype), self.zeros[e].to(torch.int8) - 8).to(dtype)
         q = self.weight[e] if self.bits == 8 else _from_nibbles(self.weight[e])
         zero = self.zeros[e] if hasattr(self, "zeros") else None
         return dequantize(q, self.scales[e], zero).to(dtype)
 
+    def native_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """(weight, scale, zero) stacks as kernels/cpu.c reads them (native.weight_args), or None for torch's packings."""
+        if self.mode == "int8":
+            return self.weight, self.scales, None
+        return (self.weight, self.scales, self.zeros) if self.mode == "packed4" else None
+
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, e: int = 0) -> torch.Tensor:
         shape = x.shape
-        if self.mode == "int8" and x.numel() == self.in_features and (y := native.linear_vec(x, self._w[e], bias, self._s[e])) is not None:
-            return y  # one token: kernels/cpu.c, int8 rows times their scales
-        if self.mode != "dequant" and x.dtype == self.dtype and x.numel() < MANY_TOKENS * self.in_features:  # decode
+        if self.mode in ("int8", "packed4") and x.numel() == self.in_features and (y := native.linear_vec(x, self._w[e], bias, self._s[e], self._z[e])) is not None:
+            return y  # one token: kernels/cpu.c on the stored integers
+        if self.mode in ("int8", "int4") and x.dtype == self.dtype and x.numel() < MANY_TOKENS * self.in_features:  # decode
             x2 = x if x.dim() == 2 else x.view(-1, self.in_features)
             if self.mode == "int8":
                 y = torch._weight_int8pack_mm(x2, self._w[e], self._s[e])
@@ -154,7 +173,10 @@ def _mode(scheme: Scheme, n: int, k: int, groups: int, dtype: torch.dtype, kerne
         return "dequant"
     if scheme.bits == 8 and scheme.symmetric and groups == 1:
         return "int8"
-    if scheme.bits == 4 and k // groups in INT4_GROUPS and n % 16 == 0 and k % 2 == 0:
+    group = k // groups
+    if kernel == "native" and native.available() and scheme.bits == 4 and k % 64 == 0 and (group == 32 or group % 64 == 0):
+        return "packed4"
+    if scheme.bits == 4 and group in INT4_GROUPS and n % 16 == 0 and k % 2 == 0:
         return "int4"
     return "dequant"
 
@@ -264,17 +286,18 @@ def native_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
     shared=True: gate_up / down are one MLP ([2I, H] / [H, I], or QLinears of one expert).
     """
     if isinstance(gate_up, QLinear) and isinstance(down, QLinear):
-        if gate_up.mode != "int8" or down.mode != "int8":
+        gu, dn = gate_up.native_weight(), down.native_weight()
+        if gu is None or dn is None:
             return None
-        return native.moe_vec(x, expert_ids, weights, gate_up.weight, down.weight, gate_up.scales, down.scales)
+        return native.moe_vec(x, expert_ids, weights, gu[0], dn[0], gu[1], dn[1], gu[2], dn[2])
     if isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor):
         return native.moe_vec(x, expert_ids, weights, *((gate_up.unsqueeze(0), down.unsqueeze(0)) if shared else (gate_up, down)))
     return None
 
 
 def runs_natively(model) -> bool:
-    """Every quantized weight of the model is int8 per channel: its decode runs on kernels/cpu.c, not torch's int kernels."""
-    return all(q.mode == "int8" for q in model.modules() if isinstance(q, QLinear))
+    """Every quantized weight is one kernels/cpu.c reads: the model's decode runs there, not on torch's int kernels."""
+    return all(q.native_weight() is not None for q in model.modules() if isinstance(q, QLinear))
 
 
 # ---- loading ------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from converters.quantize import QTensor, quantize
 from converters.quantize_pipeline import quantize_checkpoint
+from kernels import native
 from fixtures.make import write_checkpoint, write_tensors
 from moge_cli.checkpoint import open_checkpoint
 from moge_cli.cli import app
@@ -40,7 +41,8 @@ def test_qlinear_kernels_match_the_dequantised_weight(scheme, rows):
     ws = [torch.randn(48, 64, generator=g) / 8 for _ in range(2)]
     parts = [parts_of(w, scheme) for w in ws]
     x = torch.randn(rows, 64, generator=g).bfloat16()
-    for kernel, mode in (("torch", "int8" if scheme.bits == 8 else "int4"), ("dequant", "dequant")):
+    native_mode = "int8" if scheme.bits == 8 else "packed4" if native.available() else "int4"
+    for kernel, mode in (("native", native_mode), ("torch", "int8" if scheme.bits == 8 else "int4"), ("dequant", "dequant")):
         lin = QLinear(parts, scheme, torch.bfloat16, kernel)
         assert lin.mode == mode and lin.num_experts == 2
         for e in range(2):
@@ -93,12 +95,18 @@ def test_quantized_model_is_the_dequantised_model(src, tmp_path, opts):
         assert isinstance(model.layers[0].self_attn.qkv_weight, QLinear)
 
 
-def test_bf16_decode_with_cache_follows_prefill(src, tmp_path):
+@pytest.mark.parametrize("kernel", ["torch", "native"])
+def test_bf16_decode_with_cache_follows_prefill(src, tmp_path, kernel):
     quantize_checkpoint(src, tmp_path / "q", bits=4, lm_head=True)
-    model = load_model(tmp_path / "q")  # bfloat16, like the checkpoint's scales
+    ck = open_checkpoint(tmp_path / "q")
+    model = load_quantized(ck, quantization_of(ck), kernel=kernel)  # bfloat16, like the checkpoint's scales
+    ck.close()
     assert model.dtype == torch.bfloat16
     modes = {m.mode for m in model.modules() if isinstance(m, QLinear)}
-    assert modes == {"int4"}  # tiny widths are multiples of 16 and the groups 32 / 64
+    if kernel == "torch":
+        assert modes == {"int4"}  # tiny widths are multiples of 16 and the groups 32 / 64
+    elif native.available():  # widths of 64 take kernels/cpu.c's words, the expert width 32 torch's kernel
+        assert modes == {"int4", "packed4"} and not model.native_decode
     ids = torch.randint(0, TINY.vocab_size, (1, 10), generator=torch.Generator().manual_seed(2))
     full = model(ids)
     cache = model.new_cache(1, 16)
@@ -157,9 +165,8 @@ def test_load_quantized_refuses_other_devices_and_kernels(src, tmp_path):
 
 @pytest.mark.parametrize("bits, native_decode", [(8, True), (4, False)])
 def test_int8_decode_runs_on_the_c_kernels_and_agrees_with_torch(src, tmp_path, monkeypatch, bits, native_decode):
-    """int8 per-channel weights decode through kernels/cpu.c (torch's int4 kernels keep torch's threads)."""
-    from kernels import native
-
+    """int8 per-channel weights decode through kernels/cpu.c; int4 too where every width fits its words,
+    but tiny-moge's expert width 32 does not, so its experts keep torch's int4 kernel and torch's threads."""
     if not native.available():
         pytest.skip("kernels._cpu not built")
     quantize_checkpoint(src, tmp_path / "q", bits=bits, lm_head=True)

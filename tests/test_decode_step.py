@@ -1,0 +1,161 @@
+"""kernels/step.c (whole decode steps from moge_cli/decode_step.py) against the op-by-op paths, float and quantized."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from converters.quantize import pack_int32
+from converters.quantize_pipeline import quantize_checkpoint
+from kernels import native
+from moge_cli.config import MoGEConfig
+from moge_cli.model import MoGEForCausalLM, load_model
+from moge_cli.quantized import QLinear, dequantize
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="kernels._cpu not built or this CPU lacks AVX2/FMA")
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            moe_intermediate_size=16, shared_expert_intermediate_size=32, max_position_embeddings=128)  # fmt: skip
+SHAPES = {
+    "G2-K2": dict(BASE, num_experts=8, num_experts_per_tok=4, num_expert_groups=2),
+    "G8-K1": dict(BASE, num_experts=16, num_experts_per_tok=8, rope_theta=1e6),
+    "dense": dict(BASE, num_hidden_layers=3, num_experts=8, num_experts_per_tok=4, mlp_only_layers=[1], intermediate_size=48),
+    "GQA-6to1": dict(BASE, hidden_size=96, num_attention_heads=6, num_key_value_heads=1, num_experts=8, num_experts_per_tok=2),
+}
+PROMPT = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+FEED = [7, 2, 9, 4, 4, 1, 8, 3, 5, 0, 6, 2]  # the same tokens on every path (greedy bf16 paths may part at near-ties)
+
+
+def random_model(shape: str, dtype: torch.dtype) -> MoGEForCausalLM:
+    torch.manual_seed(23)
+    model = MoGEForCausalLM.from_config(MoGEConfig.from_dict(SHAPES[shape]), dtype=dtype, device="cpu")
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    return model
+
+
+def decode(model, plan: bool) -> torch.Tensor:
+    """Last-position logits [1 + len(FEED), V]: the prompt's prefill, then one step per fed token."""
+    model._plan = False if plan else None  # None: the op-by-op path
+    cache = model.new_cache(1, 64)
+    logits = [model(PROMPT, cache)[:, -1]]
+    for t in FEED:
+        logits.append(model(torch.tensor([[t]]), cache)[:, -1])
+    assert (model._plan is not None) == plan  # the step really ran (or really did not)
+    return torch.cat(logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_step_matches_the_op_by_op_paths(shape, dtype, monkeypatch):
+    model = random_model(shape, dtype)
+    step = decode(model, plan=True)
+    ops = decode(model, plan=False)  # kernels/cpu.c one op at a time
+    monkeypatch.setenv("MOGE_NATIVE", "0")
+    torch_ops = decode(model, plan=False)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 0.05, "atol": 0.05}
+    torch.testing.assert_close(step, ops, **tol)
+    torch.testing.assert_close(step, torch_ops, **tol)
+
+
+def test_float16_and_torch_int4_models_get_no_plan(tmp_path):
+    model = random_model("G2-K2", torch.float16)
+    assert model.decode_plan() is None
+    cache = model.new_cache(1, 16)
+    model(PROMPT, cache)
+    assert model(torch.tensor([[1]]), cache).shape == (1, 1, 96)  # the op-by-op path still decodes
+
+
+# ---- int4 / int8 weights -------------------------------------------------------------------------
+@pytest.mark.parametrize("group, symmetric", [(32, False), (64, True), (128, False), (256, True)])
+def test_int4_linear_is_the_dequantised_weight_on_int8_activations(group, symmetric):
+    """One token against int4 words: activations are quantized per 32 values (as llama.cpp's Q8_0),
+    so the result is the dequantised weight's product to within that rounding (well under 1%)."""
+    g = torch.Generator().manual_seed(group)
+    n, k = 40, 512
+    q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, k // group, generator=g) / 10 + 0.01
+    zero = None if symmetric else torch.randint(-8, 8, (n, k // group), generator=g, dtype=torch.int8)
+    z8 = (torch.zeros_like(scale, dtype=torch.int8) if zero is None else zero).to(torch.uint8) + 8
+    x = torch.randn(1, k, generator=g)
+    x[0, 5] = 40.0  # an outlier: its 32-value block gets a coarse scale, the others do not
+    w = dequantize(q, scale, zero)
+    want = x @ w.t()
+    got = native.linear_vec(x, pack_int32(q, 4), None, scale, z8)
+    half_step = (x.view(-1, 32).abs().amax(1) / 127 / 2).repeat_interleave(32)  # [k]: each value's rounding bound
+    bound = w.abs() @ half_step + 1e-5 * float(want.abs().max())  # [n]
+    assert ((got - want).abs()[0] <= bound).all()
+    assert (got - want).abs().max() > 0  # activations really are quantized: not the float product bit for bit
+
+
+def test_int4_kernel_refuses_shapes_it_cannot_read():
+    q = pack_int32(torch.zeros(4, 96, dtype=torch.int8), 4)  # k = 96: not a multiple of 64
+    s, z = torch.ones(4, 3), torch.full((4, 3), 8, dtype=torch.uint8)
+    assert native.linear_vec(torch.zeros(1, 96), q, None, s, z) is None
+    q = pack_int32(torch.zeros(4, 192, dtype=torch.int8), 4)  # groups of 96: neither 32 nor a multiple of 64
+    assert native.linear_vec(torch.zeros(1, 192), q, None, torch.ones(4, 2), torch.full((4, 2), 8, dtype=torch.uint8)) is None
+
+
+QUANT_SHAPE = dict(BASE, hidden_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=128,
+                   num_experts=8, num_experts_per_tok=4, num_expert_groups=2, torch_dtype="bfloat16")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def quant_src(tmp_path_factory) -> Path:
+    from fixtures.make import write_checkpoint
+
+    return write_checkpoint(MoGEConfig.from_dict(QUANT_SHAPE), tmp_path_factory.mktemp("qsrc") / "ck", seed=3, tokenizer=False)
+
+
+@pytest.mark.parametrize("opts, modes", [(dict(bits=8), {"int8"}), (dict(bits=4), {"packed4"}),
+                                         (dict(bits=4, group_size=32, symmetric=True, lm_head=True), {"packed4"})])  # fmt: skip
+def test_quantized_step_follows_the_dequantised_model(quant_src, tmp_path, opts, modes):
+    quantize_checkpoint(quant_src, tmp_path / "q", **opts)
+    model = load_model(tmp_path / "q")  # bfloat16; kernel "native"
+    assert {m.mode for m in model.modules() if isinstance(m, QLinear)} == modes
+    step = decode(model, plan=True)
+    ops = decode(model, plan=False)  # the same kernels one op at a time
+    ref = decode(_float_twin(model), plan=False)  # float32 weights = the dequantised ones, torch ops
+    scale = float(ref.abs().max())
+    assert float((step - ops).abs().max()) < 0.02 * scale
+    assert float((step - ref).abs().max()) < 0.05 * scale
+    assert (step.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
+
+
+def _float_twin(model) -> MoGEForCausalLM:
+    """The same model with every QLinear replaced by its dequantised float32 weight."""
+    twin = MoGEForCausalLM.from_config(model.config, dtype=torch.float32, device="cpu")
+    for name, p in twin.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        src = getattr(model.get_submodule(owner), leaf)
+        if isinstance(src, QLinear):
+            w = torch.stack([src.dequantized(e) for e in range(src.num_experts)])
+            p.data.copy_(w.reshape(p.shape))
+        else:
+            p.data.copy_(src.float())
+    return twin
+
+
+def test_int4_decode_perplexity_on_the_trained_fixture(tmp_path):
+    """Decoding token by token through kernels/step.c (int8 activations) scores held-out text like the
+    prefill path (float32 GEMMs on the dequantised weights) does."""
+    quantize_checkpoint(ROOT / "fixtures/tiny-trained", tmp_path / "q", bits=4)
+    model = load_model(tmp_path / "q", dtype="bfloat16")
+    assert model.decode_plan() is not None
+    from moge_cli.tokenizer import load_tokenizer
+
+    ids = load_tokenizer(ROOT / "fixtures/tiny-trained").encode((ROOT / "fixtures/tiny-trained/heldout.txt").read_text())[:160]
+    ids = torch.tensor([ids])
+    prefill = model(ids)[0, :-1].float()  # [T-1, V]
+    cache = model.new_cache(1, ids.shape[1])
+    steps = torch.cat([model(ids[:, i : i + 1], cache)[0] for i in range(ids.shape[1] - 1)]).float()
+    target = ids[0, 1:]
+
+    def ppl(logits):
+        return math.exp(float(torch.nn.functional.cross_entropy(logits, target)))
+
+    assert abs(ppl(steps) / ppl(prefill) - 1) < 0.02, (ppl(steps), ppl(prefill))
