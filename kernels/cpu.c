@@ -156,30 +156,40 @@ void from_float(const float *src, long n, int dtype, void *dst) {
  * sum (u - z) x = sum u x - z sum x). Only for k % 64 == 0, as int4 weights need. */
 long vec_floats(long k) { return 2 * k + k / 4 + k / 8 + k / 32 + 1; }
 
-vec_t vec_prepare(const float *x, long k, float *storage) {
-    float *xs = storage + k, *sxv = storage + 2 * k + k / 4, *x32 = sxv + k / 8;
-    int8_t *xq = (int8_t *)(storage + 2 * k);
-    if (x != storage) memmove(storage, x, k * sizeof(float));
-    x = storage;
-    long c = 0;
-    for (; c + 16 <= k; c += 16)
+vec_t vec_view(const float *storage, long k) {
+    const float *sxv = storage + 2 * k + k / 4;
+    return (vec_t){storage, storage + k, (const int8_t *)(storage + 2 * k), sxv, sxv + k / 8, k};
+}
+
+void vec_prepare_range(float *storage, long k, long lo, long hi, int quant) {
+    vec_t v = vec_view(storage, k);
+    const float *x = storage;
+    float *xs = (float *)v.xs, *sxv = (float *)v.sxv, *x32 = (float *)v.x32;
+    int8_t *xq = (int8_t *)v.xq;
+    long c = lo;
+    for (; c + 16 <= hi; c += 16)
         for (int i = 0; i < 8; i++) xs[c + i] = x[c + 2 * i], xs[c + 8 + i] = x[c + 2 * i + 1];
-    for (; c < k; c++) xs[c] = x[c];
-    if (k % 64 == 0)
-        for (long b = 0; b < k / 32; b++) {  /* 32-value block b: half b % 2 of 64-value block b / 2 */
-            float amax = 0.0f;
-            for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[32 * b + i]));
-            float sx = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-            int sum = 0;
-            for (int i = 0; i < 32; i++) {
-                int q = (int)nearbyintf(x[32 * b + i] * inv), v = 32 * (int)(b % 2) + i, l = v / 8, t = v % 8;
-                xq[64 * (b / 2) + 32 * (t % 2) + 4 * l + t / 2] = (int8_t)q;
-                sum += q;
-            }
-            for (int l = 0; l < 4; l++) sxv[8 * (b / 2) + 4 * (b % 2) + l] = sx;
-            x32[b] = sx * (float)sum;
+    for (; c < hi; c++) xs[c] = x[c];
+    if (!quant || k % 64) return;
+    for (long b = lo / 32; b < hi / 32; b++) {  /* 32-value block b: half b % 2 of 64-value block b / 2 */
+        float amax = 0.0f;
+        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[32 * b + i]));
+        float sx = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int sum = 0;
+        for (int i = 0; i < 32; i++) {
+            int q = (int)nearbyintf(x[32 * b + i] * inv), at = 32 * (int)(b % 2) + i, l = at / 8, t = at % 8;
+            xq[64 * (b / 2) + 32 * (t % 2) + 4 * l + t / 2] = (int8_t)q;
+            sum += q;
         }
-    return (vec_t){x, xs, xq, sxv, x32, k};
+        for (int l = 0; l < 4; l++) sxv[8 * (b / 2) + 4 * (b % 2) + l] = sx;
+        x32[b] = sx * (float)sum;
+    }
+}
+
+vec_t vec_prepare(const float *x, long k, float *storage, int quant) {
+    if (x != storage) memmove(storage, x, k * sizeof(float));
+    vec_prepare_range(storage, k, 0, k, quant);
+    return vec_view(storage, k);
 }
 
 /* ---- weight matrices ---------------------------------------------------------------------------- */
@@ -334,11 +344,13 @@ static void rows_dot(mat_t m, vec_t x, long lo, long hi, float *y) {
         for (r = lo; r < hi; r++) y[r - lo] *= load1(m.scale, r, m.sdtype);
 }
 
-/* [lo, hi) of n rows for this part, in multiples of 4 so that dot4_f32 stays in step. */
-static void split(long n, int part, int parts, long *lo, long *hi) {
-    long blocks = (n + 3) / 4;
-    *lo = blocks * part / parts * 4;
-    *hi = blocks * (part + 1) / parts * 4;
+/* [lo, hi) of n items for this part, in multiples of `unit`. Each thread streams one contiguous
+ * stretch of every weight: measured faster here than chunks taken in turn from a shared counter
+ * (which balance the load but restart the hardware prefetcher at every chunk). */
+static void split(long n, long unit, int part, int parts, long *lo, long *hi) {
+    long blocks = (n + unit - 1) / unit;
+    *lo = blocks * part / parts * unit;
+    *hi = blocks * (part + 1) / parts * unit;
     if (*lo > n) *lo = n;
     if (*hi > n) *hi = n;
 }
@@ -355,7 +367,7 @@ typedef struct {
 static void linear_part(void *ctx, int part, int parts) {
     linear_job *j = ctx;
     long lo, hi;
-    split(j->n, part, parts, &lo, &hi);
+    split(j->n, 4, part, parts, &lo, &hi);  /* multiples of 4 rows: dot4_f32 stays in step */
     rows_dot(j->w, j->x, lo, hi, j->y + lo);
     if (j->b)
         for (long r = lo; r < hi; r++) j->y[r] += j->b[r];
@@ -366,42 +378,56 @@ void linear(mat_t w, const float *bias, vec_t x, long n, float *y) {
     run_parallel(linear_part, &j, (size_t)n * row_bytes(w, x.k) >= PARALLEL_BYTES);
 }
 
-/* ---- SwiGLU MLPs summed: the picked experts of one token, and the shared expert ----------------- */
+/* ---- SwiGLU MLPs summed: the picked experts of one token, and the shared expert -----------------
+ * Pass 1 splits every MLP's I hidden units, in units of 256, over the threads: each computes its
+ * units' gate and up rows, the activation silu(gate) * up (rounded to the model dtype, as torch's
+ * path does) and that slice of the activation's prepared vector. Pass 2 splits the H output rows:
+ * each thread sums every MLP's down rows times its coefficient, in MLP order. */
+#define UNIT 256
+
 typedef struct {
     const mlp_t *m;
-    int count;
-    long total_rows;  /* sum of 2I */
+    int count, dtype;
+    long units;       /* sum over MLPs of ceil(I / UNIT) */
     vec_t x;
-    float **h;        /* per mlp: [2I] gate x, up x */
-    vec_t *act;       /* per mlp: silu(gate) * up, prepared */
+    float **h;        /* per MLP: [2I] gate x, up x, then the activation's vector storage */
     float *y;
 } mlps_job;
 
-static void mlps_up_part(void *ctx, int part, int parts) {  /* every mlp's gate and up rows */
+static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+
+static void mlps_up_part(void *ctx, int part, int parts) {
     mlps_job *j = ctx;
-    long lo, hi, base = 0;
-    split(j->total_rows, part, parts, &lo, &hi);
-    for (int i = 0; i < j->count && base < hi; base += 2 * j->m[i].inter, i++) {
-        long rows = 2 * j->m[i].inter, a = lo > base ? lo - base : 0, b = hi - base < rows ? hi - base : rows;
-        if (a < b) rows_dot(j->m[i].w13, j->x, a, b, j->h[i] + a);
+    long lo, hi;
+    split(j->units, 1, part, parts, &lo, &hi);
+    for (long g = lo; g < hi; g++) {
+        int i = 0;
+        long n, u = g;
+        while (u >= (n = (j->m[i].inter + UNIT - 1) / UNIT)) u -= n, i++;  /* MLP i, its unit u */
+        long I = j->m[i].inter, r0 = u * UNIT, r1 = r0 + UNIT < I ? r0 + UNIT : I;
+        float *h = j->h[i], *a = h + 2 * I;
+        rows_dot(j->m[i].w13, j->x, r0, r1, h + r0);
+        rows_dot(j->m[i].w13, j->x, I + r0, I + r1, h + I + r0);
+        for (long c = r0; c < r1; c++) a[c] = silu(h[c]) * h[I + c];
+        round_to(a + r0, r1 - r0, j->dtype);
+        vec_prepare_range(a, I, r0, r1, j->m[i].w2.wtype == I4);
     }
 }
 
-static void mlps_down_part(void *ctx, int part, int parts) {  /* y rows: sum over mlps in order */
+static void mlps_down_part(void *ctx, int part, int parts) {
     mlps_job *j = ctx;
+    float d[UNIT];
     long lo, hi;
-    split(j->x.k, part, parts, &lo, &hi);
-    float d[64];
-    for (long r = lo; r < hi; r++) j->y[r] = 0.0f;
-    for (int i = 0; i < j->count; i++)
-        for (long r0 = lo; r0 < hi; r0 += 64) {
-            long r1 = r0 + 64 < hi ? r0 + 64 : hi;
-            rows_dot(j->m[i].w2, j->act[i], r0, r1, d);
+    split(j->x.k, 4, part, parts, &lo, &hi);
+    for (long r0 = lo; r0 < hi; r0 += UNIT) {
+        long r1 = r0 + UNIT < hi ? r0 + UNIT : hi;
+        for (long r = r0; r < r1; r++) j->y[r] = 0.0f;
+        for (int i = 0; i < j->count; i++) {
+            rows_dot(j->m[i].w2, vec_view(j->h[i] + 2 * j->m[i].inter, j->m[i].inter), r0, r1, d);
             for (long r = r0; r < r1; r++) j->y[r] += j->m[i].coef * d[r - r0];
         }
+    }
 }
-
-static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
 long mlps_scratch_floats(const mlp_t *m, int count) {
     long n = 0;
@@ -411,21 +437,13 @@ long mlps_scratch_floats(const mlp_t *m, int count) {
 
 void mlps(const mlp_t *m, int count, vec_t x, int dtype, float *scratch, float *y) {
     float *h[MAX_PICKS + 1];
-    vec_t act[MAX_PICKS + 1];
-    mlps_job j = {m, count, 0, x, h, act, y};
+    mlps_job j = {m, count, dtype, 0, x, h, y};
     for (int i = 0; i < count; i++) {
         h[i] = scratch;
         scratch += 2 * m[i].inter + vec_floats(m[i].inter);
-        j.total_rows += 2 * m[i].inter;
+        j.units += (m[i].inter + UNIT - 1) / UNIT;
     }
     run_parallel(mlps_up_part, &j, 1);
-    for (int i = 0; i < count; i++) {
-        long I = m[i].inter;
-        float *a = h[i] + 2 * I;
-        for (long c = 0; c < I; c++) a[c] = silu(h[i][c]) * h[i][I + c];
-        round_to(a, I, dtype);  /* the activation is rounded to the model's dtype, as torch's path does */
-        act[i] = vec_prepare(a, I, a);
-    }
     run_parallel(mlps_down_part, &j, 1);
 }
 
@@ -469,28 +487,42 @@ typedef struct {
     int dtype;
 } attend_job;
 
-static void attend_part(void *ctx, int part, int parts) {
+/* 8 values of a float32 or bfloat16 row from index i, as float32. */
+AVX2 static inline __m256 load8(const void *p, long i, int dtype) {
+    if (dtype == F32) return _mm256_loadu_ps((const float *)p + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+AVX2 static void attend_part(void *ctx, int part, int parts) {
     attend_job *j = ctx;
-    long lo = j->n_heads * part / parts, hi = j->n_heads * (part + 1) / parts;
+    long D = j->dim, D8 = D - D % 8, lo, hi;
     size_t es = esize(j->dtype);
-    float scale = 1.0f / sqrtf((float)j->dim);
+    float scale = 1.0f / sqrtf((float)D);
+    split(j->n_heads, 1, part, parts, &lo, &hi);
     for (long h = lo; h < hi; h++) {
         long g = h / (j->n_heads / j->n_kv);
-        const char *kh = (const char *)j->k + g * j->s_max * j->dim * es, *vh = (const char *)j->v + g * j->s_max * j->dim * es;
-        const float *q = j->q + h * j->dim;
+        const char *kh = (const char *)j->k + g * j->s_max * D * es, *vh = (const char *)j->v + g * j->s_max * D * es;
+        const float *q = j->q + h * D;
         float *sc = j->scores + h * j->len, m = -INFINITY, sum = 0.0f;
         for (long t = 0; t < j->len; t++) {
-            float d = 0.0f;
-            for (long c = 0; c < j->dim; c++) d += q[c] * load1(kh + t * j->dim * es, c, j->dtype);
+            const void *kt = kh + t * D * es;
+            __m256 acc = _mm256_setzero_ps();
+            for (long c = 0; c < D8; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), load8(kt, c, j->dtype), acc);
+            float d = hsum(acc);
+            for (long c = D8; c < D; c++) d += q[c] * load1(kt, c, j->dtype);
             sc[t] = d * scale;
             m = sc[t] > m ? sc[t] : m;
         }
         for (long t = 0; t < j->len; t++) sum += sc[t] = expf(sc[t] - m);
-        float *o = j->o + h * j->dim;
-        for (long c = 0; c < j->dim; c++) o[c] = 0.0f;
+        float *o = j->o + h * D;
+        for (long c = 0; c < D; c++) o[c] = 0.0f;
         for (long t = 0; t < j->len; t++) {
+            const void *vt = vh + t * D * es;
             float pt = sc[t] / sum;
-            for (long c = 0; c < j->dim; c++) o[c] += pt * load1(vh + t * j->dim * es, c, j->dtype);
+            __m256 pv = _mm256_set1_ps(pt);
+            for (long c = 0; c < D8; c += 8) _mm256_storeu_ps(o + c, _mm256_fmadd_ps(pv, load8(vt, c, j->dtype), _mm256_loadu_ps(o + c)));
+            for (long c = D8; c < D; c++) o[c] += pt * load1(vt, c, j->dtype);
         }
     }
 }

@@ -44,7 +44,10 @@ typedef struct {
 } vec_t;
 
 long vec_floats(long k);
-vec_t vec_prepare(const float *x, long k, float *storage);  /* x may alias storage[0:k] */
+/* x copied to storage (x may be storage itself) and prepared; the int8 copy only when `quant`. */
+vec_t vec_prepare(const float *x, long k, float *storage, int quant);
+void vec_prepare_range(float *storage, long k, long lo, long hi, int quant);  /* lo % 64 == 0; hi % 64 == 0 or k */
+vec_t vec_view(const float *storage, long k);
 
 float load1(const void *p, long i, int dtype);
 uint16_t to_bf16(float f);

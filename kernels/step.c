@@ -96,6 +96,20 @@ const char *decode_step_check(const int64_t *plan) {
     return NULL;
 }
 
+/* This thread's scratch memory, kept between steps: a fresh allocation of this size would be
+ * mmapped, and its pages faulted in and zeroed, on every step. */
+static void *scratch(size_t bytes) {
+    static __thread void *mem;
+    static __thread size_t size;
+    if (bytes > size) {
+        free(mem);
+        size = 0;
+        if (!(mem = malloc(bytes))) return NULL;
+        size = bytes;
+    }
+    return mem;
+}
+
 static void add_rounded(float *x, const float *y, long n, int dtype) {
     for (long i = 0; i < n; i++) x[i] += y[i];
     round_to(x, n, dtype);
@@ -119,13 +133,10 @@ int decode_step(const int64_t *plan, float *logits, long token, long pos, void *
     mlp_t m[MAX_PICKS];
     long mlp_floats = (k + 1) * (2 * max_inter + vec_floats(max_inter));
     long floats = H + vec_floats(H) + nqkv + vec_floats(nHD) + attend_scratch_floats(h.nH, h.D, pos) + H + h.E + mlp_floats;
-    float *buf = malloc(floats * sizeof(float));
-    int64_t *ids = malloc((k + 1) * sizeof(int64_t));
-    float *coefs = malloc((k + 1) * sizeof(float));
-    if (!buf || !ids || !coefs) {
-        free(buf), free(ids), free(coefs);
-        return -1;
-    }
+    float *buf = scratch(floats * sizeof(float) + (k + 1) * (sizeof(int64_t) + sizeof(float)));
+    if (!buf) return -1;
+    int64_t *ids = (int64_t *)(buf + floats);
+    float *coefs = (float *)(ids + k + 1);
     float *x = buf, *hv_buf = x + H, *qkv = hv_buf + vec_floats(H), *o_buf = qkv + nqkv, *att = o_buf + vec_floats(nHD);
     float *y = att + attend_scratch_floats(h.nH, h.D, pos), *router = y + H, *mlp_scratch = router + h.E;
     size_t es = h.dtype == F32 ? 4 : 2, layer_cache = (size_t)h.nKV * s_max * h.D * es;
@@ -135,19 +146,19 @@ int decode_step(const int64_t *plan, float *logits, long token, long pos, void *
         layer_t l = next_layer(&c);
         rms_norm(x, l.input_norm, H, eps, hv_buf);
         round_to(hv_buf, H, h.dtype);
-        vec_t hv = vec_prepare(hv_buf, H, hv_buf);
+        vec_t hv = vec_prepare(hv_buf, H, hv_buf, l.qkv.wtype == I4);
         linear(l.qkv, l.qkv_bias, hv, nqkv, qkv);
         round_to(qkv, nqkv, h.dtype);
         attend(qkv, cos, sin, (char *)k_cache + i * layer_cache, (char *)v_cache + i * layer_cache, pos, h.nH, h.nKV, h.D, s_max,
                h.dtype, att, o_buf);
         round_to(o_buf, nHD, h.dtype);
-        linear(l.o, l.o_bias, vec_prepare(o_buf, nHD, o_buf), H, y);
+        linear(l.o, l.o_bias, vec_prepare(o_buf, nHD, o_buf, l.o.wtype == I4), H, y);
         round_to(y, H, h.dtype);
         add_rounded(x, y, H, h.dtype);
 
         rms_norm(x, l.post_norm, H, eps, hv_buf);
         round_to(hv_buf, H, h.dtype);
-        hv = vec_prepare(hv_buf, H, hv_buf);
+        hv = vec_prepare(hv_buf, H, hv_buf, l.w13.wtype == I4 || (l.gate && l.gate_up.wtype == I4));
         int count = 0;
         if (l.gate) {  /* MoE: the picked experts, then the shared expert with weight 1 */
             mat_t gate = {(const char *)l.gate, NULL, NULL, F32, F32, 0};
@@ -163,8 +174,7 @@ int decode_step(const int64_t *plan, float *logits, long token, long pos, void *
     }
     rms_norm(x, h.norm, H, eps, hv_buf);
     round_to(hv_buf, H, h.dtype);
-    linear(h.lm_head, NULL, vec_prepare(hv_buf, H, hv_buf), h.V, logits);
+    linear(h.lm_head, NULL, vec_prepare(hv_buf, H, hv_buf, h.lm_head.wtype == I4), h.V, logits);
     round_to(logits, h.V, h.dtype);
-    free(buf), free(ids), free(coefs);
     return 0;
 }
