@@ -161,6 +161,34 @@ vec_t vec_view(const float *storage, long k) {
     return (vec_t){storage, storage + k, (const int8_t *)(storage + 2 * k), sxv, sxv + k / 8, k};
 }
 
+/* Values x[0:32] as 32-value block b of xq (see above): int8 by round to nearest even, the scale
+ * sx = max |x| / 127 into sxv, sx * (sum of the int8 values) into x32. */
+AVX2 static void quantize32(const float *x, long b, int8_t *xq, float *sxv, float *x32) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 v[4], m = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) m = _mm256_max_ps(m, _mm256_and_ps(v[i] = _mm256_loadu_ps(x + 8 * i), abs_mask));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    float sx = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    int32_t q[32];
+    __m256i sum = _mm256_setzero_si256();
+    for (int i = 0; i < 4; i++) {
+        __m256i qi = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inv)));  /* rounds to nearest even */
+        _mm256_storeu_si256((__m256i *)(q + 8 * i), qi);
+        sum = _mm256_add_epi32(sum, qi);
+    }
+    int8_t *dst = xq + 64 * (b / 2);
+    for (int i = 0; i < 32; i++) {  /* value at = 8 l + t of the 64-block: byte 4 l + t / 2 of vector t % 2 */
+        int at = 32 * (int)(b % 2) + i, l = at / 8, t = at % 8;
+        dst[32 * (t % 2) + 4 * l + t / 2] = (int8_t)q[i];
+    }
+    int32_t s[8];
+    _mm256_storeu_si256((__m256i *)s, sum);
+    for (int l = 0; l < 4; l++) sxv[8 * (b / 2) + 4 * (b % 2) + l] = sx;
+    x32[b] = sx * (float)(s[0] + s[1] + s[2] + s[3] + s[4] + s[5] + s[6] + s[7]);
+}
+
 void vec_prepare_range(float *storage, long k, long lo, long hi, int quant) {
     vec_t v = vec_view(storage, k);
     const float *x = storage;
@@ -170,20 +198,8 @@ void vec_prepare_range(float *storage, long k, long lo, long hi, int quant) {
     for (; c + 16 <= hi; c += 16)
         for (int i = 0; i < 8; i++) xs[c + i] = x[c + 2 * i], xs[c + 8 + i] = x[c + 2 * i + 1];
     for (; c < hi; c++) xs[c] = x[c];
-    if (!quant || k % 64) return;
-    for (long b = lo / 32; b < hi / 32; b++) {  /* 32-value block b: half b % 2 of 64-value block b / 2 */
-        float amax = 0.0f;
-        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[32 * b + i]));
-        float sx = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int sum = 0;
-        for (int i = 0; i < 32; i++) {
-            int q = (int)nearbyintf(x[32 * b + i] * inv), at = 32 * (int)(b % 2) + i, l = at / 8, t = at % 8;
-            xq[64 * (b / 2) + 32 * (t % 2) + 4 * l + t / 2] = (int8_t)q;
-            sum += q;
-        }
-        for (int l = 0; l < 4; l++) sxv[8 * (b / 2) + 4 * (b % 2) + l] = sx;
-        x32[b] = sx * (float)sum;
-    }
+    if (quant && k % 64 == 0)
+        for (long b = lo / 32; b < hi / 32; b++) quantize32(x + 32 * b, b, xq, sxv, x32);
 }
 
 vec_t vec_prepare(const float *x, long k, float *storage, int quant) {
