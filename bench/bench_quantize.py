@@ -1,4 +1,4 @@
-"""Quantized decode benchmark: bfloat16 vs int8 / int4 (both kernels) on the bench-0.47b model, same run.
+"""Quantized decode benchmark: bfloat16 vs int8 / int4 (each kernel) on the bench-0.47b model, same run.
 
     python bench/bench_quantize.py [--checkpoint DIR] [--repeats 5] [--new-tokens 32]
 
@@ -7,6 +7,7 @@ names one, quantizes it with `moge quantize` (int8 per channel; int4 g128 asymme
 loads every variant into one process and measures batch-1 greedy decode tokens/s and prefill
 tokens/s round-robin (each repeat times every variant once, so a shared machine's load hits them
 alike); every number is the best of --repeats. Variants: bfloat16, and for int8 / int4 the
+"native" kernels (kernels/cpu.c on the stored integers, whole decode steps in one C call), the
 "torch" kernels (torch._weight_int8pack_mm / _weight_int4pack_mm_for_cpu, converted at load)
 and "dequant" (dequantise the picked experts on the fly). Prints a markdown table with the
 speed-up over bfloat16.
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prefill", type=int, default=128, help="prefill length (0: skip)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--kernels", nargs="+", default=["torch", "dequant"], help="quantized kernels to time")
+    p.add_argument("--kernels", nargs="+", default=["native", "torch", "dequant"], help="quantized kernels to time")
     p.add_argument("--lm-head", action="store_true", help="quantize lm_head too (moge quantize --lm-head)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)

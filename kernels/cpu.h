@@ -34,20 +34,27 @@ typedef struct {
 mat_t mat_row_block(mat_t m, long rows, long k, long index);  /* matrix `index` of a stack of [rows, k] ones */
 int mat_supported(mat_t m, long k);                           /* the kernels can read it (I4: k % 64, group) */
 
-/* An input vector, prepared once for every weight type: x [k], its bfloat16 split copy, and for
- * int4 weights x as int8 with scales and sums per 32 values (see cpu.c). vec_floats(k) floats of storage. */
+/* An input vector, prepared once for every weight type: x [k], its bfloat16 split copy, for int4
+ * weights x as int8 with scales and sums per 32 values (Q8), for int8 weights x as int16 with a scale
+ * per 32 values (Q16); see cpu.c. vec_floats(k) floats of storage. */
 typedef struct {
     const float *x, *xs;
     const int8_t *xq;
     const float *sxv, *x32;
+    const int16_t *x16;
+    const float *s16;
     long k;
+    int quant;  /* Q8 | Q16: the integer copies prepared */
 } vec_t;
 
+enum { Q8 = 1, Q16 = 2 };
+int vec_needs(mat_t m);  /* the integer copies a weight's dot products read: Q8 (int4), Q16 (int8) or 0 */
+
 long vec_floats(long k);
-/* x copied to storage (x may be storage itself) and prepared; the int8 copy only when `quant`. */
+/* x copied to storage (x may be storage itself) and prepared, with the integer copies in `quant`. */
 vec_t vec_prepare(const float *x, long k, float *storage, int quant);
 void vec_prepare_range(float *storage, long k, long lo, long hi, int quant);  /* lo % 64 == 0; hi % 64 == 0 or k */
-vec_t vec_view(const float *storage, long k);
+vec_t vec_view(const float *storage, long k, int quant);
 
 float load1(const void *p, long i, int dtype);
 uint16_t to_bf16(float f);

@@ -27,7 +27,7 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     to_float(PTR(x), k, dtype, buf);
     if (bias) to_float(PTR(b), n, dtype, bias);
-    linear(m, bias, vec_prepare(buf, k, buf, wtype == I4), n, out);
+    linear(m, bias, vec_prepare(buf, k, buf, vec_needs(m)), n, out);
     from_float(out, n, dtype, PTR(y));
     Py_END_ALLOW_THREADS
     free(buf);
@@ -72,7 +72,7 @@ static PyObject *py_moe(PyObject *self, PyObject *args) {
     }
     Py_BEGIN_ALLOW_THREADS
     to_float(PTR(x), hidden, dtype, buf);
-    mlps(m, (int)k, vec_prepare(buf, hidden, buf, wtype == I4), dtype, buf + vec_floats(hidden), PTR(y));
+    mlps(m, (int)k, vec_prepare(buf, hidden, buf, vec_needs(w13)), dtype, buf + vec_floats(hidden), PTR(y));
     Py_END_ALLOW_THREADS
     free(buf);
     free(m);

@@ -146,19 +146,19 @@ int decode_step(const int64_t *plan, float *logits, long token, long pos, void *
         layer_t l = next_layer(&c);
         rms_norm(x, l.input_norm, H, eps, hv_buf);
         round_to(hv_buf, H, h.dtype);
-        vec_t hv = vec_prepare(hv_buf, H, hv_buf, l.qkv.wtype == I4);
+        vec_t hv = vec_prepare(hv_buf, H, hv_buf, vec_needs(l.qkv));
         linear(l.qkv, l.qkv_bias, hv, nqkv, qkv);
         round_to(qkv, nqkv, h.dtype);
         attend(qkv, cos, sin, (char *)k_cache + i * layer_cache, (char *)v_cache + i * layer_cache, pos, h.nH, h.nKV, h.D, s_max,
                h.dtype, att, o_buf);
         round_to(o_buf, nHD, h.dtype);
-        linear(l.o, l.o_bias, vec_prepare(o_buf, nHD, o_buf, l.o.wtype == I4), H, y);
+        linear(l.o, l.o_bias, vec_prepare(o_buf, nHD, o_buf, vec_needs(l.o)), H, y);
         round_to(y, H, h.dtype);
         add_rounded(x, y, H, h.dtype);
 
         rms_norm(x, l.post_norm, H, eps, hv_buf);
         round_to(hv_buf, H, h.dtype);
-        hv = vec_prepare(hv_buf, H, hv_buf, l.w13.wtype == I4 || (l.gate && l.gate_up.wtype == I4));
+        hv = vec_prepare(hv_buf, H, hv_buf, vec_needs(l.w13) | (l.gate ? vec_needs(l.gate_up) : 0));
         int count = 0;
         if (l.gate) {  /* MoE: the picked experts, then the shared expert with weight 1 */
             mat_t gate = {(const char *)l.gate, NULL, NULL, F32, F32, 0};
@@ -174,7 +174,7 @@ int decode_step(const int64_t *plan, float *logits, long token, long pos, void *
     }
     rms_norm(x, h.norm, H, eps, hv_buf);
     round_to(hv_buf, H, h.dtype);
-    linear(h.lm_head, NULL, vec_prepare(hv_buf, H, hv_buf, h.lm_head.wtype == I4), h.V, logits);
+    linear(h.lm_head, NULL, vec_prepare(hv_buf, H, hv_buf, vec_needs(h.lm_head)), h.V, logits);
     round_to(logits, h.V, h.dtype);
     return 0;
 }

@@ -92,6 +92,23 @@ def test_int4_linear_is_the_dequantised_weight_on_int8_activations(group, symmet
     assert (got - want).abs().max() > 0  # activations really are quantized: not the float product bit for bit
 
 
+def test_int8_linear_reads_activations_as_int16_within_their_rounding():
+    """int8 weights against x as int16 per 32 values: error within the rounding bound, far below bfloat16's."""
+    g = torch.Generator().manual_seed(8)
+    n, k = 24, 320
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, generator=g) / 50
+    x = torch.randn(1, k, generator=g)
+    x[0, 7] = 300.0
+    want = (x.double() @ (w.double() * scale.double()[:, None]).t()).float()
+    got = native.linear_vec(x, w, None, scale)
+    half_step = (x.view(-1, 32).abs().amax(1) / 32767 / 2).repeat_interleave(32)
+    bound = (w.float().abs() * scale[:, None]) @ half_step + 1e-5 * float(want.abs().max())
+    assert ((got - want).abs()[0] <= bound).all()
+    odd = native.linear_vec(x[:, :300], w[:, :300].contiguous(), None, scale)  # k % 32 != 0: the float32 path
+    torch.testing.assert_close(odd, x[:, :300] @ (w[:, :300].float() * scale[:, None]).t(), rtol=1e-5, atol=1e-4)
+
+
 def test_int4_kernel_refuses_shapes_it_cannot_read():
     q = pack_int32(torch.zeros(4, 96, dtype=torch.int8), 4)  # k = 96: not a multiple of 64
     s, z = torch.ones(4, 3), torch.full((4, 3), 8, dtype=torch.uint8)
