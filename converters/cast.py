@@ -55,6 +55,13 @@ class Caster:
     def cast_file_into(self, fd: int, offset: int, y: torch.Tensor) -> int:
         """Like cast_into for the y.numel() source values at byte `offset` of an open file, read with
         pread into a cache-sized buffer (no page faults on a shared memory map, no copy kept)."""
+        if self.mid is not None and not self.clamp:  # bfloat16 -> float16: read and cast in one kernels/cpu.c call
+            try:
+                n = native.cast_file_bf16_f16(fd, offset, y)
+            except OSError as e:
+                raise CheckpointError(f"cannot read the source file at byte {offset} ({e.strerror or 'it ends early: truncated?'})") from None
+            if n is not None:
+                return n
         if self.raw is None:
             self.raw = torch.empty(CHUNK_ELEMS * self.src.itemsize, dtype=torch.uint8)
             self.raw_view = memoryview(self.raw.numpy())

@@ -228,3 +228,12 @@ def cast_bf16_f16(x: torch.Tensor, y: torch.Tensor) -> int | None:
     if x.device.type != "cpu" or y.device.type != "cpu" or not x.is_contiguous() or not y.is_contiguous():
         return None
     return _cpu.cast_bf16_f16(y.data_ptr(), x.data_ptr(), x.numel())
+
+
+def cast_file_bf16_f16(fd: int, offset: int, y: torch.Tensor) -> int | None:
+    """y[:] = the y.numel() bfloat16 values at byte `offset` of an open file, as float16, read and cast in
+    one call (the GIL released once); returns the overflow count (as cast_bf16_f16), or None if it cannot run.
+    Raises OSError on a read error or a file that ends early."""
+    if not available() or y.dtype != torch.float16 or y.device.type != "cpu" or not y.is_contiguous():
+        return None
+    return _cpu.cast_file_bf16_f16(y.data_ptr(), fd, offset, y.numel())

@@ -202,3 +202,20 @@ def test_cast_bf16_f16_is_torchs_cast_bit_for_bit():
     assert torch.equal(y.view(torch.int16), x.to(torch.float16).view(torch.int16))  # NaN and inf bits included
     xf = x.float()
     assert n == int(((xf.abs() > 65504) & xf.isfinite()).sum()) > 0
+
+
+def test_cast_file_bf16_f16_reads_and_casts_like_torch(tmp_path):
+    x = torch.cat([torch.randn(300_000) * 3e4, torch.tensor([7e4, -1e5, float("inf"), float("nan")])]).bfloat16()
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"\0" * 10 + x.view(torch.uint8).numpy().tobytes())  # an odd offset: pread takes any
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        y = torch.empty(x.numel(), dtype=torch.float16)
+        n = native.cast_file_bf16_f16(fd, 10, y)
+        assert torch.equal(y.view(torch.int16), x.to(torch.float16).view(torch.int16))
+        xf = x.float()
+        assert n == int(((xf.abs() > 65504) & xf.isfinite()).sum())
+        with pytest.raises(OSError):  # the file ends before n values
+            native.cast_file_bf16_f16(fd, 12, y)
+    finally:
+        os.close(fd)
