@@ -40,7 +40,7 @@ from moge_cli.quant_format import QuantizedCheckpoint, Scheme, expected_quantize
 
 KERNELS = ("native", "torch", "dequant")
 DEFAULT_KERNEL = os.environ.get("MOGE_QUANT_KERNEL", "native")
-MANY_TOKENS = 16  # from this many rows, a call dequantises to float32 and runs one GEMM (model.UPCAST_MIN_TOKENS)
+MANY_TOKENS = 16  # from this many rows, a call dequantises and runs one GEMM (model.UPCAST_MIN_TOKENS, model.gemm_dtype)
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's CPU int4 kernel takes
 LINEAR_PARAMS = ("qkv_weight", "o_weight", "lm_head", "gate_up", "down", "shared_w13", "shared_w2", "w13", "w2")
 
@@ -159,8 +159,9 @@ class QLinear(nn.Module):
             y = torch._weight_int4pack_mm_for_cpu(x2.to(self.dtype), self._w[e], self.group_size, self._s[e])
         elif self.mode == "int8" and x2.shape[0] < MANY_TOKENS:
             y = torch._weight_int8pack_mm(x2.to(self.dtype), self._w[e], self._s[e])
-        else:  # dequantise this weight, one float32 GEMM
-            y = F.linear(x2.float(), self.dequantized(e))
+        else:  # dequantise this weight, one GEMM (float32, or bfloat16 where the CPU runs those natively)
+            g = _gemm_dtype(self.dtype)
+            y = F.linear(x2.to(g), self.dequantized(e, g))
         if bias is not None:
             y = y + bias
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
@@ -207,9 +208,15 @@ def mm(x: torch.Tensor, w, e: int | None = None) -> torch.Tensor:
     if isinstance(w, QLinear):
         return w.forward(x, None, e or 0)  # not w(...): nn.Module's call machinery costs more than a decode matmul
     w = w if e is None else w[e]
-    if x.dtype != torch.float32 and x.shape[0] >= MANY_TOKENS:
-        return F.linear(x.float(), w.float()).to(x.dtype)
+    if x.shape[0] >= MANY_TOKENS and (g := _gemm_dtype(x.dtype)) != x.dtype:
+        return F.linear(x.to(g), w.to(g)).to(x.dtype)
     return F.linear(x, w)
+
+
+def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    from moge_cli.model import gemm_dtype
+
+    return gemm_dtype(dtype)
 
 
 def swiglu(x: torch.Tensor, w13, w2, e: int | None = None) -> torch.Tensor:
