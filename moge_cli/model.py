@@ -9,15 +9,17 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kernels import dense_mlp, moe_experts, native, route
+from moge_cli import decode_step, instrument
 from moge_cli.checkpoint import Checkpoint, open_checkpoint
 from moge_cli.config import MoGEConfig
 from moge_cli.errors import CheckpointError, UsageError
-from moge_cli import decode_step, instrument
 from moge_cli.instrument import routing as record_routing
 from moge_cli.instrument import section
 from moge_cli.names import PER_EXPERT, STACKED, expected_tensors
@@ -31,18 +33,6 @@ DEFAULT_MAX_LEN = 4096  # new_cache's default cap; config.max_position_embedding
 # Zen 4 this was measured on: there bfloat16 stays bfloat16 (see gemm_dtype).
 UPCAST_MIN_TOKENS = 16
 
-
-def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype that many-token matmuls of a `dtype` model run in on the CPU: its own where the CPU
-    has native GEMMs for it (float32 always, bfloat16 with AVX512-BF16 / AMX), else float32."""
-    if dtype == torch.float32 or (dtype == torch.bfloat16 and _native_bf16_gemm()):
-        return dtype
-    return torch.float32
-
-
-def _native_bf16_gemm() -> bool:
-    cpu = getattr(torch, "cpu", None)
-    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 LOAD_CHUNK_BYTES = 1 << 20  # file bytes mapped at a time while loading
 
 
@@ -100,6 +90,20 @@ def rope_tables(positions: int, head_dim: int, theta: float, device) -> tuple[to
     angles = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq  # [P, D/2]
     cos, sin = angles.cos(), angles.sin()
     return torch.cat([cos, cos], -1).float().to(device), torch.cat([-sin, sin], -1).float().to(device)  # [P, D]
+
+
+def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype that many-token matmuls of a `dtype` model run in on the CPU: its own where the CPU
+    has native GEMMs for it (float32 always, bfloat16 with AVX512-BF16 / AMX), else float32."""
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and _native_bf16_gemm()):
+        return dtype
+    return torch.float32
+
+
+@functools.cache
+def _native_bf16_gemm() -> bool:
+    cpu = getattr(torch, "cpu", None)
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

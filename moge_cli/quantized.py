@@ -16,7 +16,7 @@ QLinear kernels (`kernel=`), for a bfloat16 / float16 model:
   "dequant"  the stored integers are kept; each call dequantises the picked weight to float32.
 bench/bench_quantize.py measures all three.
 A float32 model always uses "dequant": torch's int kernels have no fast float32 path on CPU.
-Many-token calls (prefill) dequantise to float32 and run one float32 GEMM, like the float model
+Many-token calls (prefill) dequantise and run one GEMM in model.gemm_dtype, like the float model
 (int4 "torch" weights keep only torch's opaque packing, so they stay on the int4 kernel).
 Dimension letters: E experts, N output features, K input features, G groups, T tokens, k picks.
 """
@@ -99,7 +99,8 @@ class QLinear(nn.Module):
 
             w = torch.stack([pack_int32(q, 4) for q, _, _ in parts])
             scales = torch.stack([s.float() for _, s, _ in parts])
-            self.zeros = nn.Parameter(torch.stack([(torch.zeros_like(s, dtype=torch.int8) if z is None else z).to(torch.uint8) + 8 for _, s, z in parts]), requires_grad=False)
+            zeros = [torch.zeros_like(s, dtype=torch.int8) if z is None else z for _, s, z in parts]  # symmetric: 0
+            self.zeros = nn.Parameter(torch.stack([z.to(torch.uint8) + 8 for z in zeros]), requires_grad=False)
         elif self.mode == "int4":  # torch's packing [E, N, K/2], scales and zeros [E, G, N, 2]
             w = torch.stack([torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32) + 8, 1) for q, _, _ in parts])
             scales = torch.stack([_scales_and_zeros(s, z) for _, s, z in parts]).to(dtype)
