@@ -124,24 +124,55 @@ uint16_t to_bf16(float f) {  /* round to nearest even; NaN stays NaN */
     return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
-void round_to(float *v, long n, int dtype) {
+/* bfloat16 rounding of 8 floats, as to_bf16 (nearest even, NaN kept quiet), left in float32 bits. */
+AVX2 static inline __m256i round8_bf16(__m256 v) {
+    __m256i u = _mm256_castps_si256(v), high = _mm256_set1_epi32((int)0xffff0000u);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), high);
+    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+    return _mm256_blendv_epi8(r, _mm256_and_si256(_mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), high), nan);
+}
+
+AVX2 void round_to(float *v, long n, int dtype) {
     if (dtype != BF16) return;
-    for (long i = 0; i < n; i++) {
+    long i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_si256((__m256i *)(v + i), round8_bf16(_mm256_loadu_ps(v + i)));
+    for (; i < n; i++) {
         uint16_t h = to_bf16(v[i]);
         v[i] = load1(&h, 0, BF16);
     }
 }
 
-void to_float(const void *src, long n, int dtype, float *dst) {
-    if (dtype == F32) memcpy(dst, src, n * 4);
-    else
-        for (long i = 0; i < n; i++) dst[i] = load1(src, i, BF16);
+AVX2 void to_float(const void *src, long n, int dtype, float *dst) {
+    if (dtype == F32) {
+        memcpy(dst, src, n * 4);
+        return;
+    }
+    long i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_si256((__m256i *)(dst + i), _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)src + i))), 16));
+    for (; i < n; i++) dst[i] = load1(src, i, BF16);
 }
 
-void from_float(const float *src, long n, int dtype, void *dst) {
-    if (dtype == F32) memcpy(dst, src, n * 4);
-    else
-        for (long i = 0; i < n; i++) ((uint16_t *)dst)[i] = to_bf16(src[i]);
+AVX2 void from_float(const float *src, long n, int dtype, void *dst) {
+    if (dtype == F32) {
+        memcpy(dst, src, n * 4);
+        return;
+    }
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i h = _mm256_srli_epi32(round8_bf16(_mm256_loadu_ps(src + i)), 16);  /* 8 x uint16 in 32-bit lanes */
+        __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        _mm_storeu_si128((__m128i *)((uint16_t *)dst + i), packed);
+    }
+    for (; i < n; i++) ((uint16_t *)dst)[i] = to_bf16(src[i]);
+}
+
+AVX2 void add_rounded(float *x, const float *y, long n, int dtype) {
+    long i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) x[i] += y[i];
+    round_to(x, n, dtype);
 }
 
 /* ---- input vectors ------------------------------------------------------------------------------
@@ -209,15 +240,25 @@ AVX2 static void quantize32(const float *x, long b, int8_t *xq, float *sxv, floa
     x32[b] = sx * (float)(s[0] + s[1] + s[2] + s[3] + s[4] + s[5] + s[6] + s[7]);
 }
 
+/* xs[lo:hi] from x (see above): per 16 values, the 8 even then the 8 odd ones; the tail as it is. */
+AVX2 static void split16(const float *x, float *xs, long lo, long hi) {
+    long c = lo;
+    for (; c + 16 <= hi; c += 16) {
+        __m256 a = _mm256_loadu_ps(x + c), b = _mm256_loadu_ps(x + c + 8);  /* shuffle: a0 a2 b0 b2 | a4 a6 b4 b6 */
+        __m256 even = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xd8));
+        __m256 odd = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xdd)), 0xd8));
+        _mm256_storeu_ps(xs + c, even);
+        _mm256_storeu_ps(xs + c + 8, odd);
+    }
+    for (; c < hi; c++) xs[c] = x[c];
+}
+
 void vec_prepare_range(float *storage, long k, long lo, long hi, int quant) {
     vec_t v = vec_view(storage, k, quant);
     const float *x = storage;
     float *xs = (float *)v.xs, *sxv = (float *)v.sxv, *x32 = (float *)v.x32;
     int8_t *xq = (int8_t *)v.xq;
-    long c = lo;
-    for (; c + 16 <= hi; c += 16)
-        for (int i = 0; i < 8; i++) xs[c + i] = x[c + 2 * i], xs[c + 8 + i] = x[c + 2 * i + 1];
-    for (; c < hi; c++) xs[c] = x[c];
+    split16(x, xs, lo, hi);
     if (v.quant & Q8)
         for (long b = lo / 32; b < hi / 32; b++) quantize32(x + 32 * b, b, xq, sxv, x32);
     if (v.quant & Q16)
@@ -503,11 +544,16 @@ void mlps(const mlp_t *m, int count, vec_t x, int dtype, float *scratch, float *
 }
 
 /* ---- RMSNorm, routing, attention ------------------------------------------------------------------ */
-void rms_norm(const float *x, const float *w, long n, float eps, float *y) {
-    double sum = 0.0;
-    for (long i = 0; i < n; i++) sum += (double)x[i] * x[i];
+AVX2 void rms_norm(const float *x, const float *w, long n, float eps, float *y) {
+    __m256 acc = _mm256_setzero_ps();
+    long i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(x + i), acc);
+    double sum = hsum(acc);
+    for (; i < n; i++) sum += (double)x[i] * x[i];
     float inv = 1.0f / sqrtf((float)(sum / n) + eps);
-    for (long i = 0; i < n; i++) y[i] = x[i] * inv * w[i];
+    __m256 iv = _mm256_set1_ps(inv);
+    for (i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), iv), _mm256_loadu_ps(w + i)));
+    for (; i < n; i++) y[i] = x[i] * inv * w[i];
 }
 
 /* Softmax over all experts in float32; in each contiguous group the `picks` most probable experts,

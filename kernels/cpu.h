@@ -59,6 +59,7 @@ vec_t vec_view(const float *storage, long k, int quant);
 float load1(const void *p, long i, int dtype);
 uint16_t to_bf16(float f);
 void round_to(float *v, long n, int dtype);  /* v rounded to dtype in place (no-op for F32) */
+void add_rounded(float *x, const float *y, long n, int dtype);  /* x += y, rounded to dtype */
 void to_float(const void *src, long n, int dtype, float *dst);
 void from_float(const float *src, long n, int dtype, void *dst);
 

@@ -110,11 +110,6 @@ static void *scratch(size_t bytes) {
     return mem;
 }
 
-static void add_rounded(float *x, const float *y, long n, int dtype) {
-    for (long i = 0; i < n; i++) x[i] += y[i];
-    round_to(x, n, dtype);
-}
-
 /* logits [V] float32 for `token` at `pos`; caches [L, nKV, s_max, D] in dtype; cos, sin [D] float32
  * (the RoPE tables' row for pos, sin with its first half negated). Returns 0, or -1 when out of memory. */
 int decode_step(const int64_t *plan, float *logits, long token, long pos, void *k_cache, void *v_cache, long s_max, const float *cos,
