@@ -196,48 +196,40 @@ vec_t vec_view(const float *storage, long k, int quant) {
 
 int vec_needs(mat_t m) { return m.wtype == I4 ? Q8 : m.wtype == I8 ? Q16 : 0; }
 
-/* Values x[0:32] as int16 with one scale (max |x| / 32767): rounding error at most 1 / 65534 of the
- * block's largest value, far below bfloat16's own rounding of activations. */
-AVX2 static void quantize16(const float *x, int16_t *q, float *scale) {
+/* x[0:32] rounded to integers (nearest even) on the scale max |x| / levels, into q; returns max |x|. */
+AVX2 static float round32(const float *x, float levels, int32_t q[32]) {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256 v[4], m = _mm256_setzero_ps();
     for (int i = 0; i < 4; i++) m = _mm256_max_ps(m, _mm256_and_ps(v[i] = _mm256_loadu_ps(x + 8 * i), abs_mask));
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
-    *scale = amax / 32767.0f;
-    __m256 inv = _mm256_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
+    __m256 inv = _mm256_set1_ps(amax > 0.0f ? levels / amax : 0.0f);
+    for (int i = 0; i < 4; i++) _mm256_storeu_si256((__m256i *)(q + 8 * i), _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)));
+    return amax;
+}
+
+/* Values x[0:32] as int16 with one scale (max |x| / 32767): rounding error at most 1 / 65534 of the
+ * block's largest value, far below bfloat16's own rounding of activations. */
+static void quantize16(const float *x, int16_t *q, float *scale) {
     int32_t t[32];
-    for (int i = 0; i < 4; i++) _mm256_storeu_si256((__m256i *)(t + 8 * i), _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)));
+    *scale = round32(x, 32767.0f, t) / 32767.0f;
     for (int i = 0; i < 32; i++) q[i] = (int16_t)t[i];
 }
 
-/* Values x[0:32] as 32-value block b of xq (see above): int8 by round to nearest even, the scale
- * sx = max |x| / 127 into sxv, sx * (sum of the int8 values) into x32. */
-AVX2 static void quantize32(const float *x, long b, int8_t *xq, float *sxv, float *x32) {
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256 v[4], m = _mm256_setzero_ps();
-    for (int i = 0; i < 4; i++) m = _mm256_max_ps(m, _mm256_and_ps(v[i] = _mm256_loadu_ps(x + 8 * i), abs_mask));
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
-    float sx = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    int32_t q[32];
-    __m256i sum = _mm256_setzero_si256();
-    for (int i = 0; i < 4; i++) {
-        __m256i qi = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inv)));  /* rounds to nearest even */
-        _mm256_storeu_si256((__m256i *)(q + 8 * i), qi);
-        sum = _mm256_add_epi32(sum, qi);
-    }
+/* Values x[0:32] as 32-value block b of xq (see above): int8, the scale sx = max |x| / 127 into sxv,
+ * sx * (sum of the int8 values) into x32. */
+static void quantize32(const float *x, long b, int8_t *xq, float *sxv, float *x32) {
+    int32_t q[32], sum = 0;
+    float sx = round32(x, 127.0f, q) / 127.0f;
     int8_t *dst = xq + 64 * (b / 2);
     for (int i = 0; i < 32; i++) {  /* value at = 8 l + t of the 64-block: byte 4 l + t / 2 of vector t % 2 */
         int at = 32 * (int)(b % 2) + i, l = at / 8, t = at % 8;
         dst[32 * (t % 2) + 4 * l + t / 2] = (int8_t)q[i];
+        sum += q[i];
     }
-    int32_t s[8];
-    _mm256_storeu_si256((__m256i *)s, sum);
     for (int l = 0; l < 4; l++) sxv[8 * (b / 2) + 4 * (b % 2) + l] = sx;
-    x32[b] = sx * (float)(s[0] + s[1] + s[2] + s[3] + s[4] + s[5] + s[6] + s[7]);
+    x32[b] = sx * (float)sum;
 }
 
 /* xs[lo:hi] from x (see above): per 16 values, the 8 even then the 8 odd ones; the tail as it is. */

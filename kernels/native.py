@@ -1,10 +1,11 @@
-"""One-token (decode) kernels from kernels/cpu.c, with the checks the C code leaves to its caller
-(and its bfloat16 -> float16 cast for moge convert).
+"""One-token (decode) kernels from the C extension kernels._cpu (kernels/cpu.h), with the checks the C
+code leaves to its caller: single ops, a whole decode step (`step`, planned by moge_cli/decode_step.py),
+and the bfloat16 -> float16 casts of moge convert.
 
-Every function here returns None when it cannot run: the extension is not built (no compiler at
-install time, not x86-64), the CPU lacks AVX2/FMA/F16C, the tensors are not one token of float32 /
-bfloat16 (int8 weights) on the CPU, or MOGE_NATIVE=0. Callers then take the torch path, which
-stays the reference: tests compare the two.
+Every op here returns None when it cannot run: the extension is not built (no compiler at install
+time, not x86-64), the CPU lacks AVX2/FMA/F16C, the tensors are not one token of float32 / bfloat16
+(weights also int8, or int4 words: weight_args) on the CPU, or MOGE_NATIVE=0. Callers then take the
+torch path, which stays the reference: tests compare the two.
 
 Shapes: H hidden, N output features, K input features, E experts, I expert width, k picks.
 """
