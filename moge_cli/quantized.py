@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import native, route
+from kernels.experts import combine_f32
 from moge_cli.config import MoGEConfig
 from moge_cli.errors import CheckpointError, UsageError
 from moge_cli.instrument import routing as record_routing
@@ -285,7 +286,7 @@ def routed_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
     for e, pairs in runs:
         xe = x[pairs // k] if len(pairs) > 1 else x[int(pairs[0]) // k].unsqueeze(0)
         y[pairs] = swiglu(xe, gate_up, down, e)
-    return (y.view(T, k, -1).float() * weights.float().unsqueeze(-1)).sum(dim=1)
+    return combine_f32(y.view(T, k, -1), weights)
 
 
 def native_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, gate_up, down, shared: bool = False) -> torch.Tensor | None:
