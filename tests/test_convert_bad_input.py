@@ -226,3 +226,26 @@ def test_failure_in_a_caster_thread_removes_partial_output(tmp_path, monkeypatch
     with pytest.raises(WriteError if isinstance(error, OSError) else KeyboardInterrupt):
         convert(tmp_path / "src", tmp_path / "out", layout="stacked", dtype="float16")
     assert len(calls) >= 2 and left_behind(tmp_path) == []
+
+
+def test_a_full_disk_fails_at_the_reservation_before_anything_is_written(work, monkeypatch):
+    """Shards are reserved with fallocate before writing: ENOSPC there is the same clear error, nothing left."""
+    writes = fail_writes_after(monkeypatch, 10**9, OSError(errno.EIO, "unused"))
+
+    def full(fd, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards, "_fallocate", full)
+    with pytest.raises(WriteError, match="disk full.*partial output was removed"):
+        convert(work / "src", work / "out", dtype="float16")
+    assert left_behind(work) == [] and writes == []
+
+
+def test_shards_are_reserved_at_their_final_size(work):
+    """The reservation changes nothing in the output: every shard file is exactly its header plus data."""
+    convert(work / "src", work / "out", layout="stacked", max_shard_size="100KB")
+    for f in (work / "out").glob("*.safetensors"):
+        n = int.from_bytes(f.read_bytes()[:8], "little")
+        header = json.loads(f.read_bytes()[8 : 8 + n])
+        end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+        assert f.stat().st_size == 8 + n + end
