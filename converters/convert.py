@@ -106,7 +106,7 @@ class Emitter:
         pieces = []  # (source: (fd, byte offset) or 1-D tensor, first element, elements, byte offset in the output)
         done = 0
         for part in t.parts:
-            if self.source.direct and os.environ.get("MOGE_CAST_READ", "pread") == "pread":
+            if self.source.direct:
                 path, start = self.source.file_range(part.source)
                 src = (self._fd(path), start)
             else:
