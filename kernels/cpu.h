@@ -1,7 +1,9 @@
 /* kernels._cpu: shared declarations of the one-token (decode) kernels.
  *
- *   cpu.c     thread pool, dot products per weight type, and the ops of a layer for one token:
- *             linear, SwiGLU MLPs summed (routed + shared experts), RMSNorm, routing, attention
+ *   pool.c    the thread pool
+ *   dot.c     values, prepared input vectors, weight matrices and their dot products per weight type
+ *   cpu.c     the ops of a layer for one token: linear, SwiGLU MLPs summed (routed + shared experts),
+ *             RMSNorm, routing, attention; and the bfloat16 -> float16 cast of moge convert
  *   step.c    a whole decode step (every layer, then the lm_head) from a plan of pointers
  *   module.c  the Python entry points (pointers from torch's data_ptr(), checked by kernels/native.py)
  *
@@ -12,6 +14,7 @@
 #ifndef MOGE_CPU_H
 #define MOGE_CPU_H
 
+#include <immintrin.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -19,6 +22,16 @@
 #define MAX_PICKS 256
 
 enum { F32 = 0, BF16 = 1, I8 = 2, I4 = 3 };  /* activations: F32 or BF16; weights: any */
+
+static inline size_t esize(int t) { return t == F32 ? 4 : t == BF16 ? 2 : 1; }  /* bytes of a value (not I4) */
+
+AVX2 static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
 
 /* A weight matrix [n, k]. I8: w int8 [n, k], scale [n] in sdtype. I4: w uint32 [n, k / 8] (value
  * 8j + t at bits 4t, stored as q + 8), scale float32 [n, k / group], zero uint8 [n, k / group]
@@ -32,6 +45,7 @@ typedef struct {
 } mat_t;
 
 mat_t mat_row_block(mat_t m, long rows, long k, long index);  /* matrix `index` of a stack of [rows, k] ones */
+size_t row_bytes(mat_t m, long k);
 int mat_supported(mat_t m, long k);                           /* the kernels can read it (I4: k % 64, group) */
 
 /* An input vector, prepared once for every weight type: x [k], its bfloat16 split copy, for int4
@@ -68,7 +82,10 @@ typedef void (*task_fn)(void *ctx, int part, int parts);
 void run_parallel(task_fn fn, void *ctx, int parallel);
 void pool_set_threads(int n);
 
-/* ---- ops: every one float32 in and out ---- */
+/* y[r - lo] = row r of m . x, times its scale, for r in [lo, hi) (dot.c) */
+void rows_dot(mat_t m, vec_t x, long lo, long hi, float *y);
+
+/* ---- ops: every one float32 in and out (cpu.c) ---- */
 void linear(mat_t w, const float *bias, vec_t x, long n, float *y);  /* y[n] = w x (+ bias) */
 
 typedef struct {

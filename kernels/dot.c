@@ -1,0 +1,320 @@
+/* kernels._cpu: values, prepared input vectors, weight matrices and their dot products per weight
+ * type (float32, bfloat16, int8 rows against int16 x, int4 words against int8 x); see cpu.h. Each
+ * row is read as one stream, a 64-byte line (or more) per step: rows interleaved streamed slower. */
+#include "cpu.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- values ------------------------------------------------------------------------------------ */
+float load1(const void *p, long i, int dtype) {
+    if (dtype == F32) return ((const float *)p)[i];
+    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+uint16_t to_bf16(float f) {  /* round to nearest even; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+/* bfloat16 rounding of 8 floats, as to_bf16 (nearest even, NaN kept quiet), left in float32 bits. */
+AVX2 static inline __m256i round8_bf16(__m256 v) {
+    __m256i u = _mm256_castps_si256(v), high = _mm256_set1_epi32((int)0xffff0000u);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), high);
+    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+    return _mm256_blendv_epi8(r, _mm256_and_si256(_mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), high), nan);
+}
+
+AVX2 void round_to(float *v, long n, int dtype) {
+    if (dtype != BF16) return;
+    long i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_si256((__m256i *)(v + i), round8_bf16(_mm256_loadu_ps(v + i)));
+    for (; i < n; i++) {
+        uint16_t h = to_bf16(v[i]);
+        v[i] = load1(&h, 0, BF16);
+    }
+}
+
+AVX2 void to_float(const void *src, long n, int dtype, float *dst) {
+    if (dtype == F32) {
+        memcpy(dst, src, n * 4);
+        return;
+    }
+    long i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_si256((__m256i *)(dst + i), _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)src + i))), 16));
+    for (; i < n; i++) dst[i] = load1(src, i, BF16);
+}
+
+AVX2 void from_float(const float *src, long n, int dtype, void *dst) {
+    if (dtype == F32) {
+        memcpy(dst, src, n * 4);
+        return;
+    }
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i h = _mm256_srli_epi32(round8_bf16(_mm256_loadu_ps(src + i)), 16);  /* 8 x uint16 in 32-bit lanes */
+        __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        _mm_storeu_si128((__m128i *)((uint16_t *)dst + i), packed);
+    }
+    for (; i < n; i++) ((uint16_t *)dst)[i] = to_bf16(src[i]);
+}
+
+AVX2 void add_rounded(float *x, const float *y, long n, int dtype) {
+    long i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) x[i] += y[i];
+    round_to(x, n, dtype);
+}
+
+/* ---- input vectors ------------------------------------------------------------------------------
+ * xs ("split"): in each block of 16, the 8 even-indexed values, then the 8 odd ones. A 256-bit load
+ * of 16 bfloat16 weights holds the even ones in the high halves of its 32-bit lanes after a shift
+ * and the odd ones after a mask: two float32 vectors that pair with xs, with no shuffle.
+ * xq: x as int8 with a scale per 32 values (sx, as llama.cpp's Q8_0), for int4 weights. A 256-bit
+ * load of int4 words holds value 8l + t of a 64-value block in nibble t of lane l; masking gives
+ * the even t in bytes 4l + t/2, a shift and mask the odd t: xq stores each block as those two
+ * 32-byte vectors, so the products need no shuffle. sxv: per block the lane scales (sx of values
+ * 0-31 in lanes 0-3, of 32-63 in lanes 4-7); x32: per 32 values, sx * sum of xq (zero points:
+ * sum (u - z) x = sum u x - z sum x). Only for k % 64 == 0, as int4 weights need. */
+long vec_floats(long k) { return 2 * k + k / 4 + k / 8 + k / 32 + k / 2 + k / 32 + 2; }
+
+vec_t vec_view(const float *storage, long k, int quant) {
+    const float *sxv = storage + 2 * k + k / 4, *x32 = sxv + k / 8, *s16 = x32 + k / 32 + 1;
+    const int16_t *x16 = (const int16_t *)(s16 + k / 32 + 1);
+    quant &= (k % 64 ? 0 : Q8) | (k % 32 ? 0 : Q16);
+    return (vec_t){storage, storage + k, (const int8_t *)(storage + 2 * k), sxv, x32, x16, s16, k, quant};
+}
+
+int vec_needs(mat_t m) { return m.wtype == I4 ? Q8 : m.wtype == I8 ? Q16 : 0; }
+
+/* x[0:32] rounded to integers (nearest even) on the scale max |x| / levels, into q; returns max |x|. */
+AVX2 static float round32(const float *x, float levels, int32_t q[32]) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 v[4], m = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) m = _mm256_max_ps(m, _mm256_and_ps(v[i] = _mm256_loadu_ps(x + 8 * i), abs_mask));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    __m256 inv = _mm256_set1_ps(amax > 0.0f ? levels / amax : 0.0f);
+    for (int i = 0; i < 4; i++) _mm256_storeu_si256((__m256i *)(q + 8 * i), _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)));
+    return amax;
+}
+
+/* Values x[0:32] as int16 with one scale (max |x| / 32767): rounding error at most 1 / 65534 of the
+ * block's largest value, far below bfloat16's own rounding of activations. */
+static void quantize16(const float *x, int16_t *q, float *scale) {
+    int32_t t[32];
+    *scale = round32(x, 32767.0f, t) / 32767.0f;
+    for (int i = 0; i < 32; i++) q[i] = (int16_t)t[i];
+}
+
+/* Values x[0:32] as 32-value block b of xq (see above): int8, the scale sx = max |x| / 127 into sxv,
+ * sx * (sum of the int8 values) into x32. */
+static void quantize32(const float *x, long b, int8_t *xq, float *sxv, float *x32) {
+    int32_t q[32], sum = 0;
+    float sx = round32(x, 127.0f, q) / 127.0f;
+    int8_t *dst = xq + 64 * (b / 2);
+    for (int i = 0; i < 32; i++) {  /* value at = 8 l + t of the 64-block: byte 4 l + t / 2 of vector t % 2 */
+        int at = 32 * (int)(b % 2) + i, l = at / 8, t = at % 8;
+        dst[32 * (t % 2) + 4 * l + t / 2] = (int8_t)q[i];
+        sum += q[i];
+    }
+    for (int l = 0; l < 4; l++) sxv[8 * (b / 2) + 4 * (b % 2) + l] = sx;
+    x32[b] = sx * (float)sum;
+}
+
+/* xs[lo:hi] from x (see above): per 16 values, the 8 even then the 8 odd ones; the tail as it is. */
+AVX2 static void split16(const float *x, float *xs, long lo, long hi) {
+    long c = lo;
+    for (; c + 16 <= hi; c += 16) {
+        __m256 a = _mm256_loadu_ps(x + c), b = _mm256_loadu_ps(x + c + 8);  /* shuffle: a0 a2 b0 b2 | a4 a6 b4 b6 */
+        __m256 even = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xd8));
+        __m256 odd = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xdd)), 0xd8));
+        _mm256_storeu_ps(xs + c, even);
+        _mm256_storeu_ps(xs + c + 8, odd);
+    }
+    for (; c < hi; c++) xs[c] = x[c];
+}
+
+void vec_prepare_range(float *storage, long k, long lo, long hi, int quant) {
+    vec_t v = vec_view(storage, k, quant);
+    const float *x = storage;
+    float *xs = (float *)v.xs, *sxv = (float *)v.sxv, *x32 = (float *)v.x32;
+    int8_t *xq = (int8_t *)v.xq;
+    split16(x, xs, lo, hi);
+    if (v.quant & Q8)
+        for (long b = lo / 32; b < hi / 32; b++) quantize32(x + 32 * b, b, xq, sxv, x32);
+    if (v.quant & Q16)
+        for (long b = lo / 32; b < hi / 32; b++) quantize16(x + 32 * b, (int16_t *)v.x16 + 32 * b, (float *)v.s16 + b);
+}
+
+vec_t vec_prepare(const float *x, long k, float *storage, int quant) {
+    if (x != storage) memmove(storage, x, k * sizeof(float));
+    vec_prepare_range(storage, k, 0, k, quant);
+    return vec_view(storage, k, quant);
+}
+
+/* ---- weight matrices ---------------------------------------------------------------------------- */
+size_t row_bytes(mat_t m, long k) { return m.wtype == I4 ? (size_t)k / 2 : (size_t)k * esize(m.wtype); }
+static long groups_of(mat_t m, long k) { return m.wtype == I4 ? k / m.group : 1; }
+
+mat_t mat_row_block(mat_t m, long rows, long k, long index) {
+    long g = groups_of(m, k);
+    if (m.w) m.w += (size_t)index * rows * row_bytes(m, k);
+    if (m.scale) m.scale = (const char *)m.scale + (size_t)index * rows * g * (m.wtype == I4 ? 4 : esize(m.sdtype));
+    if (m.zero) m.zero += (size_t)index * rows * g;
+    return m;
+}
+
+int mat_supported(mat_t m, long k) {
+    if (m.wtype == I4) return k % 64 == 0 && m.scale && m.zero && m.sdtype == F32 && (m.group == 32 || (m.group > 0 && m.group % 64 == 0 && k % m.group == 0));
+    if (m.wtype == I8) return m.scale != NULL && (m.sdtype == F32 || m.sdtype == BF16);
+    return m.wtype == F32 || m.wtype == BF16;
+}
+
+/* ---- dot products ------------------------------------------------------------------------------- */
+
+/* w[0:k] . x for float32 w, one row at a time and two 64-byte lines per step (as for bfloat16:
+ * four rows interleaved, 32 bytes of each per step, streamed slower). */
+AVX2 static float dot_f32(const float *w, const float *x, long k) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    long c = 0;
+    for (; c + 32 <= k; c += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + c), _mm256_loadu_ps(x + c), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + c + 8), _mm256_loadu_ps(x + c + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + c + 16), _mm256_loadu_ps(x + c + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + c + 24), _mm256_loadu_ps(x + c + 24), a3);
+    }
+    for (; c + 8 <= k; c += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + c), _mm256_loadu_ps(x + c), a0);
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; c < k; c++) s += w[c] * x[c];
+    return s;
+}
+
+#define BF16_16(a, b)                                                                  \
+    {                                                                                  \
+        __m256i v = _mm256_loadu_si256((const __m256i *)(w + c));                      \
+        a = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), _mm256_loadu_ps(xs + c), a); \
+        b = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, odd)), _mm256_loadu_ps(xs + c + 8), b); \
+        c += 16;                                                                       \
+    }
+
+/* w[0:k] . x for bfloat16 w, one row at a time and a whole 64-byte line per step: measured 16.8 GB/s
+ * on one core here against 12.3 for four rows of 32 bytes per step (and 18.5 for a bare read). */
+AVX2 static float dot_bf16(const uint16_t *w, vec_t x) {
+    const float *xs = x.xs;
+    long k = x.k;
+    const __m256i odd = _mm256_set1_epi32((int)0xffff0000u);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    long c = 0;
+    while (c + 64 <= k) {
+        BF16_16(a0, b0) BF16_16(a1, b1) BF16_16(a2, b2) BF16_16(a3, b3)
+    }
+    while (c + 16 <= k) {
+        BF16_16(a0, b0)
+    }
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1)), _mm256_add_ps(_mm256_add_ps(a2, b2), _mm256_add_ps(a3, b3))));
+    for (; c < k; c++) s += load1(w, c, BF16) * x.x[c];
+    return s;
+}
+
+#define I8_8(a)                                                                                          \
+    {                                                                                                    \
+        __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + c)));                     \
+        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_loadu_ps(x + c), a);                            \
+        c += 8;                                                                                          \
+    }
+
+/* w[0:k] . x for int8 w against x as int16 (Q16; k % 32 == 0): per 32 values, sign-extended weights
+ * times x in pairs (vpmaddwd) to int32, then times the block's scale in float32. ~2.5x fewer
+ * instructions than converting every weight to float32, which made int8 compute-bound. The row's
+ * own scale is applied by the caller. */
+AVX2 static float dot_i8_q16(const int8_t *w, vec_t x) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    for (long b = 0; b < x.k; b += 32) {
+        __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + b)));
+        __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + b + 16)));
+        __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)(x.x16 + b))),
+                                     _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(x.x16 + b + 16))));
+        if (b & 32) a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(x.s16[b / 32]), a1);
+        else a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(x.s16[b / 32]), a0);
+    }
+    return hsum(_mm256_add_ps(a0, a1));
+}
+
+/* w[0:k] . x for int8 w (the row's scale is applied by the caller), a 64-byte line per step. */
+AVX2 static float dot_i8(const int8_t *w, const float *x, long k) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    long c = 0;
+    while (c + 64 <= k) {
+        I8_8(a0) I8_8(a1) I8_8(a2) I8_8(a3) I8_8(a0) I8_8(a1) I8_8(a2) I8_8(a3)
+    }
+    while (c + 8 <= k) {
+        I8_8(a0)
+    }
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; c < k; c++) s += w[c] * x[c];
+    return s;
+}
+
+/* One int4 row (k % 64 == 0) against xq: sum over groups g of scale_g * (sum u xq sx - zero_g * x_g),
+ * where x_g (xg) is the group's sum of x. Integer products per 64-value block (one 256-bit load of
+ * words): unsigned nibbles times signed int8 x, pairs summed to int16, then to int32 per lane, then
+ * scaled in float32 by weight scale x activation scale. Group 32 takes two weight scales a block. */
+AVX2 static float dot_i4(const uint32_t *w, const float *s, const uint8_t *z, const float *xg, long group, vec_t x) {
+    const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+    for (long c = 0; c < x.k; c += 64) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(w + c / 8));
+        const __m256i *xb = (const __m256i *)(x.xq + c);
+        __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xb)), _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xb + 1)));
+        __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+        long g = c / group;
+        __m256 sw = group == 32 ? _mm256_set_m128(_mm_set1_ps(s[g + 1]), _mm_set1_ps(s[g])) : _mm256_set1_ps(s[g]);
+        __m256 sv = _mm256_mul_ps(sw, _mm256_loadu_ps(x.sxv + c / 8));
+        if (c & 64) acc1 = _mm256_fmadd_ps(d, sv, acc1);
+        else acc0 = _mm256_fmadd_ps(d, sv, acc0);
+    }
+    long G = x.k / group, g = 0;
+    __m256 zs = _mm256_setzero_ps();  /* sum_g scale_g * zero_g * x_g */
+    for (; g + 8 <= G; g += 8) {
+        __m256 zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(z + g))));
+        zs = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + g), zf), _mm256_loadu_ps(xg + g), zs);
+    }
+    float r = hsum(_mm256_sub_ps(_mm256_add_ps(acc0, acc1), zs));
+    for (; g < G; g++) r -= s[g] * (float)z[g] * xg[g];
+    return r;
+}
+
+/* y[r - lo] = row r of m . x, times its scale, for r in [lo, hi). */
+void rows_dot(mat_t m, vec_t x, long lo, long hi, float *y) {
+    long k = x.k, r = lo;
+    size_t rb = row_bytes(m, k);
+    if (m.wtype == I4) {
+        long G = k / m.group, per = m.group / 32;
+        float xg[G];  /* per group: sum of x (as quantized) */
+        for (long g = 0; g < G; g++) {
+            xg[g] = 0.0f;
+            for (long i = 0; i < per; i++) xg[g] += x.x32[g * per + i];
+        }
+        for (; r < hi; r++) y[r - lo] = dot_i4((const uint32_t *)(m.w + r * rb), (const float *)m.scale + r * G, m.zero + r * G, xg, m.group, x);
+        return;
+    }
+    if (m.wtype == F32)
+        for (; r < hi; r++) y[r - lo] = dot_f32((const float *)(m.w + r * rb), x.x, k);
+    else if (m.wtype == BF16)
+        for (; r < hi; r++) y[r - lo] = dot_bf16((const uint16_t *)(m.w + r * rb), x);
+    else
+        for (; r < hi; r++) y[r - lo] = x.quant & Q16 ? dot_i8_q16((const int8_t *)(m.w + r * rb), x) : dot_i8((const int8_t *)(m.w + r * rb), x.x, k);
+    if (m.wtype == I8)
+        for (r = lo; r < hi; r++) y[r - lo] *= load1(m.scale, r, m.sdtype);
+}
