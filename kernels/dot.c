@@ -74,6 +74,25 @@ AVX2 void add_rounded(float *x, const float *y, long n, int dtype) {
     round_to(x, n, dtype);
 }
 
+/* Rows of int4 words (n x k / 8, see mat_t) to [n, k] values (u - zero) * scale, rounded to bfloat16
+ * as torch computes them in the bfloat16 scale's dtype, stored as bfloat16 or (widened) float32.
+ * One word is 8 consecutive values: a variable shift puts value 8j + t in lane t, in order. */
+AVX2 void dequant_i4(void *dst, int dtype, const uint32_t *w, const float *s, const uint8_t *z, long n, long k, long group) {
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), low4 = _mm256_set1_epi32(15);
+    long G = k / group;
+    for (long r = 0; r < n; r++)
+        for (long c = 0; c < k; c += 8) {
+            long g = r * G + c / group;
+            __m256 u = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w[(r * k + c) / 8]), shifts), low4));
+            __m256i v = round8_bf16(_mm256_mul_ps(_mm256_sub_ps(u, _mm256_set1_ps((float)z[g])), _mm256_set1_ps(s[g])));
+            if (dtype == F32) _mm256_storeu_si256((__m256i *)((float *)dst + r * k + c), v);
+            else {
+                __m256i h = _mm256_srli_epi32(v, 16);
+                _mm_storeu_si128((__m128i *)((uint16_t *)dst + r * k + c), _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+            }
+        }
+}
+
 /* ---- input vectors ------------------------------------------------------------------------------
  * xs ("split"): in each block of 16, the 8 even-indexed values, then the 8 odd ones. A 256-bit load
  * of 16 bfloat16 weights holds the even ones in the high halves of its 32-bit lanes after a shift

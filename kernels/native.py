@@ -209,6 +209,20 @@ def attend_vec(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache:
     return o
 
 
+def dequant_i4(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """int4 words w [N, K/8] with scale [N, G] float32 and zero [N, G] uint8 (weight_args) -> [N, K] in
+    dtype (float32 / bfloat16): (u - zero) * scale rounded to bfloat16, as torch computes it with a
+    bfloat16 scale; None if it cannot run here."""
+    if not available() or dtype not in DTYPES or w.dim() != 2:
+        return None
+    k = w.shape[1] * 8
+    if (args := weight_args(w, k, scale, zero)) is None:
+        return None
+    out = torch.empty(w.shape[0], k, dtype=dtype)
+    _cpu.dequant_i4(out.data_ptr(), DTYPES[dtype], args[0], args[2], args[4], w.shape[0], k, args[5])
+    return out
+
+
 def step(plan: torch.Tensor, logits: torch.Tensor, token: int, pos: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
          cos: torch.Tensor, sin: torch.Tensor, eps: float) -> None:
     """kernels/step.c: a whole decode step of one token at pos from a plan (moge_cli/decode_step.py) into

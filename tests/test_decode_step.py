@@ -176,3 +176,26 @@ def test_int4_decode_perplexity_on_the_trained_fixture(tmp_path):
         return math.exp(float(torch.nn.functional.cross_entropy(logits, target)))
 
     assert abs(ppl(steps) / ppl(prefill) - 1) < 0.02, (ppl(steps), ppl(prefill))
+
+
+@pytest.mark.parametrize("group, symmetric", [(32, False), (128, True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_dequantisation_in_c_is_the_torch_one_bit_for_bit(group, symmetric, dtype, monkeypatch):
+    """Prefill dequantises packed4 experts with kernels/cpu.c: the same values as the torch ops (and compressed-tensors)."""
+    from converters.quantize import quantize
+    from moge_cli.quant_format import Scheme
+
+    g = torch.Generator().manual_seed(group)
+    scheme = Scheme(4, group, symmetric)
+    parts = []
+    for _ in range(2):
+        t = quantize(torch.randn(24, 256, generator=g), scheme, torch.bfloat16)
+        parts.append((t.q, t.scale, t.zero))
+    lin = QLinear(parts, scheme, torch.bfloat16, "native")
+    assert lin.mode == "packed4"
+    fast = [lin.dequantized(e, dtype) for e in range(2)]
+    monkeypatch.setenv("MOGE_NATIVE", "0")
+    slow = [lin.dequantized(e, dtype) for e in range(2)]
+    for e in range(2):
+        assert torch.equal(fast[e], slow[e])
+        assert torch.equal(slow[e], dequantize(*parts[e]).to(dtype))
