@@ -134,3 +134,13 @@ def test_python_api_is_importable_from_the_package(zero_router):
 
     r = moge_cli.profile(zero_router, prompt_ids=[1, 2], decode=1)
     assert r["routing"]["layers"] and moge_cli.profile is moge_cli.profile  # stays the function, not a module
+
+
+def test_decode_speed_comes_from_an_untimed_pass_over_the_same_tokens(zero_router):
+    """Sections run the model op by op; the reported decode speed is a second pass without them."""
+    r = profile(zero_router, prompt_ids=[1, 2, 3, 4], decode=5)
+    d = r["decode"]
+    assert d["tokens"] == 4 and d["seconds"] > 0
+    assert d["tokens_per_s"] == pytest.approx(4 / d["seconds"])
+    assert d["op_by_op_tokens_per_s"] > 0
+    assert sum(c["seconds"] for c in d["components"].values()) == pytest.approx(4 / d["op_by_op_tokens_per_s"])

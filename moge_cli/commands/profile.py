@@ -69,7 +69,8 @@ def render(r: dict[str, Any]) -> None:
         out.print(f"[yellow]the text has {r['prompt_tokens_given']} tokens; profiled the first {r['prompt_tokens']} (context length)[/yellow]")
     out.print(
         f"prefill {r['prompt_tokens']} tokens: {r['prefill']['tokens_per_s']:.1f} tok/s   "
-        f"decode {r['decode']['tokens']} tokens: {r['decode']['tokens_per_s']:.1f} tok/s   "
+        f"decode {r['decode']['tokens']} tokens: {r['decode']['tokens_per_s']:.1f} tok/s "
+        f"({r['decode']['op_by_op_tokens_per_s']:.1f} op by op, timed per component below)   "
         f"peak memory {human_bytes(r['peak_memory_bytes'])}"
     )
     out.print(
