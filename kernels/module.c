@@ -134,17 +134,25 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* step(plan, logits, token, pos, k_cache, v_cache, s_max, cos, sin, eps): a whole decode step (step.c). */
-static PyObject *py_step(PyObject *self, PyObject *args) {
-    unsigned long long plan, logits, kc, vc, cosp, sinp;
-    long token, pos, s_max;
-    double eps;
-    if (!PyArg_ParseTuple(args, "KKllKKlKKd", &plan, &logits, &token, &pos, &kc, &vc, &s_max, &cosp, &sinp, &eps)) return NULL;
+/* check_plan(plan): ValueError if the kernels cannot run this plan (once, when it is built). */
+static PyObject *py_check_plan(PyObject *self, PyObject *args) {
+    unsigned long long plan;
+    if (!PyArg_ParseTuple(args, "K", &plan)) return NULL;
     const char *problem = decode_step_check(PTR(plan));
     if (problem) {
         PyErr_SetString(PyExc_ValueError, problem);
         return NULL;
     }
+    Py_RETURN_NONE;
+}
+
+/* step(plan, logits, token, pos, k_cache, v_cache, s_max, cos, sin, eps): a whole decode step (step.c)
+ * of a plan check_plan accepted. */
+static PyObject *py_step(PyObject *self, PyObject *args) {
+    unsigned long long plan, logits, kc, vc, cosp, sinp;
+    long token, pos, s_max;
+    double eps;
+    if (!PyArg_ParseTuple(args, "KKllKKlKKd", &plan, &logits, &token, &pos, &kc, &vc, &s_max, &cosp, &sinp, &eps)) return NULL;
     if (pos < 0 || pos >= s_max) {
         PyErr_SetString(PyExc_ValueError, "step: position outside the cache");
         return NULL;
@@ -238,6 +246,7 @@ static PyMethodDef methods[] = {
     {"rms_norm", py_rms_norm, METH_VARARGS, "rms_norm(y, x, w, n, eps, dtype): RMSNorm of one token."},
     {"route", py_route, METH_VARARGS, "route(ids, weights, logits, experts, groups, picks, scale): kernels.route for one token."},
     {"attend", py_attend, METH_VARARGS, "attend(o, qkv, cos, sin, k_cache, v_cache, pos, n_heads, n_kv, dim, s_max, dtype): one token's attention."},
+    {"check_plan", py_check_plan, METH_VARARGS, "check_plan(plan): ValueError if the kernels cannot run it."},
     {"step", py_step, METH_VARARGS, "step(plan, logits, token, pos, k_cache, v_cache, s_max, cos, sin, eps): a whole decode step."},
     {"dequant_i4", py_dequant_i4, METH_VARARGS, "dequant_i4(dst, dtype, w, scale, zero, n, k, group): int4 words to values."},
     {"cast_bf16_f16", py_cast_bf16_f16, METH_VARARGS, "cast_bf16_f16(dst, src, n) -> values beyond +-65504 (made +-inf)."},

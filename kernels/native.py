@@ -223,10 +223,16 @@ def dequant_i4(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: 
     return out
 
 
+def check_plan(plan: torch.Tensor) -> None:
+    """Raise ValueError if kernels/step.c cannot run this plan (weight types, routing counts, shapes)."""
+    _cpu.check_plan(plan.data_ptr())
+
+
 def step(plan: torch.Tensor, logits: torch.Tensor, token: int, pos: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
          cos: torch.Tensor, sin: torch.Tensor, eps: float) -> None:
     """kernels/step.c: a whole decode step of one token at pos from a plan (moge_cli/decode_step.py) into
-    logits [V] float32. Caches [L, 1, nKV, S, D] contiguous in the plan's dtype; cos, sin [D] float32."""
+    logits [V] float32, for a plan check_plan accepted. Caches [L, 1, nKV, S, D] contiguous in the plan's
+    dtype; cos, sin [D] float32."""
     for t in (k_cache, v_cache):
         if not t.is_contiguous() or t.dim() != 5 or t.shape[1] != 1 or t.device.type != "cpu":
             raise ValueError("step: caches must be contiguous [L, 1, nKV, S, D] on the CPU")

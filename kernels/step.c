@@ -78,7 +78,7 @@ static header_t read_header(cursor *c) {
     return h;
 }
 
-/* A message for a plan the kernels cannot run, or NULL. Checked once per step: it is cheap. */
+/* A message for a plan the kernels cannot run, or NULL: checked once, when the plan is built. */
 const char *decode_step_check(const int64_t *plan) {
     cursor c = {plan};
     header_t h = read_header(&c);
