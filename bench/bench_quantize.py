@@ -30,6 +30,14 @@ PRESET = "bench-0.47b"
 QUANTS = {"int8": dict(bits=8), "int4": dict(bits=4, group_size=128)}
 
 
+def set_avx512(on: bool) -> None:
+    """The int8 / int4 dot products' AVX-512 versions on (where the CPU has them) or off (AVX2)."""
+    from kernels import native
+
+    if native._cpu is not None:
+        native._cpu.set_avx512(on)
+
+
 def decode_time(model, prompt, new_tokens: int) -> tuple[float, float]:
     """(wall seconds, process CPU seconds) for new_tokens greedy decode steps after prefilling prompt [1, P]."""
     cache = model.new_cache(1, prompt.shape[1] + new_tokens + 1)
@@ -66,13 +74,14 @@ def run(path: Path, qdirs: dict[str, Path], args) -> list[dict]:
     for q, qdir in qdirs.items():
         for kernel in args.kernels:
             ck = open_checkpoint(qdir)
-            models[f"{q} {kernel}"] = load_quantized(ck, quantization_of(ck), dtype="bfloat16", kernel=kernel)
+            models[f"{q} {kernel}"] = load_quantized(ck, quantization_of(ck), dtype="bfloat16", kernel=kernel.removesuffix("-avx2"))
             ck.close()
     best = {k: {"decode": float("inf"), "cpu": float("inf"), "prefill": float("inf")} for k in models}
     for m in models.values():  # warm-up
         decode_time(m, prompt, 2)
     for r in range(args.repeats):
         for name, m in models.items():
+            set_avx512(not name.endswith("-avx2"))
             wall, cpu = decode_time(m, prompt, args.new_tokens)
             best[name]["decode"] = min(best[name]["decode"], wall)
             best[name]["cpu"] = min(best[name]["cpu"], cpu)
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prefill", type=int, default=128, help="prefill length (0: skip)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--kernels", nargs="+", default=["native", "torch", "dequant"], help="quantized kernels to time")
+    p.add_argument("--kernels", nargs="+", default=["native", "torch", "dequant"], help="quantized kernels to time (native-avx2: native without its AVX-512 dot products)")
     p.add_argument("--lm-head", action="store_true", help="quantize lm_head too (moge quantize --lm-head)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)

@@ -100,13 +100,16 @@ AVX2 void dequant_i4(void *dst, int dtype, const uint32_t *w, const float *s, co
  * xq: x as int8 with a scale per 32 values (sx, as llama.cpp's Q8_0), for int4 weights. A 256-bit
  * load of int4 words holds value 8l + t of a 64-value block in nibble t of lane l; masking gives
  * the even t in bytes 4l + t/2, a shift and mask the odd t: xq stores each block as those two
- * 32-byte vectors, so the products need no shuffle. sxv: per block the lane scales (sx of values
+ * 32-byte vectors, so the products need no shuffle; per 128 values the two even vectors, then the
+ * two odd ones, which is the same layout for a 512-bit load of 128 values. sxv: per block the lane scales (sx of values
  * 0-31 in lanes 0-3, of 32-63 in lanes 4-7); x32: per 32 values, sx * sum of xq (zero points:
  * sum (u - z) x = sum u x - z sum x). Only for k % 64 == 0, as int4 weights need. */
-long vec_floats(long k) { return 2 * k + k / 4 + k / 8 + k / 32 + k / 2 + k / 32 + 2; }
+static long xq_floats(long k) { return (k + 127) / 128 * 32; }  /* whole 128-value superblocks */
+
+long vec_floats(long k) { return 2 * k + xq_floats(k) + k / 8 + k / 32 + k / 2 + k / 32 + 2; }
 
 vec_t vec_view(const float *storage, long k, int quant) {
-    const float *sxv = storage + 2 * k + k / 4, *x32 = sxv + k / 8, *s16 = x32 + k / 32 + 1;
+    const float *sxv = storage + 2 * k + xq_floats(k), *x32 = sxv + k / 8, *s16 = x32 + k / 32 + 1;
     const int16_t *x16 = (const int16_t *)(s16 + k / 32 + 1);
     quant &= (k % 64 ? 0 : Q8) | (k % 32 ? 0 : Q16);
     return (vec_t){storage, storage + k, (const int8_t *)(storage + 2 * k), sxv, x32, x16, s16, k, quant};
@@ -140,10 +143,10 @@ static void quantize16(const float *x, int16_t *q, float *scale) {
 static void quantize32(const float *x, long b, int8_t *xq, float *sxv, float *x32) {
     int32_t q[32], sum = 0;
     float sx = round32(x, 127.0f, q) / 127.0f;
-    int8_t *dst = xq + 64 * (b / 2);
+    int8_t *dst = xq + 128 * (b / 4) + 32 * (b / 2 % 2);  /* the 64-block's even vector; its odd one 64 bytes on */
     for (int i = 0; i < 32; i++) {  /* value at = 8 l + t of the 64-block: byte 4 l + t / 2 of vector t % 2 */
         int at = 32 * (int)(b % 2) + i, l = at / 8, t = at % 8;
-        dst[32 * (t % 2) + 4 * l + t / 2] = (int8_t)q[i];
+        dst[64 * (t % 2) + 4 * l + t / 2] = (int8_t)q[i];
         sum += q[i];
     }
     for (int l = 0; l < 4; l++) sxv[8 * (b / 2) + 4 * (b % 2) + l] = sx;
@@ -284,6 +287,62 @@ AVX2 static float dot_i8(const int8_t *w, const float *x, long k) {
     return s;
 }
 
+/* ---- AVX-512 ------------------------------------------------------------------------------------ */
+int avx512_available(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+static int use_avx512 = -1;  /* -1: not yet decided */
+
+int set_avx512(int on) { return use_avx512 = on && avx512_available(); }
+
+static inline int avx512(void) { return use_avx512 < 0 ? set_avx512(1) : use_avx512; }
+
+/* dot_i8_q16 with 512-bit vectors: a 32-value block per multiply, so one block scale per vector. */
+AVX512 static float dot_i8_q16_512(const int8_t *w, vec_t x) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    for (long b = 0; b < x.k; b += 64) {
+        __m512i p0 = _mm512_madd_epi16(_mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + b))), _mm512_loadu_si512(x.x16 + b));
+        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_set1_ps(x.s16[b / 32]), a0);
+        if (b + 32 < x.k) {
+            __m512i p1 = _mm512_madd_epi16(_mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + b + 32))), _mm512_loadu_si512(x.x16 + b + 32));
+            a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_set1_ps(x.s16[b / 32 + 1]), a1);
+        }
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+}
+
+/* dot_i4 with 512-bit vectors, for groups of 32, 64 or a multiple of 128 (k % 128 == 0): 128 values
+ * a step, their nibbles times xq summed four bytes to a 32-bit lane at once (vpdpbusd). Lane l holds
+ * word l, so the block scales are xq's sxv as they are and the group scales one per 4, 8 or 16 lanes. */
+AVX512 static float dot_i4_512(const uint32_t *w, const float *s, const uint8_t *z, const float *xg, long group, vec_t x) {
+    const __m512i low4 = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
+    const __m512i lane_group = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), group == 32 ? 2 : 3);
+    const __mmask16 scales_in = group == 32 ? 0xf : 0x3;
+    const long steps = group >= 128 ? group / 128 : 1;  /* 128-value steps per scale load */
+    __m512 acc = _mm512_setzero_ps();
+    for (long c = 0; c < x.k; s += group >= 128 ? 1 : 128 / group) {
+        __m512 sw = group >= 128 ? _mm512_set1_ps(*s) : _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(scales_in, s));
+        for (long i = 0; i < steps; i++, c += 128) {
+            __m512i v = _mm512_loadu_si512(w + c / 8);
+            _mm_prefetch((const char *)(w + c / 8) + 2048, _MM_HINT_T0);  /* ~10% more read rate from memory, measured */
+            const int8_t *xb = x.xq + c;
+            __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+            __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(xb)), hi, _mm512_loadu_si512(xb + 64));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(sw, _mm512_loadu_ps(x.sxv + c / 8)), acc);
+        }
+    }
+    s -= x.k / group;
+    for (long g = 0, G = x.k / group; g < G; g += 16) {  /* minus sum_g scale_g * zero_g * x_g */
+        __mmask16 in = G - g >= 16 ? 0xffff : (__mmask16)((1u << (G - g)) - 1);
+        __m512 zf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(in, z + g)));
+        acc = _mm512_fnmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, s + g), zf), _mm512_maskz_loadu_ps(in, xg + g), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
 /* One int4 row (k % 64 == 0) against xq: sum over groups g of scale_g * (sum u xq sx - zero_g * x_g),
  * where x_g (xg) is the group's sum of x. Integer products per 64-value block (one 256-bit load of
  * words): unsigned nibbles times signed int8 x, pairs summed to int16, then to int32 per lane, then
@@ -293,9 +352,9 @@ AVX2 static float dot_i4(const uint32_t *w, const float *s, const uint8_t *z, co
     __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
     for (long c = 0; c < x.k; c += 64) {
         __m256i v = _mm256_loadu_si256((const __m256i *)(w + c / 8));
-        const __m256i *xb = (const __m256i *)(x.xq + c);
+        const __m256i *xb = (const __m256i *)(x.xq + 128 * (c / 128) + (c & 64) / 2);
         __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-        __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xb)), _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xb + 1)));
+        __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xb)), _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xb + 2)));
         __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
         long g = c / group;
         __m256 sw = group == 32 ? _mm256_set_m128(_mm_set1_ps(s[g + 1]), _mm_set1_ps(s[g])) : _mm256_set1_ps(s[g]);
@@ -325,7 +384,12 @@ void rows_dot(mat_t m, vec_t x, long lo, long hi, float *y) {
             xg[g] = 0.0f;
             for (long i = 0; i < per; i++) xg[g] += x.x32[g * per + i];
         }
-        for (; r < hi; r++) y[r - lo] = dot_i4((const uint32_t *)(m.w + r * rb), (const float *)m.scale + r * G, m.zero + r * G, xg, m.group, x);
+        int wide = avx512() && k % 128 == 0 && (m.group <= 64 || m.group % 128 == 0);
+        for (; r < hi; r++) {
+            const uint32_t *wr = (const uint32_t *)(m.w + r * rb);
+            const float *sr = (const float *)m.scale + r * G;
+            y[r - lo] = wide ? dot_i4_512(wr, sr, m.zero + r * G, xg, m.group, x) : dot_i4(wr, sr, m.zero + r * G, xg, m.group, x);
+        }
         return;
     }
     if (m.wtype == F32)
@@ -333,7 +397,10 @@ void rows_dot(mat_t m, vec_t x, long lo, long hi, float *y) {
     else if (m.wtype == BF16)
         for (; r < hi; r++) y[r - lo] = dot_bf16((const uint16_t *)(m.w + r * rb), x);
     else
-        for (; r < hi; r++) y[r - lo] = x.quant & Q16 ? dot_i8_q16((const int8_t *)(m.w + r * rb), x) : dot_i8((const int8_t *)(m.w + r * rb), x.x, k);
+        for (; r < hi; r++) {
+            const int8_t *wr = (const int8_t *)(m.w + r * rb);
+            y[r - lo] = !(x.quant & Q16) ? dot_i8(wr, x.x, k) : avx512() ? dot_i8_q16_512(wr, x) : dot_i8_q16(wr, x);
+        }
     if (m.wtype == I8)
         for (r = lo; r < hi; r++) y[r - lo] *= load1(m.scale, r, m.sdtype);
 }

@@ -240,6 +240,12 @@ static PyObject *py_supported(PyObject *self, PyObject *noargs) {
     return PyBool_FromLong(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"));
 }
 
+static PyObject *py_set_avx512(PyObject *self, PyObject *args) {
+    int on;
+    if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
+    return PyBool_FromLong(set_avx512(on));
+}
+
 static PyMethodDef methods[] = {
     {"linear", py_linear, METH_VARARGS, "linear(y, x, w, b, n, k, dtype, wtype, scale, sdtype, zero, group): y = w x + b for one token."},
     {"moe", py_moe, METH_VARARGS, "moe(y, x, hidden, dtype, ids, coefs, k, gate_up, down, inter, experts, wtype, ...): routed experts of one token."},
@@ -252,6 +258,7 @@ static PyMethodDef methods[] = {
     {"cast_bf16_f16", py_cast_bf16_f16, METH_VARARGS, "cast_bf16_f16(dst, src, n) -> values beyond +-65504 (made +-inf)."},
     {"cast_file_bf16_f16", py_cast_file_bf16_f16, METH_VARARGS, "cast_file_bf16_f16(dst, fd, offset, n) -> overflows, reading the file with pread."},
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n): threads per kernel call, the caller's included."},
+    {"set_avx512", py_set_avx512, METH_VARARGS, "set_avx512(on) -> whether the int8 / int4 dot products now use AVX-512 (only where the CPU has it)."},
     {"supported", py_supported, METH_NOARGS, "True when this CPU has AVX2, FMA and F16C."},
     {NULL, NULL, 0, NULL},
 };

@@ -34,6 +34,12 @@ def available() -> bool:
     return _cpu is not None and _SUPPORTED and os.environ.get("MOGE_NATIVE", "1") != "0"
 
 
+def use_avx512(on: bool) -> bool:
+    """Turn the int8 / int4 dot products' AVX-512 (VNNI) versions on or off (AVX2); returns whether
+    they are now on: only where the extension is built and the CPU has AVX-512 VNNI. On by default."""
+    return _cpu is not None and _SUPPORTED and _cpu.set_avx512(on)
+
+
 @contextmanager
 def decode_threads(active: bool = True) -> Iterator[None]:
     """While a decode step runs, these kernels get torch's threads and torch runs on one.

@@ -71,12 +71,24 @@ def test_float16_and_torch_int4_models_get_no_plan(tmp_path):
 
 
 # ---- int4 / int8 weights -------------------------------------------------------------------------
-@pytest.mark.parametrize("group, symmetric", [(32, False), (64, True), (128, False), (256, True)])
-def test_int4_linear_is_the_dequantised_weight_on_int8_activations(group, symmetric):
+@pytest.fixture(params=["avx2", "avx512"])
+def isa(request):
+    """The int8 / int4 dot products in their AVX2 and (where the CPU has it) AVX-512 versions."""
+    on = native.use_avx512(request.param == "avx512")
+    if request.param == "avx512" and not on:
+        pytest.skip("this CPU lacks AVX-512 VNNI")
+    yield request.param
+    native.use_avx512(True)
+
+
+@pytest.mark.parametrize("group, symmetric, k", [(32, False, 512), (64, True, 512), (128, False, 512), (256, True, 512),
+                                                 (128, True, 256), (32, True, 192), (64, False, 192)])  # fmt: skip
+def test_int4_linear_is_the_dequantised_weight_on_int8_activations(group, symmetric, k, isa):
     """One token against int4 words: activations are quantized per 32 values (as llama.cpp's Q8_0),
-    so the result is the dequantised weight's product to within that rounding (well under 1%)."""
+    so the result is the dequantised weight's product to within that rounding (well under 1%).
+    k = 192 is not whole 128-value steps: AVX-512 leaves those rows to the AVX2 code."""
     g = torch.Generator().manual_seed(group)
-    n, k = 40, 512
+    n = 40
     q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
     scale = torch.rand(n, k // group, generator=g) / 10 + 0.01
     zero = None if symmetric else torch.randint(-8, 8, (n, k // group), generator=g, dtype=torch.int8)
@@ -90,12 +102,16 @@ def test_int4_linear_is_the_dequantised_weight_on_int8_activations(group, symmet
     bound = w.abs() @ half_step + 1e-5 * float(want.abs().max())  # [n]
     assert ((got - want).abs()[0] <= bound).all()
     assert (got - want).abs().max() > 0  # activations really are quantized: not the float product bit for bit
+    other = native.use_avx512(isa == "avx2")  # the other version: the same integer products, summed in another order
+    if other != (isa == "avx512"):
+        torch.testing.assert_close(native.linear_vec(x, pack_int32(q, 4), None, scale, z8), got, rtol=1e-5, atol=1e-5)
 
 
-def test_int8_linear_reads_activations_as_int16_within_their_rounding():
+@pytest.mark.parametrize("k", [320, 352])  # 352: a last 32-value block without a partner
+def test_int8_linear_reads_activations_as_int16_within_their_rounding(k, isa):
     """int8 weights against x as int16 per 32 values: error within the rounding bound, far below bfloat16's."""
     g = torch.Generator().manual_seed(8)
-    n, k = 24, 320
+    n = 24
     w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     scale = torch.rand(n, generator=g) / 50
     x = torch.randn(1, k, generator=g)
