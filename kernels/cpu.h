@@ -58,7 +58,7 @@ int mat_supported(mat_t m, long k);                           /* the kernels can
 
 /* An input vector, prepared once for every weight type: x [k], its bfloat16 split copy, for int4
  * weights x as int8 with scales and sums per 32 values (Q8), for int8 weights x as int16 with a scale
- * per 32 values (Q16); see cpu.c. vec_floats(k) floats of storage. */
+ * per 128 values (Q16); see dot.c. vec_floats(k) floats of storage. */
 typedef struct {
     const float *x, *xs;
     const int8_t *xq;
@@ -75,7 +75,7 @@ int vec_needs(mat_t m);  /* the integer copies a weight's dot products read: Q8 
 long vec_floats(long k);
 /* x copied to storage (x may be storage itself) and prepared, with the integer copies in `quant`. */
 vec_t vec_prepare(const float *x, long k, float *storage, int quant);
-void vec_prepare_range(float *storage, long k, long lo, long hi, int quant);  /* lo % 64 == 0; hi % 64 == 0 or k */
+void vec_prepare_range(float *storage, long k, long lo, long hi, int quant);  /* lo % 128 == 0; hi % 128 == 0 or k */
 vec_t vec_view(const float *storage, long k, int quant);
 
 float load1(const void *p, long i, int dtype);

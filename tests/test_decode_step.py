@@ -109,7 +109,7 @@ def test_int4_linear_is_the_dequantised_weight_on_int8_activations(group, symmet
 
 @pytest.mark.parametrize("k", [320, 352])  # 352: a last 32-value block without a partner
 def test_int8_linear_reads_activations_as_int16_within_their_rounding(k, isa):
-    """int8 weights against x as int16 per 32 values: error within the rounding bound, far below bfloat16's."""
+    """int8 weights against x as int16 per 128 values: error within the rounding bound, far below bfloat16's."""
     g = torch.Generator().manual_seed(8)
     n = 24
     w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
@@ -118,7 +118,7 @@ def test_int8_linear_reads_activations_as_int16_within_their_rounding(k, isa):
     x[0, 7] = 300.0
     want = (x.double() @ (w.double() * scale.double()[:, None]).t()).float()
     got = native.linear_vec(x, w, None, scale)
-    half_step = (x.view(-1, 32).abs().amax(1) / 32767 / 2).repeat_interleave(32)
+    half_step = torch.cat([b.abs().max().expand(len(b)) / 32767 / 2 for b in x[0].split(128)])  # [k]
     bound = (w.float().abs() * scale[:, None]) @ half_step + 1e-5 * float(want.abs().max())
     assert ((got - want).abs()[0] <= bound).all()
     odd = native.linear_vec(x[:, :300], w[:, :300].contiguous(), None, scale)  # k % 32 != 0: the float32 path
@@ -146,16 +146,22 @@ def quant_src(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("opts, modes", [(dict(bits=8), {"int8"}), (dict(bits=4), {"packed4"}),
                                          (dict(bits=4, group_size=32, symmetric=True, lm_head=True), {"packed4"})])  # fmt: skip
-def test_quantized_step_follows_the_dequantised_model(quant_src, tmp_path, opts, modes):
+def test_quantized_step_follows_the_dequantised_model(quant_src, tmp_path, opts, modes, monkeypatch):
     quantize_checkpoint(quant_src, tmp_path / "q", **opts)
     model = load_model(tmp_path / "q")  # bfloat16; kernel "native"
     assert {m.mode for m in model.modules() if isinstance(m, QLinear)} == modes
     step = decode(model, plan=True)
     ops = decode(model, plan=False)  # the same kernels one op at a time
     ref = decode(_float_twin(model), plan=False)  # float32 weights = the dequantised ones, torch ops
+    monkeypatch.setenv("MOGE_NATIVE", "0")
+    torch_ops = decode(model, plan=False)  # bfloat16 as well, torch ops on the dequantised weights
     scale = float(ref.abs().max())
     assert float((step - ops).abs().max()) < 0.02 * scale
-    assert float((step - ref).abs().max()) < 0.05 * scale
+    assert float((step - torch_ops).abs().max()) < 0.05 * scale
+    # against float32: a near-tie in the router can pick another expert at a position, for torch's
+    # bfloat16 path as for the step (seen at one position of 13 here), so all but one position
+    per_position = (step - ref).abs().amax(-1)  # [positions]
+    assert int((per_position >= 0.05 * scale).sum()) <= 1
     assert (step.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
 
 
