@@ -9,7 +9,9 @@ read bandwidth (a float32 sum over a buffer much bigger than the caches), the sa
 kernels/cpu.c switched off (MOGE_NATIVE=0: torch ops only), the same for a
 same-shaped Qwen2-MoE in transformers holding the same weights (a bench-only extra:
 `pip install transformers`), and peak RSS. Prints a markdown table. The machine may be shared:
-the engines' runs alternate and every number is the best of --repeats runs.
+the engines' runs alternate and every number is the best of --repeats runs. The machine's read
+rate can also move between runs, so each of ours' decode runs is also set against the read
+bandwidth measured just before it (paired shares of the ceiling, per repeat).
 """
 
 from __future__ import annotations
@@ -44,12 +46,13 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
-def read_bandwidth(repeats: int) -> float:
-    """Bytes/s of a float32 sum over a 1 GiB buffer."""
+def read_bandwidth(repeats: int, warm: bool = True) -> float:
+    """Bytes/s of a float32 sum over a 1 GiB buffer: the best of max(repeats, 5) sums, or with
+    warm=False of 3 sums right away (beside one decode run: the machine's read rate of that moment)."""
     import torch
 
     buf = torch.ones(BANDWIDTH_BYTES // 4)
-    t = _best(lambda: buf.sum(), max(repeats, 5))
+    t = _best(lambda: buf.sum(), max(repeats, 5) if warm else 3)
     del buf
     return BANDWIDTH_BYTES / t
 
@@ -223,6 +226,7 @@ def worker(path: str, dtype: str, args) -> dict:
             print("transformers is not installed (pip install transformers): skipping it", file=sys.stderr)
     decode = {name: float("inf") for name in engines}
     prefill = dict(decode)
+    paired = []  # per repeat: ours' decode bytes/s over the read bandwidth measured just before it
     for name, (prepare, fn) in engines.items():  # warm-up (one-time allocations, lazy init)
         prepare()
         decode_seconds(fn, prompt, 4)
@@ -231,11 +235,16 @@ def worker(path: str, dtype: str, args) -> dict:
         for name, (prepare, fn) in engines.items():
             try:
                 prepare()
-                decode[name] = min(decode[name], decode_seconds(fn, prompt, args.new_tokens))
+                bandwidth = read_bandwidth(1, warm=False) if name == "ours" else None
+                seconds = decode_seconds(fn, prompt, args.new_tokens)
+                decode[name] = min(decode[name], seconds)
+                if bandwidth:
+                    paired.append(out["ours"]["active_bytes"] * args.new_tokens / seconds / bandwidth)
                 prefill[name] = min(prefill[name], prefill_seconds(fn, prefill_ids))
             except Exception as e:  # an experts implementation this build cannot run: report, go on
                 print(f"{name}: {type(e).__name__}: {e}", file=sys.stderr)
         out["bandwidth"] = max(out["bandwidth"], read_bandwidth(1))
+    out["paired_share"] = paired
     out["engines"] = {
         name: {"decode_tok_s": args.new_tokens / decode[name], "prefill_tok_s": args.prefill / prefill[name]}
         for name in engines
@@ -270,6 +279,11 @@ def table(results: list[dict]) -> str:
             f"({o['load_peak_bytes'] / o['model_bytes']:.2f}x model) | {o['load_s']:.1f} s "
             f"| {o['process_peak_bytes'] / 2**20:.0f} MiB |"
         )
+    shares = ["", "| dtype | ours' decode / the read bandwidth measured just before it, per repeat | median |", "|---|---|---|"]
+    for r in results:
+        p = sorted(r["paired_share"])
+        shares.append(f"| {r['dtype']} | {' '.join(f'{v:.0%}' for v in r['paired_share'])} | {p[len(p) // 2]:.0%} |")
+    shares.append("")
     r = results[0]
     notes = (
         f"\nbatch 1; decode: prompt {r['args']['prompt']}, {r['args']['new_tokens']} greedy tokens; prefill: "
@@ -277,7 +291,7 @@ def table(results: list[dict]) -> str:
         f"transformers {r.get('transformers_version', 'not run')}. Ceiling = read bandwidth (float32 sum over "
         f"1 GiB) / weight bytes a decode step reads (all but the embedding table; routed experts at k/E)."
     )
-    return "\n".join(rows + rss) + notes
+    return "\n".join(rows + rss + shares) + notes
 
 
 def main(argv: list[str] | None = None) -> int:
