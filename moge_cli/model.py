@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import dense_mlp, moe_experts, native, route
-from moge_cli import decode_step, instrument
+from moge_cli import decode_step, hugepages, instrument
 from moge_cli.checkpoint import Checkpoint, open_checkpoint
 from moge_cli.config import MoGEConfig
 from moge_cli.errors import CheckpointError, UsageError
@@ -405,7 +405,7 @@ def load_model(path, *, dtype=None, device="cpu", revision=None) -> MoGEForCausa
         dtype = resolve_dtype(dtype, default=_checkpoint_dtype(ckpt))
         model = MoGEForCausalLM.from_config(ckpt.config, dtype, "meta")
         for name, p in list(model.named_parameters()):
-            t = torch.empty(p.shape, dtype=p.dtype, device=device)
+            t = hugepages.empty(p.shape, p.dtype, device)
             _fill(t, ckpt, sources[name])
             module, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(module), leaf, nn.Parameter(t, requires_grad=False))

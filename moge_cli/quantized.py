@@ -32,6 +32,7 @@ from torch import nn
 
 from kernels import native, route
 from kernels.experts import combine_f32
+from moge_cli import hugepages
 from moge_cli.config import MoGEConfig
 from moge_cli.errors import CheckpointError, UsageError
 from moge_cli.instrument import routing as record_routing
@@ -93,12 +94,12 @@ class QLinear(nn.Module):
         self.bits, self.dtype = scheme.bits, dtype
         self.mode = _mode(scheme, self.out_features, self.in_features, self.groups, dtype, kernel)
         if self.mode == "int8":  # q [E, N, K] int8, scale [E, N]
-            w = torch.stack([q for q, _, _ in parts])
+            w = _stack([q for q, _, _ in parts])
             scales = torch.stack([s[:, 0] for _, s, _ in parts]).to(dtype)
         elif self.mode == "packed4":  # compressed-tensors words [E, N, K/8] int32, scale [E, N, G] float32, zero + 8 [E, N, G] uint8
             from converters.quantize import pack_int32
 
-            w = torch.stack([pack_int32(q, 4) for q, _, _ in parts])
+            w = _stack([pack_int32(q, 4) for q, _, _ in parts])
             scales = torch.stack([s.float() for _, s, _ in parts])
             zeros = [torch.zeros_like(s, dtype=torch.int8) if z is None else z for _, s, z in parts]  # symmetric: 0
             self.zeros = nn.Parameter(torch.stack([z.to(torch.uint8) + 8 for z in zeros]), requires_grad=False)
@@ -169,6 +170,11 @@ class QLinear(nn.Module):
         if bias is not None:
             y = y + bias
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+
+def _stack(ts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack into memory in 2 MB pages where it can be (moge_cli.hugepages): the decode kernels stream it."""
+    return torch.stack(ts, out=hugepages.empty((len(ts), *ts[0].shape), ts[0].dtype))
 
 
 def _mode(scheme: Scheme, n: int, k: int, groups: int, dtype: torch.dtype, kernel: str) -> str:
@@ -341,7 +347,7 @@ def load_quantized(ckpt, quant: QuantizedCheckpoint, *, dtype=None, device="cpu"
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner)
         if schemes == {None}:
-            t = torch.empty(p.shape, dtype=p.dtype, device=device)
+            t = hugepages.empty(p.shape, p.dtype, device)
             _fill(t, ckpt, names)
             value = nn.Parameter(t, requires_grad=False)
         elif leaf in LINEAR_PARAMS and len(schemes) == 1:

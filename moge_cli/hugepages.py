@@ -1,0 +1,50 @@
+"""Model weights in 2 MB pages (Linux transparent huge pages), asked for before the weights are written.
+
+A decode step streams every active weight once; with 4 KB pages that is a TLB miss every 4 KB and
+a hardware prefetcher that stops at every page boundary. Weights in 2 MB pages decoded 2-12% faster
+here (bfloat16 and int4 bench-0.47b, 8 of 8 alternating runs). The kernel honours the request where
+THP is "always" or "madvise" (the usual default), only for whole 2 MB-aligned stretches, and only
+for pages not yet touched: so `empty` aligns the tensor and asks before anything is written.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import sys
+
+import torch
+
+MADV_HUGEPAGE = 14  # linux/mman.h
+HUGE_PAGE = 2 << 20
+PAGE = 4096
+
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def advise(t: torch.Tensor) -> bool:
+    """Ask for 2 MB pages under t's memory, from its first 4 KB page boundary to its last 2 MB one
+    (a partial 2 MB page at the end would be filled out beyond the tensor); True if the kernel took
+    the request. Only tensors of at least 2 MB on the CPU; pages already written keep their size."""
+    nbytes = t.numel() * t.element_size()
+    if _libc is None or t.device.type != "cpu" or nbytes < HUGE_PAGE:
+        return False
+    start = (t.data_ptr() + PAGE - 1) // PAGE * PAGE
+    end = (t.data_ptr() + nbytes) // HUGE_PAGE * HUGE_PAGE
+    if end <= start:
+        return False
+    return _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE) == 0
+
+
+def empty(shape, dtype: torch.dtype, device="cpu") -> torch.Tensor:
+    """torch.empty for a weight that is about to be filled. On Linux CPUs, one of at least 2 MB starts
+    on a 2 MB boundary (a view into an allocation 2 MB larger, whose slack is never touched, so never
+    resident) and is advised into 2 MB pages."""
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    if _libc is None or torch.device(device).type != "cpu" or nbytes < HUGE_PAGE:
+        return torch.empty(shape, dtype=dtype, device=device)
+    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    skip = -raw.data_ptr() % HUGE_PAGE
+    t = raw[skip : skip + nbytes].view(dtype).view(shape)
+    advise(t)
+    return t
