@@ -327,17 +327,17 @@ AVX512 static float dot_i8_q16_512(const int8_t *w, vec_t x) {
  * memory, measured (two threads; float32, bfloat16 and int8 rows measured no faster with it). */
 #define PREFETCH_I4 4096
 
-/* dot_i4 with 512-bit vectors, for groups of 32, 64 or a multiple of 128 (k % 128 == 0): 128 values
- * a step, their nibbles times xq summed four bytes to a 32-bit lane at once (vpdpbusd). Lane l holds
+/* dot_i4 with 512-bit vectors, for groups of 32 or 64 (k % 64 == 0: a last step of 64 values
+ * masked, as for Pangu's expert width 1344) or a multiple of 128 (k % 128 == 0): 128 values a step, their nibbles times xq summed four bytes to a 32-bit lane at once (vpdpbusd). Lane l holds
  * word l, so the block scales are xq's sxv as they are and the group scales one per 4, 8 or 16 lanes. */
 AVX512 static float dot_i4_512(const uint32_t *w, const float *s, const uint8_t *z, const float *xg, long group, vec_t x) {
     const __m512i low4 = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
     const __m512i lane_group = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), group == 32 ? 2 : 3);
-    const __mmask16 scales_in = group == 32 ? 0xf : 0x3;
-    const size_t k = x.k, span = group >= 128 ? group : 128;  /* values per scale load (unsigned: c / 8 is a shift) */
+    const size_t k = x.k, full = k / 128 * 128, span = group >= 128 ? group : 128;  /* span: values per scale load */
+    const float *sc = s;
     __m512 acc = _mm512_setzero_ps();
-    for (size_t c0 = 0; c0 < k; c0 += span, s += group >= 128 ? 1 : 128 / group) {
-        __m512 sw = group >= 128 ? _mm512_set1_ps(*s) : _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(scales_in, s));
+    for (size_t c0 = 0; c0 < full; c0 += span, sc += group >= 128 ? 1 : 128 / group) {
+        __m512 sw = group >= 128 ? _mm512_set1_ps(*sc) : _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(group == 32 ? 0xf : 0x3, sc));
         for (size_t c = c0; c < c0 + span; c += 128) {
             __m512i v = _mm512_loadu_si512(w + c / 8);
             _mm_prefetch((const char *)(w + c / 8) + PREFETCH_I4, _MM_HINT_T0);
@@ -347,7 +347,14 @@ AVX512 static float dot_i4_512(const uint32_t *w, const float *s, const uint8_t 
             acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(sw, _mm512_loadu_ps(x.sxv + c / 8)), acc);
         }
     }
-    s -= x.k / group;
+    if (full < k) {  /* k % 128 == 64 (groups of 32 or 64): the last 64 values, the upper 8 words masked off */
+        __m512i v = _mm512_maskz_loadu_epi32(0xff, w + full / 8);
+        const int8_t *xb = x.xq + full;  /* a whole superblock of storage; its unused half meets zero nibbles */
+        __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(xb)), hi, _mm512_loadu_si512(xb + 64));
+        __m512 sw = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(group == 32 ? 0x3 : 0x1, sc));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(sw, _mm512_maskz_loadu_ps(0xff, x.sxv + full / 8)), acc);
+    }
     for (long g = 0, G = x.k / group; g < G; g += 16) {  /* minus sum_g scale_g * zero_g * x_g */
         __mmask16 in = G - g >= 16 ? 0xffff : (__mmask16)((1u << (G - g)) - 1);
         __m512 zf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(in, z + g)));
@@ -443,8 +450,8 @@ void rows_dot(mat_t m, vec_t x, long lo, long hi, float *y) {
             xg[g] = 0.0f;
             for (long i = 0; i < per; i++) xg[g] += x.x32[g * per + i];
         }
-        int wide = avx512() && k % 128 == 0 && (m.group <= 64 || m.group % 128 == 0);
-        if (wide && k <= 256)
+        int wide = avx512() && (m.group <= 64 || m.group % 128 == 0);  /* k % 128 == 64 only with groups of 32 / 64 */
+        if (wide && k <= 256 && k % 128 == 0)
             for (; r + 4 <= hi; r += 4)
                 _mm_storeu_ps(y + r - lo, dot_i4_512x4((const uint32_t *)(m.w + r * rb), (const float *)m.scale + r * G, m.zero + r * G, xg, m.group, x));
         for (; r < hi; r++) {

@@ -83,12 +83,12 @@ def isa(request):
 
 @pytest.mark.parametrize("group, symmetric, k", [(32, False, 512), (64, True, 512), (128, False, 512), (256, True, 512),
                                                  (128, True, 256), (32, False, 256), (64, True, 128),
-                                                 (32, True, 192), (64, False, 192)])  # fmt: skip
+                                                 (32, True, 192), (64, False, 192), (64, False, 1344)])  # fmt: skip
 def test_int4_linear_is_the_dequantised_weight_on_int8_activations(group, symmetric, k, isa):
     """One token against int4 words: activations are quantized per 32 values (as llama.cpp's Q8_0),
     so the result is the dequantised weight's product to within that rounding (well under 1%).
-    AVX-512 reads rows of k <= 256 four at a time (n = 42: two rows left over) and leaves k = 192,
-    not whole 128-value steps, to the AVX2 code."""
+    AVX-512 reads rows of k <= 256 four at a time (n = 42: two rows left over), and ends k = 192 and
+    Pangu's expert width 1344 (not whole 128-value steps) with a masked step of 64 values."""
     g = torch.Generator().manual_seed(group)
     n = 42
     q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
