@@ -20,6 +20,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,7 +49,7 @@ def _best(fn, repeats: int) -> float:
 
 def read_bandwidth(repeats: int, warm: bool = True) -> float:
     """Bytes/s of a float32 sum over a 1 GiB buffer: the best of max(repeats, 5) sums, or with
-    warm=False of 3 sums right away (beside one decode run: the machine's read rate of that moment)."""
+    warm=False of 3 (beside one decode run: the machine's read rate of that moment), after one untimed."""
     import torch
 
     buf = torch.ones(BANDWIDTH_BYTES // 4)
@@ -281,8 +282,8 @@ def table(results: list[dict]) -> str:
         )
     shares = ["", "| dtype | ours' decode / the read bandwidth measured just before it, per repeat | median |", "|---|---|---|"]
     for r in results:
-        p = sorted(r["paired_share"])
-        shares.append(f"| {r['dtype']} | {' '.join(f'{v:.0%}' for v in r['paired_share'])} | {p[len(p) // 2]:.0%} |")
+        p = r["paired_share"]
+        shares.append(f"| {r['dtype']} | {' '.join(f'{v:.0%}' for v in p)} | {statistics.median(p):.0%} |")
     shares.append("")
     r = results[0]
     notes = (

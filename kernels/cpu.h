@@ -20,12 +20,12 @@
 
 #define AVX2 __attribute__((target("avx2,fma")))
 #define AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
+#define MAX_PICKS 256
 
 /* The dot products of int8 and int4 weights have AVX-512 (VNNI) versions, used where the CPU has
  * them (Ice Lake, Zen 4 and later) unless turned off (set_avx512(0): tests compare both). */
 int avx512_available(void);
 int set_avx512(int on);  /* returns whether they are now used */
-#define MAX_PICKS 256
 
 enum { F32 = 0, BF16 = 1, I8 = 2, I4 = 3 };  /* activations: F32 or BF16; weights: any */
 

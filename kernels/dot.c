@@ -267,7 +267,7 @@ AVX2 static float dot_bf16(const uint16_t *w, vec_t x) {
 
 /* w[0:k] . x for int8 w against x as int16 (Q16; k % 32 == 0): sign-extended weights times x in
  * pairs (vpmaddwd), summed in int32 over each 128-value block (at most 8 * 127 * 32767 a lane), then
- * times the block's scale in float32. ~4x fewer instructions than converting every weight to
+ * times the block's scale in float32: about half the instructions of converting every weight to
  * float32, which made int8 compute-bound. The row's own scale is applied by the caller. */
 AVX2 static float dot_i8_q16(const int8_t *w, vec_t x) {
     __m256 acc = _mm256_setzero_ps();

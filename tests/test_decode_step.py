@@ -109,7 +109,7 @@ def test_int4_linear_is_the_dequantised_weight_on_int8_activations(group, symmet
         torch.testing.assert_close(native.linear_vec(x, pack_int32(q, 4), None, scale, z8), got, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("k", [320, 352])  # 352: a last 32-value block without a partner
+@pytest.mark.parametrize("k", [320, 352])  # 128-value blocks: the last one of 64 or 96 values
 def test_int8_linear_reads_activations_as_int16_within_their_rounding(k, isa):
     """int8 weights against x as int16 per 128 values: error within the rounding bound, far below bfloat16's."""
     g = torch.Generator().manual_seed(8)
