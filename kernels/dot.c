@@ -77,7 +77,7 @@ AVX2 void add_rounded(float *x, const float *y, long n, int dtype) {
 /* Rows of int4 words (n x k / 8, see mat_t) to [n, k] values (u - zero) * scale, rounded to bfloat16
  * as torch computes them in the bfloat16 scale's dtype, stored as bfloat16 or (widened) float32.
  * One word is 8 consecutive values: a variable shift puts value 8j + t in lane t, in order. */
-AVX2 void dequant_i4(void *dst, int dtype, const uint32_t *w, const float *s, const uint8_t *z, long n, long k, long group) {
+AVX2 static void dequant_i4_avx2(void *dst, int dtype, const uint32_t *w, const float *s, const uint8_t *z, long n, long k, long group) {
     const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), low4 = _mm256_set1_epi32(15);
     long G = k / group;
     for (long r = 0; r < n; r++)
@@ -320,6 +320,35 @@ AVX512 static float dot_i8_q16_512(const int8_t *w, vec_t x) {
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(x.s16[b / 128]), acc);
     }
     return _mm512_reduce_add_ps(acc);
+}
+
+/* dequant_i4 with 512-bit vectors: 16 values (two words) a step, the scale and zero point loaded once
+ * per group; the same float32 arithmetic and rounding, so the same bits. */
+AVX512 static void dequant_i4_512(void *dst, int dtype, const uint32_t *w, const float *s, const uint8_t *z, long n, long k, long group) {
+    const __m512i shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+    const __m512i pair = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), low4 = _mm512_set1_epi32(15);
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u), half = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
+    const size_t K = k, G = k / group;
+    for (size_t r = 0; r < (size_t)n; r++)
+        for (size_t g = 0; g < G; g++) {
+            if (!isfinite(s[r * G + g])) {  /* a broken scale: NaN and inf as to_bf16 makes them, value by value */
+                dequant_i4_avx2((char *)dst + (r * K + g * group) * esize(dtype), dtype, w + (r * K + g * group) / 8, s + r * G + g, z + r * G + g, 1, group, group);
+                continue;
+            }
+            __m512 zf = _mm512_set1_ps((float)z[r * G + g]), sf = _mm512_set1_ps(s[r * G + g]);
+            for (size_t c = g * group; c < (g + 1) * group; c += 16) {
+                __m512i words = _mm512_permutexvar_epi32(pair, _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)(w + (r * K + c) / 8))));
+                __m512 u = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(words, shifts), low4));
+                __m512i b = _mm512_castps_si512(_mm512_mul_ps(_mm512_sub_ps(u, zf), sf));  /* finite: no NaN to keep */
+                __m512i rounded = _mm512_and_si512(_mm512_add_epi32(b, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(b, 16), one))), high);
+                if (dtype == F32) _mm512_storeu_si512((float *)dst + r * K + c, rounded);
+                else _mm256_storeu_si256((__m256i *)((uint16_t *)dst + r * K + c), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+            }
+        }
+}
+
+void dequant_i4(void *dst, int dtype, const uint32_t *w, const float *s, const uint8_t *z, long n, long k, long group) {
+    (avx512() ? dequant_i4_512 : dequant_i4_avx2)(dst, dtype, w, s, z, n, k, group);
 }
 
 /* int4 rows are read with a software prefetch one 4 KB page ahead: the hardware prefetcher stops at

@@ -204,7 +204,7 @@ def test_int4_decode_perplexity_on_the_trained_fixture(tmp_path):
 
 @pytest.mark.parametrize("group, symmetric", [(32, False), (128, True)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int4_dequantisation_in_c_is_the_torch_one_bit_for_bit(group, symmetric, dtype, monkeypatch):
+def test_int4_dequantisation_in_c_is_the_torch_one_bit_for_bit(group, symmetric, dtype, isa, monkeypatch):
     """Prefill dequantises packed4 experts with kernels/cpu.c: the same values as the torch ops (and compressed-tensors)."""
     from converters.quantize import quantize
     from moge_cli.quant_format import Scheme
@@ -223,3 +223,21 @@ def test_int4_dequantisation_in_c_is_the_torch_one_bit_for_bit(group, symmetric,
     for e in range(2):
         assert torch.equal(fast[e], slow[e])
         assert torch.equal(slow[e], dequantize(*parts[e]).to(dtype))
+
+
+def test_int4_dequantisation_keeps_nan_and_inf_scales(isa, monkeypatch):
+    """A broken scale (NaN, inf) dequantises to NaN / inf as the torch ops make them, not to numbers."""
+    from converters.quantize import quantize
+    from moge_cli.quant_format import Scheme
+
+    scheme = Scheme(4, 64, False)
+    t = quantize(torch.randn(16, 256, generator=torch.Generator().manual_seed(5)), scheme, torch.bfloat16)
+    lin = QLinear([(t.q, t.scale, t.zero)], scheme, torch.bfloat16, "native")
+    lin.scales.data[0, 3, 1] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)  # a NaN whose rounding would carry into the sign
+    lin.scales.data[0, 5, 0] = float("inf")
+    fast = lin.dequantized(0, torch.bfloat16).float()
+    monkeypatch.setenv("MOGE_NATIVE", "0")
+    slow = lin.dequantized(0, torch.bfloat16).float()
+    assert fast[3, 64:128].isnan().all() and fast[5, :64].isinf().sum() > 0
+    assert torch.equal(fast.isnan(), slow.isnan())
+    assert torch.equal(fast.nan_to_num(0.0), slow.nan_to_num(0.0))  # the rest (inf included) the same
