@@ -41,21 +41,27 @@ class QTensor:
 
 
 # ---- quantization ------------------------------------------------------------------------------
-def quantize(w: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype) -> QTensor:
+def quantize(w: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, importance: torch.Tensor | None = None) -> QTensor:
     """Quantize w [N, K] (any float dtype) with `scheme`; the scale is stored in scale_dtype.
 
     Rows are independent, so callers may quantize a weight in row blocks and concatenate.
     The integers are always computed from the scale as stored (rounded to scale_dtype).
+    importance [K] (method mse only): how much each input column's error costs, e.g. the mean square
+    of the activations it meets (converters/calibrate.py); the search then minimises
+    sum_j importance_j * (w_j - w'_j)^2 per group, the output error those activations would see.
     """
     n, k = w.shape
     gs = k if scheme.group_size is None else scheme.group_size
     if k % gs:
         raise ValueError(f"{k} input columns are not a multiple of the group size {gs}")
     x = w.float().reshape(n, k // gs, gs)  # [N, G, gs]
+    if importance is not None and scheme.method != "mse":
+        raise ValueError("column importance weights the mse search; use method mse")
     if scheme.method == "rtn":
         s, z = _rtn_params(x, scheme, scale_dtype)
     elif scheme.method == "mse":
-        s, z = _mse_params(x, scheme, scale_dtype)
+        a = None if importance is None else importance.float().reshape(1, k // gs, gs)  # [1, G, gs]
+        s, z = _mse_params(x, scheme, scale_dtype, a)
     else:
         raise ValueError(f"unknown method {scheme.method!r}")
     q = _round(x, s, z, scheme)
@@ -101,27 +107,30 @@ def _rtn_params(x: torch.Tensor, scheme: Scheme, scale_dtype, ratio: float | tor
     return s, z
 
 
-def _group_error(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, scheme: Scheme) -> torch.Tensor:
-    """Squared reconstruction error of each group [N, G] (float32 arithmetic)."""
+def _group_error(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, scheme: Scheme, a: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared reconstruction error of each group [N, G] (float32), each column's weighted by a [1, G, gs]."""
     q = _round(x, s, z, scheme)
     if z is not None:
         q = q - z.unsqueeze(-1)
-    return (q * s.unsqueeze(-1) - x).pow_(2).sum(-1)
+    e = (q * s.unsqueeze(-1) - x).pow_(2)
+    return (e if a is None else e.mul_(a)).sum(-1)
 
 
-def _mse_params(x: torch.Tensor, scheme: Scheme, scale_dtype):
-    """Calibration-free search for the scale (and zero) of each group that minimise its squared error.
+def _mse_params(x: torch.Tensor, scheme: Scheme, scale_dtype, a: torch.Tensor | None = None):
+    """Search for the scale (and zero) of each group that minimise its squared error, each column's
+    weighted by a [1, G, gs] when given (activation-aware), else all alike (calibration-free).
 
     1. Clipping: the min/max range shrunk by each of CLIP_RATIOS; the best ratio per group wins.
-    2. Refinement (HQQ-like alternation): with the integers fixed, the least-squares scale (and the
-       best integer zero point), then re-round; a group keeps a step only if its error went down.
-    Ratio 1.0 is round-to-nearest itself, so the result is never worse than rtn.
+    2. Refinement (HQQ-like alternation): with the integers fixed, the (weighted) least-squares scale
+       (and the best integer zero point), then re-round; a group keeps a step only if its error went down.
+    Ratio 1.0 is round-to-nearest itself, so the result is never worse than rtn (by the same measure).
     """
+    wt = torch.ones_like(x[:1]) if a is None else a  # [1, G, gs]
     best_s, best_z = _rtn_params(x, scheme, scale_dtype)
-    best_e = _group_error(x, best_s, best_z, scheme)
+    best_e = _group_error(x, best_s, best_z, scheme, a)
     for r in CLIP_RATIOS[1:]:
         s, z = _rtn_params(x, scheme, scale_dtype, r)
-        e = _group_error(x, s, z, scheme)
+        e = _group_error(x, s, z, scheme, a)
         better = e < best_e
         best_e = torch.where(better, e, best_e)
         best_s = torch.where(better, s, best_s)
@@ -131,21 +140,22 @@ def _mse_params(x: torch.Tensor, scheme: Scheme, scale_dtype):
     for _ in range(REFINE_STEPS):
         q = _round(x, s, z, scheme)  # [N, G, gs]
         if z is None:
-            num, den = (x * q).sum(-1), q.pow(2).sum(-1)
-            s = _stored(torch.where(den > 0, num / den.clamp(min=1), s), scale_dtype)
+            num, den = (wt * x * q).sum(-1), (wt * q.pow(2)).sum(-1)
+            s = _stored(torch.where(den > 0, num / den.clamp(min=1e-30), s), scale_dtype)
         else:
-            # least squares of x ~ a*q + c over the group, then z = round(-c / a)
-            qm, xm = q.mean(-1), x.mean(-1)
-            cov = ((q - qm.unsqueeze(-1)) * (x - xm.unsqueeze(-1))).sum(-1)
-            var = (q - qm.unsqueeze(-1)).pow(2).sum(-1)
-            a = torch.where(var > 0, cov / var.clamp(min=1e-12), s)
-            a = torch.where(a > 0, a, s)
-            c = xm - a * qm
-            z = torch.round(-c / a).clamp_(scheme.qmin, scheme.qmax)
+            # weighted least squares of x ~ a*q + c over the group, then z = round(-c / a)
+            total = wt.sum(-1).clamp(min=1e-30)  # [1, G]
+            qm, xm = (wt * q).sum(-1) / total, (wt * x).sum(-1) / total
+            cov = (wt * (q - qm.unsqueeze(-1)) * (x - xm.unsqueeze(-1))).sum(-1)
+            var = (wt * (q - qm.unsqueeze(-1)).pow(2)).sum(-1)
+            slope = torch.where(var > 0, cov / var.clamp(min=1e-30), s)
+            slope = torch.where(slope > 0, slope, s)
+            c = xm - slope * qm
+            z = torch.round(-c / slope).clamp_(scheme.qmin, scheme.qmax)
             d = q - z.unsqueeze(-1)  # integers relative to the new zero
-            den = d.pow(2).sum(-1)
-            s = _stored(torch.where(den > 0, (x * d).sum(-1) / den.clamp(min=1), a), scale_dtype)
-        e = _group_error(x, s, z, scheme)
+            den = (wt * d.pow(2)).sum(-1)
+            s = _stored(torch.where(den > 0, (wt * x * d).sum(-1) / den.clamp(min=1e-30), slope), scale_dtype)
+        e = _group_error(x, s, z, scheme, a)
         better = e < best_e
         best_e = torch.where(better, e, best_e)
         best_s = torch.where(better, s, best_s)

@@ -18,8 +18,10 @@ from typing import Any, Callable
 import torch
 
 from moge_cli.checkpoint import open_checkpoint
+from moge_cli.errors import UsageError
 from moge_cli.names import component_of
 
+from converters.calibrate import calibrate
 from converters.cast import torch_dtype
 from converters.convert import Emitter, PeakRss, describe, output_entries, prepare, start_writing
 from converters.quantize import dequantize, error_sums, error_stats, pack_int32, quantize
@@ -39,8 +41,9 @@ class QuantEmitter:
     zero point and shape wait in `pending` for their turn, which comes right after.
     """
 
-    def __init__(self, source, peak: PeakRss):
+    def __init__(self, source, peak: PeakRss, importance: dict[str, torch.Tensor] | None = None):
         self.source, self.peak = source, peak
+        self.importance = importance or {}  # module -> column importance (--calib; converters/calibrate.py)
         self.base = Emitter(source, False, peak)
         self.pending: dict[str, torch.Tensor] = {}
         self.errors: dict[str, dict[str, Any]] = {}  # module -> error row
@@ -66,9 +69,10 @@ class QuantEmitter:
         scales, zeros = [], []
         err2 = ref2 = 0.0
         step = max(1, ROW_BLOCK_ELEMS // k)
+        importance = self.importance.get(t.module)  # None: not calibrated, or an expert no token reached
         for r in range(0, n, step):
             w = rows(r, min(n, r + step))  # [R, K], memory-mapped
-            qt = quantize(w, s, scale_dtype)
+            qt = quantize(w, s, scale_dtype, importance)
             e, f = error_sums(w, dequantize(qt))
             err2, ref2 = err2 + e, ref2 + f
             sink.write(_bytes(pack_int32(qt.q, s.bits)))
@@ -82,7 +86,7 @@ class QuantEmitter:
             out[f"{m}.weight_zero_point"] = pack_int32(torch.cat(zeros), s.bits, dim=0)
         self.pending.update(out)
         self.errors[m] = {"tensor": base.name, "component": component_of(base.name), "scheme": s.label, "numel": n * k,
-                          **error_stats(err2, ref2), "_err2": err2, "_ref2": ref2}  # fmt: skip
+                          "calibrated": importance is not None, **error_stats(err2, ref2), "_err2": err2, "_ref2": ref2}  # fmt: skip
         return out
 
     def close(self) -> None:
@@ -139,6 +143,8 @@ def quantize_checkpoint(
     verify: bool = False,
     eval_text: str | os.PathLike | None = None,
     eval_window: int | None = None,
+    calib: str | os.PathLike | None = None,
+    calib_tokens: int = 2048,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Quantize the checkpoint at `src` into `dst` (compressed-tensors pack-quantized); return the summary.
@@ -151,11 +157,15 @@ def quantize_checkpoint(
     include / exclude: globs on tensor (or module) names. Experts are written per expert.
     dry_run: the plan only; verify: re-read the output and compare it with a fresh quantization;
     eval_text: perplexity of the source and of the output on that text (needs a tokenizer).
+    calib: a text file run through the model (its first calib_tokens tokens) to weight each column's
+    error in the mse search by the activations it meets (converters/calibrate.py; method mse only).
     Raises UsageError / CheckpointError (exit 2), VerifyError (1).
     """
     t0 = time.perf_counter()
     peak = PeakRss()
     opts = QuantOptions(bits, group_size, symmetric, method, embeddings, lm_head, tuple(include), tuple(exclude))
+    if calib is not None and method != "mse":
+        raise UsageError("--calib weights the mse search: add --method mse")
     max_bytes = parse_size(max_shard_size)
     source = open_source(src)
     try:
@@ -167,8 +177,13 @@ def quantize_checkpoint(
             report["estimated_peak_rss_bytes"] += ROW_BLOCK_ELEMS * 40  # a row block in float32 and its temporaries
             report.update(quantization=settings, quantized_tensors=len(schemes), notes=list(source.notes) + notes)
             return report
+        cal = None
+        if calib is not None:
+            cal = calibrate(src, calib, max_tokens=calib_tokens)
+            settings["calibration"] = cal.summary(Path(calib).name)  # into config.json's moge_quantization too
+            peak.sample()
         tick = start_writing(layouts, dst, disk, progress)
-        emitter = QuantEmitter(source, peak)
+        emitter = QuantEmitter(source, peak, cal and cal.importance)
         outputs: list[Path] = []
         try:
             with staging_dir(dst) as tmp:
@@ -178,7 +193,7 @@ def quantize_checkpoint(
                 for f in copies:
                     shutil.copyfile(f, tmp / f.name)
                 if verify:
-                    verify_quantized(source, shards, tmp, rank.config)
+                    verify_quantized(source, shards, tmp, rank.config, cal and cal.importance)
                     peak.sample()
         finally:
             emitter.close()
@@ -226,11 +241,12 @@ def quality_report(errors: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {"tensors": tensors, "components": summary, "overall": total}
 
 
-def verify_quantized(source, shards, out_dir: Path, config: dict[str, Any]) -> None:
-    """Re-read the output: float tensors must equal their recipe, quantized ones a fresh quantization."""
+def verify_quantized(source, shards, out_dir: Path, config: dict[str, Any], importance: dict[str, torch.Tensor] | None = None) -> None:
+    """Re-read the output: float tensors must equal their recipe, quantized ones a fresh quantization
+    (with the same calibration importance, if any)."""
     bad: list[str] = []
     ck = open_checkpoint(out_dir)
-    fresh = QuantEmitter(source, PeakRss())
+    fresh = QuantEmitter(source, PeakRss(), importance)
     try:
         planned = {t.name: t for s in shards for t in s.tensors}
         for name in sorted(set(ck.tensors) ^ set(planned)):

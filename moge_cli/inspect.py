@@ -197,6 +197,7 @@ def quantization_summary(ckpt: Checkpoint) -> dict[str, Any] | None:
     return {
         "format": quant.config.get("format"),
         "method": quant.method,
+        "calibration": quant.moge.get("calibration"),  # --calib: file, tokens, experts reached; None without
         "bits": quant.moge.get("bits", first.bits if first else None),
         "group_size": quant.moge.get("group_size", first.group_size if first else None),
         "symmetric": quant.moge.get("symmetric", first.symmetric if first else None),

@@ -1,4 +1,5 @@
-"""Opt-in instrumentation of the model: time per component and the router's decisions.
+"""Opt-in instrumentation of the model: time per component, the router's decisions, and (for
+calibration) the activations entering the o_proj and MLP weights.
 
 The model calls `section(name)` around each component and `routing(layer, logits, expert_ids)` after
 each router. Both do nothing (one global lookup) unless a Recorder is active, so the fast path
@@ -31,12 +32,19 @@ def routing(layer: int, logits: Any, expert_ids: Any) -> None:
         _active.record_routing(layer, logits, expert_ids)
 
 
-class Recorder:
-    """Collects seconds per section and, optionally, router probabilities and picks per layer."""
+def inputs(name: str, layer: int, x: Any) -> None:
+    """The activations entering a layer's weight ("o_proj", "mlp"), kept when a Recorder asks (calibration)."""
+    if _active is not None and _active.keep_inputs:
+        _active.inputs[(name, layer)].append(x.detach())
 
-    def __init__(self, *, sync: Any = None, keep_routing: bool = False) -> None:
+
+class Recorder:
+    """Collects seconds per section and, optionally, router probabilities and picks and weights' inputs per layer."""
+
+    def __init__(self, *, sync: Any = None, keep_routing: bool = False, keep_inputs: bool = False) -> None:
         self.sync = sync  # e.g. torch.cuda.synchronize, so GPU work is charged to the right section
-        self.keep_routing = keep_routing
+        self.keep_routing, self.keep_inputs = keep_routing, keep_inputs
+        self.inputs: dict[tuple[str, int], list[Any]] = defaultdict(list)  # (name, layer) -> activation chunks
         self.seconds: dict[str, float] = defaultdict(float)
         self.probs: dict[int, list[Any]] = defaultdict(list)  # layer -> [T, E] float32 chunks
         self.picks: dict[int, list[Any]] = defaultdict(list)  # layer -> [T, k] int64 chunks

@@ -20,6 +20,7 @@ from moge_cli import decode_step, hugepages, instrument
 from moge_cli.checkpoint import Checkpoint, open_checkpoint
 from moge_cli.config import MoGEConfig
 from moge_cli.errors import CheckpointError, UsageError
+from moge_cli.instrument import inputs as record_inputs
 from moge_cli.instrument import routing as record_routing
 from moge_cli.instrument import section
 from moge_cli.names import PER_EXPERT, STACKED, expected_tensors
@@ -156,6 +157,7 @@ class Attention(nn.Module):
             k, v = ck.narrow(2, 0, start + T).float(), cv.narrow(2, 0, start + T).float()  # [B, nKV, S, D]
         o = _attend(q, k, v, start)  # [B, nH, T, D] float32
         o = o.transpose(1, 2).reshape(B, T, nH * D).to(x.dtype)
+        record_inputs("o_proj", layer, o)
         return _linear(o, self.o_weight, self.o_bias)
 
 
@@ -238,6 +240,7 @@ class DecoderLayer(nn.Module):
         with section("attention"):
             x = x + self.self_attn(rms_norm(x, self.input_layernorm, self.eps), cos, sin, cache, self.layer)
         h = rms_norm(x, self.post_attention_layernorm, self.eps)
+        record_inputs("mlp", self.layer, h)
         return x + self.mlp(h.view(-1, h.shape[-1])).view(h.shape)
 
 

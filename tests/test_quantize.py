@@ -236,7 +236,7 @@ def test_verify_catches_a_corrupted_output(src, tmp_path, monkeypatch):
     real = qp.verify_quantized
     victim = "model.layers.1.mlp.experts.5.up_proj.weight_packed"
 
-    def corrupt_then_verify(source, shards, out_dir, config):
+    def corrupt_then_verify(source, shards, out_dir, config, importance=None):
         ck = open_checkpoint(out_dir)
         info = ck.tensors[victim]
         ck.close()
@@ -245,7 +245,7 @@ def test_verify_catches_a_corrupted_output(src, tmp_path, monkeypatch):
             byte = f.read(1)[0]
             f.seek(info.start + 5)
             f.write(bytes([byte ^ 1]))
-        return real(source, shards, out_dir, config)
+        return real(source, shards, out_dir, config, importance)
 
     monkeypatch.setattr(qp, "verify_quantized", corrupt_then_verify)
     with pytest.raises(VerifyError, match=f"1 item.*{victim}: differs from a fresh"):

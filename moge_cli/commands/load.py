@@ -80,7 +80,9 @@ def render(report: dict[str, Any]) -> None:
     if "quantization" in report:  # `moge quantize` output (compressed-tensors)
         q = report["quantization"]
         comps = ", ".join(f"{c} {n}" for c, n in q["components"].items())
-        rows.append(("quantization", f"{q['format']}: {', '.join(f'{s} x{n}' for s, n in q['schemes'].items())}, method {q['method']}; {q['tensors']} tensors ({comps})"))
+        cal = q.get("calibration")
+        method = q["method"] + (f" calibrated on {cal['tokens']} tokens of {cal['file']}" if cal else "")
+        rows.append(("quantization", f"{q['format']}: {', '.join(f'{s} x{n}' for s, n in q['schemes'].items())}, method {method}; {q['tensors']} tensors ({comps})"))
         rows.append(("quantized bytes", f"{human_bytes(q['quantized_bytes'])} for {human_count(q['quantized_params'])} weights "
                      f"({q['bits_per_quantized_weight']:.2f} bits each, scales included); float tensors {human_bytes(q['float_bytes'])}"))  # fmt: skip
     for k, v in rows:

@@ -26,6 +26,8 @@ def quantize_command(
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest shard (tensor bytes): 5GB, 500MB, 2GiB..."),
     eval_text: Optional[Path] = typer.Option(None, "--eval", help="Perplexity before and after on this text file."),
     eval_window: Optional[int] = typer.Option(None, "--eval-window", help="Perplexity window in tokens (default 512)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Text run through the model to weight each column's error by its activations (with --method mse)."),
+    calib_tokens: int = typer.Option(2048, "--calib-tokens", help="Tokens of the --calib text to use."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (shards, tensors, memory, disk); write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace an existing destination."),
     verify: bool = typer.Option(False, "--verify", help="Re-read the output and compare it with a fresh quantization; exit 1 on a mismatch."),
@@ -39,7 +41,7 @@ def quantize_command(
     options: dict[str, Any] = dict(
         bits=bits, group_size=group_size, symmetric=symmetric, method=method, embeddings=embeddings, lm_head=lm_head,
         include=tuple(include or ()), exclude=tuple(exclude or ()), max_shard_size=max_shard_size, dry_run=dry_run,
-        force=force, verify=verify, eval_text=eval_text, eval_window=eval_window,
+        force=force, verify=verify, eval_text=eval_text, eval_window=eval_window, calib=calib, calib_tokens=calib_tokens,
     )  # fmt: skip
     if quiet or dry_run:
         result = quantize_checkpoint(src, dst, **options)
@@ -84,6 +86,12 @@ def render(r: dict[str, Any], per_tensor: bool = False) -> None:
         f"peak anonymous memory {human_bytes(r['peak_rss_bytes'])} -> {r['destination']}",
         highlight=False,
     )
+    if c := q.get("calibration"):
+        out.print(
+            f"calibrated on {c['tokens']} tokens of {c['file']}: {c['modules']} weights weighted by their activations; "
+            f"{c['experts'] - c['experts_reached']} of {c['experts']} routed experts reached by no token (plain mse)",
+            highlight=False,
+        )
     t = Table(title="reconstruction error by component", title_justify="left")
     for col in ("component", "tensors", "rel. Frobenius error", "SQNR dB (pooled)", "SQNR dB mean", "SQNR dB worst"):
         t.add_column(col, justify="left" if col == "component" else "right")

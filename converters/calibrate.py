@@ -1,0 +1,125 @@
+"""`moge quantize --calib TEXT`: how much each input column of each quantized weight matters, from text
+run through the model (activation-aware, as AWQ and GPTQ measure it).
+
+For every linear module the calibration tokens reach, the mean square of the activations entering
+each input column: importance_j = mean_t x_tj^2. Quantizing w to w' then costs each token about
+sum_j x_tj^2 (w_j - w'_j)^2 of output error, so the mse search (converters/quantize.py) weights each
+column's error by importance_j. Routed experts get their own statistics from the tokens the router
+sends them; an expert that no calibration token reaches gets none and is quantized by the plain
+search (counted in the report).
+
+The model runs one layer at a time, each layer's weights read from the memory-mapped checkpoint and
+dropped after it: memory holds one layer and the hidden states of the calibration tokens.
+Shapes: N calibration tokens, H hidden, I expert width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moge_cli.errors import UsageError
+
+WINDOW = 512  # tokens per sequence the calibration text is cut into
+
+
+@dataclass
+class Calibration:
+    importance: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> [K] float32
+    tokens: int = 0
+    experts: int = 0  # routed experts in the model
+    experts_reached: int = 0  # of them, reached by at least one calibration token
+
+    def summary(self, file: str) -> dict:
+        return {"file": file, "tokens": self.tokens, "modules": len(self.importance), "experts": self.experts,
+                "experts_reached": self.experts_reached}  # fmt: skip
+
+
+def calibrate(src, text_file, *, max_tokens: int = 2048, dtype: torch.dtype | None = None) -> Calibration:
+    """Column importance of every quantizable module of the checkpoint at src, from text_file's first
+    max_tokens tokens (the checkpoint's tokenizer)."""
+    from moge_cli.checkpoint import open_checkpoint
+    from moge_cli.instrument import Recorder
+    from moge_cli.model import DecoderLayer, _checkpoint_dtype, _checked_sources, rms_norm, rope_tables
+    from moge_cli.tokenizer import has_tokenizer, load_tokenizer
+
+    root = Path(src)
+    if not has_tokenizer(root):
+        raise UsageError(f"{root}: --calib needs the checkpoint's tokenizer (tokenizer.model or tokenizer.json)")
+    ids = load_tokenizer(root).encode(Path(text_file).read_text(encoding="utf-8"), add_bos=True)[:max_tokens]
+    if len(ids) < 2:
+        raise UsageError(f"{text_file}: too little text to calibrate on ({len(ids)} tokens)")
+    ckpt = open_checkpoint(root)
+    try:
+        cfg, sources = ckpt.config, _checked_sources(ckpt)
+        dtype = dtype or _checkpoint_dtype(ckpt)
+        embed = ckpt.tensor("model.embed_tokens.weight")
+        xs = [embed[torch.tensor(ids[a : a + WINDOW])].to(dtype)[None] for a in range(0, len(ids), WINDOW)]  # [1, W, H] each
+        cos, sin = rope_tables(min(len(ids), WINDOW), cfg.head_dim, cfg.rope_theta, "cpu")
+        cal = Calibration(tokens=len(ids), experts=cfg.num_experts * (cfg.num_hidden_layers - len(cfg.mlp_only_layers)))
+        for L in range(cfg.num_hidden_layers):
+            layer = _load(DecoderLayer(cfg, L, dtype, "meta"), ckpt, sources, f"layers.{L}.")
+            with torch.inference_mode(), Recorder(keep_routing=True, keep_inputs=True) as rec:
+                h1 = torch.cat([rms_norm(x, layer.input_layernorm, cfg.rms_norm_eps).flatten(0, 1) for x in xs])  # [N, H]
+                xs = [layer(x, cos[: x.shape[1], None], sin[: x.shape[1], None], None) for x in xs]
+            _layer_importance(cal, cfg, L, layer, h1, rec)
+            del layer
+            ckpt.close()  # unmap this layer's pages
+        if "lm_head.weight" in ckpt.tensors:
+            norm = ckpt.tensor("model.norm.weight").float()
+            cal.importance["lm_head"] = _mean_square(torch.cat([rms_norm(x.float(), norm, cfg.rms_norm_eps).flatten(0, 1) for x in xs]))
+    finally:
+        ckpt.close()
+    return cal
+
+
+def _load(module: nn.Module, ckpt, sources: dict[str, list[str]], prefix: str) -> nn.Module:
+    """module's parameters materialised from the checkpoint (as load_model does for the whole model)."""
+    from moge_cli.model import _fill
+
+    for name, p in list(module.named_parameters()):
+        t = torch.empty(p.shape, dtype=p.dtype)
+        _fill(t, ckpt, sources[prefix + name])
+        owner, _, leaf = name.rpartition(".")
+        setattr(module.get_submodule(owner), leaf, nn.Parameter(t, requires_grad=False))
+    return module
+
+
+def _mean_square(x: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [K]: mean over tokens of x^2, in float32."""
+    return x.float().pow(2).mean(0)
+
+
+def _swiglu_act(x: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
+    """silu(gate x) * up x, the input of the down projection: x [n, H], w13 [2I, H] -> [n, I] float32."""
+    gate, up = F.linear(x.float(), w13.float()).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _layer_importance(cal: Calibration, cfg, L: int, layer, h1: torch.Tensor, rec) -> None:
+    p = f"model.layers.{L}."
+    a = _mean_square(h1)
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        cal.importance[f"{p}self_attn.{proj}"] = a
+    cal.importance[f"{p}self_attn.o_proj"] = _mean_square(torch.cat([o.flatten(0, 1) for o in rec.inputs[("o_proj", L)]]))
+    h2 = torch.cat([h.flatten(0, 1) for h in rec.inputs[("mlp", L)]])  # [N, H]
+    mlp = layer.mlp
+    if not hasattr(mlp, "gate"):  # a dense layer
+        _mlp_importance(cal, f"{p}mlp.", h2, mlp.w13)
+        return
+    _mlp_importance(cal, f"{p}mlp.shared_expert.", h2, mlp.shared_w13)
+    picks = torch.cat(rec.picks[L])  # [N, k]
+    for e in picks.unique().tolist():
+        xe = h2[(picks == e).any(-1)]  # [n, H]: the tokens routed to expert e
+        _mlp_importance(cal, f"{p}mlp.experts.{e}.", xe, mlp.gate_up[e])
+        cal.experts_reached += 1
+
+
+def _mlp_importance(cal: Calibration, prefix: str, x: torch.Tensor, w13: torch.Tensor) -> None:
+    a = _mean_square(x)
+    cal.importance[prefix + "gate_proj"] = cal.importance[prefix + "up_proj"] = a
+    cal.importance[prefix + "down_proj"] = _mean_square(_swiglu_act(x, w13))
