@@ -2,9 +2,11 @@
 
     python bench/quantize_quality.py [--checkpoint fixtures/tiny-trained] [--text fixtures/tiny-trained/heldout.txt]
 
-Runs `moge quantize --eval` for int8 and int4 (group sizes, symmetric / asymmetric), rtn and mse,
-and prints the markdown table the README shows: pooled relative Frobenius error and SQNR of the
-quantized weights, and perplexity before / after on the held-out text.
+Runs `moge quantize --eval` for int8 and int4 (group sizes, symmetric / asymmetric), rtn, mse and
+mse+calib (`--calib` on --calib-text, default fixtures/train_tiny.py: Python source like the
+fixture's training text, not its held-out text), and prints the markdown table the README shows:
+pooled relative Frobenius error and SQNR of the quantized weights, and perplexity before / after on
+the held-out text.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=str(ROOT / "fixtures" / "tiny-trained"))
     p.add_argument("--text", default=None, help="held-out text (default: heldout.txt in the checkpoint)")
-    p.add_argument("--methods", nargs="+", default=["rtn", "mse"])
+    p.add_argument("--methods", nargs="+", default=["rtn", "mse", "mse+calib"])
+    p.add_argument("--calib-text", default=str(ROOT / "fixtures" / "train_tiny.py"))
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     text = args.text or str(Path(args.checkpoint) / "heldout.txt")
@@ -43,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="moge-qq-") as tmp:
         for label, opts in SCHEMES:
             for method in args.methods:
-                r = quantize_checkpoint(args.checkpoint, Path(tmp) / f"{label}-{method}".replace(" ", "_"), method=method, eval_text=text, **opts)
+                calib = args.calib_text if method.endswith("+calib") else None
+                out = Path(tmp) / f"{label}-{method}".replace(" ", "_")
+                r = quantize_checkpoint(args.checkpoint, out, method=method.removesuffix("+calib"), calib=calib, eval_text=text, **opts)
                 q, e = r["quality"], r["eval"]
                 rows.append({
                     "scheme": label, "method": method, "rel_error": q["overall"]["rel_error"], "sqnr_db": q["overall"]["sqnr_db"],
