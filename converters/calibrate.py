@@ -48,8 +48,8 @@ def calibrate(src, text_file, *, max_tokens: int = 2048, dtype: torch.dtype | No
     from moge_cli.tokenizer import has_tokenizer, load_tokenizer
 
     root = Path(src)
-    if not has_tokenizer(root):
-        raise UsageError(f"{root}: --calib needs the checkpoint's tokenizer (tokenizer.model or tokenizer.json)")
+    if not root.is_dir() or not has_tokenizer(root):
+        raise UsageError(f"{src}: --calib needs a checkpoint directory with its tokenizer (tokenizer.model or tokenizer.json)")
     ids = load_tokenizer(root).encode(Path(text_file).read_text(encoding="utf-8"), add_bos=True)[:max_tokens]
     if len(ids) < 2:
         raise UsageError(f"{text_file}: too little text to calibrate on ({len(ids)} tokens)")

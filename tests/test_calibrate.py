@@ -96,3 +96,21 @@ def test_cli_calib_needs_mse_and_a_tokenizer(tmp_path):
     assert r.exit_code == 2 and "tokenizer" in r.output
     r = runner.invoke(app, ["quantize", str(TRAINED), str(tmp_path / "q3"), "--method", "mse", "--calib", str(CALIB), "--calib-tokens", "64", "--quiet"])
     assert r.exit_code == 0 and "calibrated on 64 tokens of train_tiny.py" in r.output
+
+
+def test_dense_layers_and_stacked_experts_calibrate_too(tmp_path):
+    from fixtures.make import write_checkpoint
+    from moge_cli.config import MoGEConfig
+
+    cfg = MoGEConfig.from_dict(dict(vocab_size=1000, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                    moe_intermediate_size=32, shared_expert_intermediate_size=64, intermediate_size=96,
+                                    num_experts=8, num_experts_per_tok=4, num_expert_groups=2, mlp_only_layers=[1]))  # fmt: skip
+    src = write_checkpoint(cfg, tmp_path / "src", layout="stacked")
+    text = tmp_path / "t.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 40)
+    cal = calibrate(src, text)
+    assert cal.importance["model.layers.1.mlp.down_proj"].shape == (96,)  # the dense layer's MLP
+    assert "model.layers.1.mlp.shared_expert.gate_proj" not in cal.importance
+    assert cal.experts == 2 * 8 and cal.experts_reached > 0
+    r = quantize_checkpoint(src, tmp_path / "q", bits=4, group_size=32, method="mse", calib=text, verify=True)
+    assert r["quantization"]["calibration"]["modules"] == len(cal.importance)
