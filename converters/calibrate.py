@@ -39,9 +39,9 @@ class Calibration:
                 "experts_reached": self.experts_reached}  # fmt: skip
 
 
-def calibrate(src, text_file, *, max_tokens: int = 2048, dtype: torch.dtype | None = None) -> Calibration:
+def calibrate(src, text_file, *, max_tokens: int = 2048, dtype: torch.dtype | None = None, progress=None) -> Calibration:
     """Column importance of every quantizable module of the checkpoint at src, from text_file's first
-    max_tokens tokens (the checkpoint's tokenizer)."""
+    max_tokens tokens (the checkpoint's tokenizer). progress(1, layers) is called after each layer."""
     from moge_cli.checkpoint import open_checkpoint
     from moge_cli.instrument import Recorder
     from moge_cli.model import DecoderLayer, _checkpoint_dtype, _checked_sources, rms_norm, rope_tables
@@ -69,6 +69,8 @@ def calibrate(src, text_file, *, max_tokens: int = 2048, dtype: torch.dtype | No
             _layer_importance(cal, cfg, L, layer, h1, rec)
             del layer
             ckpt.close()  # unmap this layer's pages
+            if progress:
+                progress(1, cfg.num_hidden_layers)
         if "lm_head.weight" in ckpt.tensors:
             norm = ckpt.tensor("model.norm.weight").float()
             cal.importance["lm_head"] = _mean_square(torch.cat([rms_norm(x.float(), norm, cfg.rms_norm_eps).flatten(0, 1) for x in xs]))

@@ -146,6 +146,7 @@ def quantize_checkpoint(
     calib: str | os.PathLike | None = None,
     calib_tokens: int = 2048,
     progress: Callable[[int, int], None] | None = None,
+    calib_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Quantize the checkpoint at `src` into `dst` (compressed-tensors pack-quantized); return the summary.
 
@@ -158,7 +159,8 @@ def quantize_checkpoint(
     dry_run: the plan only; verify: re-read the output and compare it with a fresh quantization;
     eval_text: perplexity of the source and of the output on that text (needs a tokenizer).
     calib: a text file run through the model (its first calib_tokens tokens) to weight each column's
-    error in the mse search by the activations it meets (converters/calibrate.py; method mse only).
+    error in the mse search by the activations it meets (converters/calibrate.py; method mse only);
+    calib_progress(1, layers) after each layer of it, progress(bytes, total) while writing.
     Raises UsageError / CheckpointError (exit 2), VerifyError (1).
     """
     t0 = time.perf_counter()
@@ -179,7 +181,7 @@ def quantize_checkpoint(
             return report
         cal = None
         if calib is not None:
-            cal = calibrate(src, calib, max_tokens=calib_tokens)
+            cal = calibrate(src, calib, max_tokens=calib_tokens, progress=calib_progress)
             settings["calibration"] = cal.summary(Path(calib).name)  # into config.json's moge_quantization too
             peak.sample()
         tick = start_writing(layouts, dst, disk, progress)

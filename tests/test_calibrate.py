@@ -94,7 +94,7 @@ def test_cli_calib_needs_mse_and_a_tokenizer(tmp_path):
             shutil.copyfile(f, bare / f.name)
     r = runner.invoke(app, ["quantize", str(bare), str(tmp_path / "q2"), "--method", "mse", "--calib", str(CALIB)])
     assert r.exit_code == 2 and "tokenizer" in r.output
-    r = runner.invoke(app, ["quantize", str(TRAINED), str(tmp_path / "q3"), "--method", "mse", "--calib", str(CALIB), "--calib-tokens", "64", "--quiet"])
+    r = runner.invoke(app, ["quantize", str(TRAINED), str(tmp_path / "q3"), "--method", "mse", "--calib", str(CALIB), "--calib-tokens", "64"])  # with the progress bars
     assert r.exit_code == 0 and "calibrated on 64 tokens of train_tiny.py" in r.output
 
 

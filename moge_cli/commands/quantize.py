@@ -46,7 +46,7 @@ def quantize_command(
     if quiet or dry_run:
         result = quantize_checkpoint(src, dst, **options)
     else:
-        result = _with_progress(lambda progress: quantize_checkpoint(src, dst, progress=progress, **options))
+        result = _with_progress(lambda progress, layers: quantize_checkpoint(src, dst, progress=progress, calib_progress=layers, **options))
     for note in result.get("notes", []):
         stderr_console().print(f"note: {note}", highlight=False)
     if as_json:
@@ -66,12 +66,26 @@ def quantize_command(
 
 
 def _with_progress(run):
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+    """run(progress, layers) with progress bars on stderr: layers calibrated (--calib), then bytes written."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    columns = ("[progress.description]{task.description}", BarColumn(), TextColumn("{task.fields[done]}"), TimeRemainingColumn())
+    tasks: dict[str, Any] = {}
     with Progress(*columns, console=stderr_console(), transient=True) as bar:
-        task = bar.add_task("quantizing", total=None)
-        return run(lambda n, total: bar.update(task, advance=n, total=total))
+
+        def step(key: str, label: str, n: int, total: int, done) -> None:
+            if key not in tasks:
+                tasks[key] = bar.add_task(label, total=total, done="")
+            bar.update(tasks[key], advance=n, total=total)
+            bar.update(tasks[key], done=done(bar.tasks[tasks[key]].completed, total))
+
+        def written(n: int, total: int) -> None:
+            step("write", "quantizing", n, total, lambda d, t: f"{human_bytes(d)} / {human_bytes(t)}")
+
+        def layers(n: int, total: int) -> None:
+            step("calib", "calibrating", n, total, lambda d, t: f"layer {int(d)} / {t}")
+
+        return run(written, layers)
 
 
 def render(r: dict[str, Any], per_tensor: bool = False) -> None:
