@@ -34,7 +34,7 @@ class Calibration:
     experts: int = 0  # routed experts in the model
     experts_reached: int = 0  # of them, reached by at least one calibration token
 
-    def summary(self, file: str) -> dict:
+    def summary(self, file: str) -> dict:  # modules: those with statistics (the pipeline recounts the quantized ones)
         return {"file": file, "tokens": self.tokens, "modules": len(self.importance), "experts": self.experts,
                 "experts_reached": self.experts_reached}  # fmt: skip
 

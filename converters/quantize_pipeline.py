@@ -191,6 +191,8 @@ def quantize_checkpoint(
             with staging_dir(dst) as tmp:
                 rank, shards = layouts[0]
                 outputs = [p.relative_to(tmp) for p in write_shards(tmp, shards, emitter, tick)]
+                if cal is not None:  # the quantized weights the calibration weighted
+                    settings["calibration"]["modules"] = sum(row["calibrated"] for row in emitter.errors.values())
                 (tmp / "config.json").write_text(json.dumps(rank.config, indent=2) + "\n")
                 for f in copies:
                     shutil.copyfile(f, tmp / f.name)
