@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from moge_cli.errors import UsageError
 
@@ -44,7 +43,7 @@ def calibrate(src, text_file, *, max_tokens: int = 2048, dtype: torch.dtype | No
     max_tokens tokens (the checkpoint's tokenizer). progress(1, layers) is called after each layer."""
     from moge_cli.checkpoint import open_checkpoint
     from moge_cli.instrument import Recorder
-    from moge_cli.model import DecoderLayer, _checkpoint_dtype, _checked_sources, rms_norm, rope_tables
+    from moge_cli.model import DecoderLayer, _checkpoint_dtype, _checked_sources, materialize, rms_norm, rope_tables
     from moge_cli.tokenizer import has_tokenizer, load_tokenizer
 
     root = Path(src)
@@ -62,7 +61,7 @@ def calibrate(src, text_file, *, max_tokens: int = 2048, dtype: torch.dtype | No
         cos, sin = rope_tables(min(len(ids), WINDOW), cfg.head_dim, cfg.rope_theta, "cpu")
         cal = Calibration(tokens=len(ids), experts=cfg.num_experts * (cfg.num_hidden_layers - len(cfg.mlp_only_layers)))
         for L in range(cfg.num_hidden_layers):
-            layer = _load(DecoderLayer(cfg, L, dtype, "meta"), ckpt, sources, f"layers.{L}.")
+            layer = materialize(DecoderLayer(cfg, L, dtype, "meta"), ckpt, sources, f"layers.{L}.")
             with torch.inference_mode(), Recorder(keep_routing=True, keep_inputs=True) as rec:
                 h1 = torch.cat([rms_norm(x, layer.input_layernorm, cfg.rms_norm_eps).flatten(0, 1) for x in xs])  # [N, H]
                 xs = [layer(x, cos[: x.shape[1], None], sin[: x.shape[1], None], None) for x in xs]
@@ -77,18 +76,6 @@ def calibrate(src, text_file, *, max_tokens: int = 2048, dtype: torch.dtype | No
     finally:
         ckpt.close()
     return cal
-
-
-def _load(module: nn.Module, ckpt, sources: dict[str, list[str]], prefix: str) -> nn.Module:
-    """module's parameters materialised from the checkpoint (as load_model does for the whole model)."""
-    from moge_cli.model import _fill
-
-    for name, p in list(module.named_parameters()):
-        t = torch.empty(p.shape, dtype=p.dtype)
-        _fill(t, ckpt, sources[prefix + name])
-        owner, _, leaf = name.rpartition(".")
-        setattr(module.get_submodule(owner), leaf, nn.Parameter(t, requires_grad=False))
-    return module
 
 
 def _mean_square(x: torch.Tensor) -> torch.Tensor:

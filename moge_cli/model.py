@@ -406,15 +406,21 @@ def load_model(path, *, dtype=None, device="cpu", revision=None) -> MoGEForCausa
             return load_quantized(ckpt, quant, dtype=dtype, device=device)
         sources = _checked_sources(ckpt)
         dtype = resolve_dtype(dtype, default=_checkpoint_dtype(ckpt))
-        model = MoGEForCausalLM.from_config(ckpt.config, dtype, "meta")
-        for name, p in list(model.named_parameters()):
-            t = hugepages.empty(p.shape, p.dtype, device)
-            _fill(t, ckpt, sources[name])
-            module, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(module), leaf, nn.Parameter(t, requires_grad=False))
+        model = materialize(MoGEForCausalLM.from_config(ckpt.config, dtype, "meta"), ckpt, sources, device=device)
     finally:
         ckpt.close()
     return model
+
+
+def materialize(module: nn.Module, ckpt, sources: dict[str, list[str]], prefix: str = "", device="cpu") -> nn.Module:
+    """module (built on the meta device) with each parameter filled from the checkpoint tensors
+    sources[prefix + name] (parameter_sources), one parameter at a time; returns module."""
+    for name, p in list(module.named_parameters()):
+        t = hugepages.empty(p.shape, p.dtype, device)
+        _fill(t, ckpt, sources[prefix + name])
+        owner, _, leaf = name.rpartition(".")
+        setattr(module.get_submodule(owner), leaf, nn.Parameter(t, requires_grad=False))
+    return module
 
 
 def _checked_sources(ckpt) -> dict[str, list[str]]:
