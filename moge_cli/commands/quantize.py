@@ -71,13 +71,14 @@ def _with_progress(run):
 
     columns = ("[progress.description]{task.description}", BarColumn(), TextColumn("{task.fields[done]}"), TimeRemainingColumn())
     tasks: dict[str, Any] = {}
+    done: dict[str, int] = {}
     with Progress(*columns, console=stderr_console(), transient=True) as bar:
 
-        def step(key: str, label: str, n: int, total: int, done) -> None:
+        def step(key: str, label: str, n: int, total: int, text) -> None:
             if key not in tasks:
                 tasks[key] = bar.add_task(label, total=total, done="")
-            bar.update(tasks[key], advance=n, total=total)
-            bar.update(tasks[key], done=done(bar.tasks[tasks[key]].completed, total))
+            done[key] = done.get(key, 0) + n
+            bar.update(tasks[key], completed=done[key], total=total, done=text(done[key], total))
 
         def written(n: int, total: int) -> None:
             step("write", "quantizing", n, total, lambda d, t: f"{human_bytes(d)} / {human_bytes(t)}")
