@@ -50,9 +50,9 @@ typedef struct {
     long group;
 } mat_t;
 
-mat_t mat_row_block(mat_t m, long rows, long k, long index);
-/* int4 words [n, k / 8] with scale / zero [n, k / group] to values [n, k] in dtype (F32 or BF16), rounded as bfloat16. */
-void dequant_i4(void *dst, int dtype, const uint32_t *w, const float *scale, const uint8_t *zero, long n, long k, long group);  /* matrix `index` of a stack of [rows, k] ones */
+mat_t mat_row_block(mat_t m, long rows, long k, long index);  /* matrix `index` of a stack of [rows, k] ones */
+/* An int8 or int4 matrix [n, k] to values in dtype (F32 or BF16) as torch's path computes them (dot.c). */
+void dequant(void *dst, int dtype, mat_t m, long n, long k);
 size_t row_bytes(mat_t m, long k);
 int mat_supported(mat_t m, long k);                           /* the kernels can read it (I4: k % 64, group) */
 

@@ -347,8 +347,54 @@ AVX512 static void dequant_i4_512(void *dst, int dtype, const uint32_t *w, const
         }
 }
 
-void dequant_i4(void *dst, int dtype, const uint32_t *w, const float *s, const uint8_t *z, long n, long k, long group) {
-    (avx512() ? dequant_i4_512 : dequant_i4_avx2)(dst, dtype, w, s, z, n, k, group);
+/* int8 rows times their scale (float32 or bfloat16), as torch computes w.to(dtype) * scale.to(dtype):
+ * the float32 product, rounded to bfloat16 for a bfloat16 dst. 8 values a step (AVX2) or 16 (AVX-512). */
+AVX2 static void dequant_i8_avx2(void *dst, int dtype, const int8_t *w, const void *s, int sdtype, long n, long k) {
+    for (long r = 0; r < n; r++) {
+        float sr = load1(s, r, sdtype);
+        __m256 sf = _mm256_set1_ps(sr);
+        long c = 0;
+        for (; c + 8 <= k && isfinite(sr); c += 8) {
+            __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + r * k + c)))), sf);
+            if (dtype == F32) _mm256_storeu_ps((float *)dst + r * k + c, f);
+            else from_float((const float *)&f, 8, BF16, (uint16_t *)dst + r * k + c);
+        }
+        for (; c < k; c++) {  /* the tail, and a row whose scale is NaN / inf: value by value */
+            float f = (float)w[r * k + c] * sr;
+            if (dtype == F32) ((float *)dst)[r * k + c] = f;
+            else ((uint16_t *)dst)[r * k + c] = to_bf16(f);
+        }
+    }
+}
+
+AVX512 static void dequant_i8_512(void *dst, int dtype, const int8_t *w, const void *s, int sdtype, long n, long k) {
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u), half = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
+    for (long r = 0; r < n; r++) {
+        float sr = load1(s, r, sdtype);
+        if (!isfinite(sr)) {
+            dequant_i8_avx2((char *)dst + r * k * esize(dtype), dtype, w + r * k, (const char *)s + r * esize(sdtype), sdtype, 1, k);
+            continue;
+        }
+        __m512 sf = _mm512_set1_ps(sr);
+        long c = 0;
+        for (; c + 16 <= k; c += 16) {
+            __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + r * k + c)))), sf);
+            if (dtype == F32) {
+                _mm512_storeu_ps((float *)dst + r * k + c, f);
+                continue;
+            }
+            __m512i b = _mm512_castps_si512(f);  /* finite: rounded to nearest even as to_bf16 */
+            __m512i rounded = _mm512_and_si512(_mm512_add_epi32(b, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(b, 16), one))), high);
+            _mm256_storeu_si256((__m256i *)((uint16_t *)dst + r * k + c), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+        }
+        if (c < k)
+            dequant_i8_avx2((char *)dst + (r * k + c) * esize(dtype), dtype, w + r * k + c, (const char *)s + r * esize(sdtype), sdtype, 1, k - c);
+    }
+}
+
+void dequant(void *dst, int dtype, mat_t m, long n, long k) {
+    if (m.wtype == I4) (avx512() ? dequant_i4_512 : dequant_i4_avx2)(dst, dtype, (const uint32_t *)m.w, m.scale, m.zero, n, k, m.group);
+    else (avx512() ? dequant_i8_512 : dequant_i8_avx2)(dst, dtype, (const int8_t *)m.w, m.scale, m.sdtype, n, k);
 }
 
 /* int4 rows are read with a software prefetch one 4 KB page ahead: the hardware prefetcher stops at

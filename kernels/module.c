@@ -165,14 +165,19 @@ static PyObject *py_step(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* dequant_i4(dst, dtype, w, scale, zero, n, k, group): int4 words to float32 / bfloat16 values (dot.c). */
-static PyObject *py_dequant_i4(PyObject *self, PyObject *args) {
+/* dequant(dst, dtype, w, wtype, scale, sdtype, zero, n, k, group): int8 / int4 weights to float32 / bfloat16 values (dot.c). */
+static PyObject *py_dequant(PyObject *self, PyObject *args) {
     unsigned long long dst, w, scale, zero;
-    int dtype;
+    int dtype, wtype, sdtype;
     long n, k, group;
-    if (!PyArg_ParseTuple(args, "KiKKKlll", &dst, &dtype, &w, &scale, &zero, &n, &k, &group)) return NULL;
+    if (!PyArg_ParseTuple(args, "KiKiKiKlll", &dst, &dtype, &w, &wtype, &scale, &sdtype, &zero, &n, &k, &group)) return NULL;
+    mat_t m = {PTR(w), PTR(scale), PTR(zero), wtype, sdtype, group};
+    if ((wtype != I8 && wtype != I4) || !mat_supported(m, k) || (dtype != F32 && dtype != BF16)) {
+        PyErr_SetString(PyExc_ValueError, "dequant: weight type not supported");
+        return NULL;
+    }
     Py_BEGIN_ALLOW_THREADS
-    dequant_i4(PTR(dst), dtype, PTR(w), PTR(scale), PTR(zero), n, k, group);
+    dequant(PTR(dst), dtype, m, n, k);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -254,7 +259,7 @@ static PyMethodDef methods[] = {
     {"attend", py_attend, METH_VARARGS, "attend(o, qkv, cos, sin, k_cache, v_cache, pos, n_heads, n_kv, dim, s_max, dtype): one token's attention."},
     {"check_plan", py_check_plan, METH_VARARGS, "check_plan(plan): ValueError if the kernels cannot run it."},
     {"step", py_step, METH_VARARGS, "step(plan, logits, token, pos, k_cache, v_cache, s_max, cos, sin, eps): a whole decode step."},
-    {"dequant_i4", py_dequant_i4, METH_VARARGS, "dequant_i4(dst, dtype, w, scale, zero, n, k, group): int4 words to values."},
+    {"dequant", py_dequant, METH_VARARGS, "dequant(dst, dtype, w, wtype, scale, sdtype, zero, n, k, group): int8 / int4 weights to values."},
     {"cast_bf16_f16", py_cast_bf16_f16, METH_VARARGS, "cast_bf16_f16(dst, src, n) -> values beyond +-65504 (made +-inf)."},
     {"cast_file_bf16_f16", py_cast_file_bf16_f16, METH_VARARGS, "cast_file_bf16_f16(dst, fd, offset, n) -> overflows, reading the file with pread."},
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n): threads per kernel call, the caller's included."},

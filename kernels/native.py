@@ -215,17 +215,18 @@ def attend_vec(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache:
     return o
 
 
-def dequant_i4(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """int4 words w [N, K/8] with scale [N, G] float32 and zero [N, G] uint8 (weight_args) -> [N, K] in
-    dtype (float32 / bfloat16): (u - zero) * scale rounded to bfloat16, as torch computes it with a
-    bfloat16 scale; None if it cannot run here."""
-    if not available() or dtype not in DTYPES or w.dim() != 2:
+def dequant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """One integer weight (weight_args: int8 [N, K] with a scale per row, or int4 words [N, K/8] with
+    float32 scale and uint8 zero [N, G]) -> [N, K] in dtype (float32 / bfloat16), the values torch's
+    path computes: int8 w.to(dtype) * scale.to(dtype); int4 (u - zero) * scale rounded to bfloat16.
+    None if it cannot run here."""
+    if not available() or dtype not in DTYPES or w.dim() != 2 or w.dtype not in (torch.int8, torch.int32):
         return None
-    k = w.shape[1] * 8
+    k = w.shape[1] * (8 if w.dtype == torch.int32 else 1)
     if (args := weight_args(w, k, scale, zero)) is None:
         return None
     out = torch.empty(w.shape[0], k, dtype=dtype)
-    _cpu.dequant_i4(out.data_ptr(), DTYPES[dtype], args[0], args[2], args[4], w.shape[0], k, args[5])
+    _cpu.dequant(out.data_ptr(), DTYPES[dtype], *args[:5], w.shape[0], k, args[5])
     return out
 
 

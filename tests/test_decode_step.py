@@ -13,6 +13,7 @@ from converters.quantize_pipeline import quantize_checkpoint
 from kernels import native
 from moge_cli.config import MoGEConfig
 from moge_cli.model import MoGEForCausalLM, load_model
+from moge_cli.quant_format import Scheme
 from moge_cli.quantized import QLinear, dequantize
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="kernels._cpu not built or this CPU lacks AVX2/FMA")
@@ -241,3 +242,21 @@ def test_int4_dequantisation_keeps_nan_and_inf_scales(isa, monkeypatch):
     assert fast[3, 64:128].isnan().all() and fast[5, :64].isinf().sum() > 0
     assert torch.equal(fast.isnan(), slow.isnan())
     assert torch.equal(fast.nan_to_num(0.0), slow.nan_to_num(0.0))  # the rest (inf included) the same
+
+
+@pytest.mark.parametrize("k", [256, 200])  # 200: a tail of 8 values past the 16-value steps
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_dequantisation_in_c_is_the_torch_one_bit_for_bit(k, dtype, isa, monkeypatch):
+    """Prefill dequantises int8 experts with kernels/dot.c: w.to(dtype) * scale.to(dtype), as the torch ops,
+    also for a row whose scale is NaN or inf."""
+    g = torch.Generator().manual_seed(k)
+    parts = [(torch.randint(-127, 128, (12, k), generator=g, dtype=torch.int8), (torch.rand(12, 1, generator=g) / 50).bfloat16(), None)]
+    lin = QLinear(parts, Scheme(8, None, True), torch.bfloat16, "native")
+    assert lin.mode == "int8"
+    lin.scales.data[0, 3] = float("nan")
+    lin.scales.data[0, 7] = float("inf")
+    fast = lin.dequantized(0, dtype)
+    monkeypatch.setenv("MOGE_NATIVE", "0")
+    slow = lin.dequantized(0, dtype)
+    assert torch.equal(fast.isnan(), slow.isnan()) and bool(fast[3].isnan().all())
+    assert torch.equal(fast.nan_to_num(0.0), slow.nan_to_num(0.0))
