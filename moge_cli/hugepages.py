@@ -41,7 +41,7 @@ def empty(shape, dtype: torch.dtype, device="cpu") -> torch.Tensor:
     """torch.empty for a weight that is about to be filled. On Linux CPUs, one of at least 2 MB starts
     on a 2 MB boundary (a view into an allocation 2 MB larger, whose slack is never touched, so never
     resident) and is advised into 2 MB pages."""
-    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if _libc is None or torch.device(device).type != "cpu" or nbytes < HUGE_PAGE:
         return torch.empty(shape, dtype=dtype, device=device)
     raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
