@@ -3,7 +3,8 @@
     python bench/bench_quantize.py [--checkpoint DIR] [--repeats 5] [--new-tokens 32]
 
 Writes the random "bench-0.47b" checkpoint (bf16) to a temporary directory unless --checkpoint
-names one, quantizes it with `moge quantize` (int8 per channel; int4 g128 asymmetric; rtn),
+names one, quantizes it with `moge quantize` (int8 per channel; int4 g128 asymmetric; rtn; with
+--lm-head also both with the lm_head quantized: variants "int8+lm_head", "int4+lm_head"),
 loads every variant into one process and measures batch-1 greedy decode tokens/s and prefill
 tokens/s round-robin (each repeat times every variant once, so a shared machine's load hits them
 alike); every number is the best of --repeats. Variants: bfloat16, and for int8 / int4 the
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill", type=int, default=128, help="prefill length (0: skip)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--kernels", nargs="+", default=["native", "torch", "dequant"], help="quantized kernels to time (native-avx2: native without its AVX-512 dot products)")
-    p.add_argument("--lm-head", action="store_true", help="quantize lm_head too (moge quantize --lm-head)")
+    p.add_argument("--lm-head", action="store_true", help="also time int8 / int4 with lm_head quantized too (moge quantize --lm-head)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -153,10 +154,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"writing the random {PRESET} checkpoint (bf16) ...", file=sys.stderr)
             path = write_checkpoint(MoGEConfig.from_name(PRESET), Path(tmp) / PRESET, dtype="bfloat16", tokenizer=False)
         qdirs = {}
-        for q, opts in QUANTS.items():
+        quants = [(q, opts, False) for q, opts in QUANTS.items()]
+        quants += [(f"{q}+lm_head", opts, True) for q, opts in QUANTS.items()] if args.lm_head else []
+        for q, opts, lm_head in quants:
             t = time.perf_counter()
             qdirs[q] = Path(tmp) / q
-            r = quantize_checkpoint(path, qdirs[q], lm_head=args.lm_head, **opts)
+            r = quantize_checkpoint(path, qdirs[q], lm_head=lm_head, **opts)
             print(f"quantized {q} in {time.perf_counter() - t:.1f} s ({r['bytes_out'] / 1e6:.0f} MB)", file=sys.stderr)
         rows = run(path, qdirs, args)
     if args.json:
