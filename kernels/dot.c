@@ -442,10 +442,10 @@ AVX512 static float dot_i4_512(const uint32_t *w, const float *s, const uint8_t 
     return _mm512_reduce_add_ps(acc);
 }
 
-/* Four floats: the sums of a[0..3]'s lanes, in order. */
-AVX512 static inline __m128 reduce4(const __m512 a[4]) {
-    __m512 a01 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));  /* per 128 bits: r0 r1 r0 r1 */
-    __m512 a23 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+/* Four floats: the sums of a0..a3's lanes, in order. */
+AVX512 static inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    __m512 a01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));  /* per 128 bits: r0 r1 r0 r1 */
+    __m512 a23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
     __m512 r = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a01), _mm512_castps_pd(a23))),
                              _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a01), _mm512_castps_pd(a23))));  /* r0 r1 r2 r3 */
     __m256 h = _mm256_add_ps(_mm512_castps512_ps256(r), _mm512_extractf32x8_ps(r, 1));
@@ -455,34 +455,36 @@ AVX512 static inline __m128 reduce4(const __m512 a[4]) {
 /* dot_i4_512 for four consecutive short rows (k <= 256: at most 512 bytes, one stretch of memory),
  * sharing x's loads and one final sum: a short row otherwise costs more in setup and sums than in
  * products (measured 1.4x faster from cache; rows as long as 512 bytes read four streams at once and
- * ran 2x slower from memory, so they go one at a time). */
+ * ran 2x slower from memory, so they go one at a time). Groups of 32-256 here (powers of 2); at most
+ * 8 groups a row. The four sums are kept in named registers: as an array they went through memory. */
 AVX512 static __m128 dot_i4_512x4(const uint32_t *w, const float *s, const uint8_t *z, const float *xg, long group, vec_t x) {
     const __m512i low4 = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
     const __m512i lane_group = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), group == 32 ? 2 : 3);
-    const __mmask16 scales_in = group == 32 ? 0xf : 0x3;
-    const size_t k = x.k, G = k / group, words = k / 8;
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const __mmask16 scales_in = group == 32 ? 0xf : 0x3, groups_in = (__mmask16)((1u << (x.k / group)) - 1);
+    const size_t k = x.k, G = k / group, words = k / 8, shift = __builtin_ctzl(group);
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (size_t c = 0; c < k; c += 128) {
         __m512i xe = _mm512_loadu_si512(x.xq + c), xo = _mm512_loadu_si512(x.xq + c + 64);
         __m512 sx = _mm512_loadu_ps(x.sxv + c / 8);
-        for (int j = 0; j < 4; j++) {
-            const uint32_t *wj = w + j * words + c / 8;
-            const float *sj = s + j * G + c / group;
-            __m512i v = _mm512_loadu_si512(wj);
-            PREFETCH_AHEAD(wj);
-            __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-            __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xe), hi, xo);
-            __m512 sw = group >= 128 ? _mm512_set1_ps(*sj) : _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(scales_in, sj));
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(sw, sx), acc[j]);
-        }
+#define ROW_STEP(j, acc)                                                                                                              \
+    {                                                                                                                                 \
+        const uint32_t *wj = w + j * words + c / 8;                                                                                   \
+        const float *sj = s + j * G + (c >> shift);                                                                                   \
+        __m512i v = _mm512_loadu_si512(wj);                                                                                           \
+        PREFETCH_AHEAD(wj);                                                                                                           \
+        __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, _mm512_and_si512(v, low4), xe), _mm512_and_si512(_mm512_srli_epi16(v, 4), low4), xo); \
+        __m512 sw = group >= 128 ? _mm512_set1_ps(*sj) : _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(scales_in, sj));   \
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(sw, sx), acc);                                                    \
     }
-    for (int j = 0; j < 4; j++)  /* minus sum_g scale_g * zero_g * x_g */
-        for (size_t g = 0; g < G; g += 16) {
-            __mmask16 in = G - g >= 16 ? 0xffff : (__mmask16)((1u << (G - g)) - 1);
-            __m512 zf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(in, z + j * G + g)));
-            acc[j] = _mm512_fnmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, s + j * G + g), zf), _mm512_maskz_loadu_ps(in, xg + g), acc[j]);
-        }
-    return reduce4(acc);
+        ROW_STEP(0, a0) ROW_STEP(1, a1) ROW_STEP(2, a2) ROW_STEP(3, a3)
+#undef ROW_STEP
+    }
+    __m512 xgv = _mm512_maskz_loadu_ps(groups_in, xg);  /* minus sum_g scale_g * zero_g * x_g */
+#define ZERO_TERM(j, acc) \
+    acc = _mm512_fnmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(groups_in, s + j * G), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(groups_in, z + j * G)))), xgv, acc);
+    ZERO_TERM(0, a0) ZERO_TERM(1, a1) ZERO_TERM(2, a2) ZERO_TERM(3, a3)
+#undef ZERO_TERM
+    return reduce4(a0, a1, a2, a3);
 }
 
 /* One int4 row (k % 64 == 0) against xq: sum over groups g of scale_g * (sum u xq sx - zero_g * x_g),

@@ -83,7 +83,7 @@ def isa(request):
 
 
 @pytest.mark.parametrize("group, symmetric, k", [(32, False, 512), (64, True, 512), (128, False, 512), (256, True, 512),
-                                                 (128, True, 256), (32, False, 256), (64, True, 128),
+                                                 (128, True, 256), (32, False, 256), (256, False, 256), (64, True, 128),
                                                  (32, True, 192), (64, False, 192), (64, False, 1344)])  # fmt: skip
 def test_int4_linear_is_the_dequantised_weight_on_int8_activations(group, symmetric, k, isa):
     """One token against int4 words: activations are quantized per 32 values (as llama.cpp's Q8_0),
