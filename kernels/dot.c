@@ -413,9 +413,10 @@ AVX512 static float dot_i4_512(const uint32_t *w, const float *s, const uint8_t 
     const __m512i low4 = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
     const __m512i lane_group = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), group == 32 ? 2 : 3);
     const size_t k = x.k, full = k / 128 * 128, span = group >= 128 ? group : 128;  /* span: values per scale load */
+    const size_t scales_per_span = group >= 128 ? 1 : 128 / group;  /* out of the loop: gcc left a division in it */
     const float *sc = s;
     __m512 acc = _mm512_setzero_ps();
-    for (size_t c0 = 0; c0 < full; c0 += span, sc += group >= 128 ? 1 : 128 / group) {
+    for (size_t c0 = 0; c0 < full; c0 += span, sc += scales_per_span) {
         __m512 sw = group >= 128 ? _mm512_set1_ps(*sc) : _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(group == 32 ? 0xf : 0x3, sc));
         for (size_t c = c0; c < c0 + span; c += 128) {
             __m512i v = _mm512_loadu_si512(w + c / 8);
