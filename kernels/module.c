@@ -146,20 +146,23 @@ static PyObject *py_check_plan(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* step(plan, logits, token, pos, k_cache, v_cache, s_max, cos, sin, eps): a whole decode step (step.c)
- * of a plan check_plan accepted. */
+/* step(plan, logits, token, pos, k_cache, v_cache, s_max, cos, sin, eps, threads): a whole decode step (step.c)
+ * of a plan check_plan accepted, on `threads` threads of the pool (then 1 again). */
 static PyObject *py_step(PyObject *self, PyObject *args) {
     unsigned long long plan, logits, kc, vc, cosp, sinp;
     long token, pos, s_max;
     double eps;
-    if (!PyArg_ParseTuple(args, "KKllKKlKKd", &plan, &logits, &token, &pos, &kc, &vc, &s_max, &cosp, &sinp, &eps)) return NULL;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KKllKKlKKdi", &plan, &logits, &token, &pos, &kc, &vc, &s_max, &cosp, &sinp, &eps, &threads)) return NULL;
     if (pos < 0 || pos >= s_max) {
         PyErr_SetString(PyExc_ValueError, "step: position outside the cache");
         return NULL;
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
+    pool_set_threads(threads);
     rc = decode_step(PTR(plan), PTR(logits), token, pos, PTR(kc), PTR(vc), s_max, PTR(cosp), PTR(sinp), (float)eps);
+    pool_set_threads(1);
     Py_END_ALLOW_THREADS
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -258,7 +261,7 @@ static PyMethodDef methods[] = {
     {"route", py_route, METH_VARARGS, "route(ids, weights, logits, experts, groups, picks, scale): kernels.route for one token."},
     {"attend", py_attend, METH_VARARGS, "attend(o, qkv, cos, sin, k_cache, v_cache, pos, n_heads, n_kv, dim, s_max, dtype): one token's attention."},
     {"check_plan", py_check_plan, METH_VARARGS, "check_plan(plan): ValueError if the kernels cannot run it."},
-    {"step", py_step, METH_VARARGS, "step(plan, logits, token, pos, k_cache, v_cache, s_max, cos, sin, eps): a whole decode step."},
+    {"step", py_step, METH_VARARGS, "step(plan, logits, token, pos, k_cache, v_cache, s_max, cos, sin, eps, threads): a whole decode step on `threads` threads."},
     {"dequant", py_dequant, METH_VARARGS, "dequant(dst, dtype, w, wtype, scale, sdtype, zero, n, k, group): int8 / int4 weights to values."},
     {"cast_bf16_f16", py_cast_bf16_f16, METH_VARARGS, "cast_bf16_f16(dst, src, n) -> values beyond +-65504 (made +-inf)."},
     {"cast_file_bf16_f16", py_cast_file_bf16_f16, METH_VARARGS, "cast_file_bf16_f16(dst, fd, offset, n) -> overflows, reading the file with pread."},

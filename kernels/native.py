@@ -235,17 +235,26 @@ def check_plan(plan: torch.Tensor) -> None:
     _cpu.check_plan(plan.data_ptr())
 
 
-def step(plan: torch.Tensor, logits: torch.Tensor, token: int, pos: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
-         cos: torch.Tensor, sin: torch.Tensor, eps: float) -> None:
-    """kernels/step.c: a whole decode step of one token at pos from a plan (moge_cli/decode_step.py) into
-    logits [V] float32, for a plan check_plan accepted. Caches [L, 1, nKV, S, D] contiguous in the plan's
-    dtype; cos, sin [D] float32."""
+def step_addresses(k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[int, ...]:
+    """Check a decode step's caches and RoPE tables once, and return what `step` needs of them:
+    caches [L, 1, nKV, S, D] contiguous on the CPU in the plan's dtype; cos, sin [P, D] contiguous float32."""
     for t in (k_cache, v_cache):
         if not t.is_contiguous() or t.dim() != 5 or t.shape[1] != 1 or t.device.type != "cpu":
             raise ValueError("step: caches must be contiguous [L, 1, nKV, S, D] on the CPU")
-    if not (cos.is_contiguous() and sin.is_contiguous() and cos.dtype == sin.dtype == torch.float32 and logits.dtype == torch.float32):
-        raise ValueError("step: cos, sin and logits must be contiguous float32")
-    _cpu.step(plan.data_ptr(), logits.data_ptr(), token, pos, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[3], cos.data_ptr(), sin.data_ptr(), eps)
+    if not (cos.is_contiguous() and sin.is_contiguous() and cos.dtype == sin.dtype == torch.float32 and cos.dim() == 2 and cos.shape == sin.shape):
+        raise ValueError("step: cos and sin must be contiguous float32 tables [positions, D]")
+    return k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[3], cos.data_ptr(), sin.data_ptr(), cos.shape[0], cos.shape[1] * 4
+
+
+def step(plan: int, logits: int, token: int, pos: int, addresses: tuple[int, ...], eps: float) -> None:
+    """kernels/step.c: a whole decode step of one token at pos from a plan (moge_cli/decode_step.py;
+    its address, for a plan check_plan accepted) into logits [V] float32 (an address), with addresses
+    from step_addresses. It runs on torch's thread count (torch runs nothing meanwhile).
+    Raises ValueError for a position outside the cache or the RoPE tables."""
+    k, v, s_max, cos, sin, positions, row = addresses
+    if not 0 <= pos < positions:
+        raise ValueError("step: position outside the RoPE tables")
+    _cpu.step(plan, logits, token, pos, k, v, s_max, cos + pos * row, sin + pos * row, eps, torch.get_num_threads())
 
 
 def cast_bf16_f16(x: torch.Tensor, y: torch.Tensor) -> int | None:

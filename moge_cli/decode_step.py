@@ -9,6 +9,8 @@ take) gets no plan and keeps the op-by-op path.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from kernels import native
@@ -19,16 +21,28 @@ NO_MAT = [0] * 6  # w, wtype, scale, sdtype, zero, group
 class DecodePlan:
     """The int64 plan of kernels/step.c and the tensors it points into (kept alive with it)."""
 
-    def __init__(self, fields: list[int], keep: list[torch.Tensor]) -> None:
+    def __init__(self, fields: list[int], keep: list[torch.Tensor], vocab: int, eps: float) -> None:
         self.fields = torch.tensor(fields, dtype=torch.int64)
         self.keep = keep
+        self.vocab, self.eps = vocab, eps
         native.check_plan(self.fields)
+        self.address = self.fields.data_ptr()
+        self._bound: tuple = ()  # weak references to (k cache, v cache, cos, sin), and their addresses: checked once
 
-    def step(self, token: int, cache, cos: torch.Tensor, sin: torch.Tensor, vocab: int, eps: float) -> torch.Tensor:
-        """Logits [1, 1, V] float32 of `token` at position cache.length; writes its k and v to the cache
-        (caches [L, 1, nKV, S, D]; cos, sin [D]: the RoPE row of that position). Does not advance the cache."""
-        logits = torch.empty(1, 1, vocab, dtype=torch.float32)
-        native.step(self.fields, logits, token, cache.length, cache.k, cache.v, cos, sin, eps)
+    def step(self, token: int, pos: int, cache, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Logits [1, 1, V] float32 of `token` at `pos`; writes its k and v to the cache (caches
+        [L, 1, nKV, S, D]; rope: the (cos, sin) tables [P, D], P > pos). Does not advance the cache.
+
+        A step's weights pass through the CPU caches, so every Python or torch operation between two
+        steps runs on cold caches (4 small torch ops: 24-38 us right after a step, 3 us warm): this path
+        checks the cache and tables once and reuses their addresses while they stay the same tensors."""
+        cos, sin = rope
+        b = self._bound
+        if not (b and b[0]() is cache.k and b[1]() is cache.v and b[2]() is cos and b[3]() is sin):
+            tensors = (cache.k, cache.v, cos, sin)  # weakly held: a dropped cache's memory is freed
+            b = self._bound = (*map(weakref.ref, tensors), native.step_addresses(*tensors))
+        logits = torch.empty(1, 1, self.vocab, dtype=torch.float32)
+        native.step(self.address, logits.data_ptr(), token, pos, b[4], self.eps)
         return logits
 
 
@@ -78,6 +92,6 @@ def plan(model) -> DecodePlan | None:
         fields += [f32(mlp.gate), f32(mlp.router_scale)] if moe else [0, 0]
         fields += [*gate_up, *down, *w13, *w2, cfg.shared_expert_intermediate_size if moe else cfg.intermediate_size]
     try:
-        return DecodePlan(fields, keep)
+        return DecodePlan(fields, keep, cfg.vocab_size, cfg.rms_norm_eps)
     except ValueError:  # kernels/step.c's own checks (routing counts, head sizes): the op-by-op path runs it
         return None

@@ -59,15 +59,8 @@ class KVCache:
     def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k, self.v = k, v  # [L, B, nKV, S, D] each, model dtype
         self.k_layers, self.v_layers = k.unbind(0), v.unbind(0)  # per-layer views [B, nKV, S, D]
+        self.batch_size, self.max_len = k.shape[1], k.shape[3]  # plain ints: read every token
         self.length = 0
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-    @property
-    def batch_size(self) -> int:
-        return self.k.shape[1]
 
     def reset(self) -> None:
         self.length = 0
@@ -257,6 +250,7 @@ class MoGEForCausalLM(nn.Module):
         self.norm = _param((H,), torch.float32, device)
         self.lm_head = _param((V, H), dtype, device)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rope_len = 0
         self.quantization = None  # set by moge_cli.quantized.load_quantized
         self.native_decode = True  # one-token steps on kernels/cpu.c's threads (false where torch's int4 kernels run)
         self._plan: decode_step.DecodePlan | None | bool = False  # built at the first decode step (None: cannot run)
@@ -287,9 +281,34 @@ class MoGEForCausalLM(nn.Module):
             torch.empty(shape, dtype=self.dtype, device=self.device),
         )
 
-    @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits [B, T, V] float32 for int ids [B, T]; with a cache, continue at cache.length and advance it."""
+        if cache is not None and (logits := self._c_step(input_ids, cache)) is not None:
+            return logits
+        return self._forward(input_ids, cache)
+
+    def _c_step(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
+        """One token's logits [1, 1, V] as one C call (kernels/step.c), advancing the cache; None where
+        that path does not apply. Between two steps Python runs on caches the weights have just swept
+        (see DecodePlan.step), so this path makes as few torch calls as it can: no tensor ops but the
+        token's value and the logits' allocation."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.shape != (1, 1) or input_ids.dtype.is_floating_point:
+            return None
+        if self._plan is None or not self.native_decode or instrument.active() or not native.available():
+            return None
+        if (plan := self.decode_plan()) is None:
+            return None
+        token, pos, vocab = int(input_ids), cache.length, plan.vocab
+        if not 0 <= token < vocab:
+            raise UsageError(f"token id {token} is outside the vocabulary 0..{vocab - 1}")
+        if pos >= cache.max_len or cache.batch_size != 1:
+            return None  # _forward explains
+        logits = plan.step(token, pos, cache, self._rope_tables(pos + 1))
+        cache.length += 1
+        return logits
+
+    @torch.inference_mode()
+    def _forward(self, input_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         B, T = _check_ids(input_ids, self.config.vocab_size)
         start = 0 if cache is None else cache.length
         if cache is not None and (cache.batch_size != B or start + T > cache.max_len):
@@ -300,11 +319,6 @@ class MoGEForCausalLM(nn.Module):
         cos, sin = self._rope_tables(start + T)
         cos, sin = cos[start : start + T, None], sin[start : start + T, None]  # [T, 1, D]
         one_token = B * T == 1 and self.device.type == "cpu" and self.native_decode
-        if one_token and cache is not None and native.available() and not instrument.active() and (plan := self.decode_plan()) is not None:
-            with native.decode_threads():  # the whole step in one C call (kernels/step.c)
-                logits = plan.step(int(input_ids), cache, cos[0, 0], sin[0, 0], self.config.vocab_size, self.config.rms_norm_eps)
-            cache.length += 1
-            return logits
         with native.decode_threads(one_token):
             with section("embedding"):
                 x = F.embedding(input_ids.to(self.device), self.embed_tokens)  # [B, T, H]
@@ -324,8 +338,8 @@ class MoGEForCausalLM(nn.Module):
         return self._plan
 
     def _rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._rope is None or self._rope[0].shape[0] < n:
-            size = max(256, 1 << (n - 1).bit_length())
+        if self._rope is None or self._rope_len < n:
+            self._rope_len = size = max(256, 1 << (n - 1).bit_length())
             cfg = self.config
             self._rope = rope_tables(size, cfg.head_dim, cfg.rope_theta, self.device)
         return self._rope

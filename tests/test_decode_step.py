@@ -63,6 +63,34 @@ def test_step_matches_the_op_by_op_paths(shape, dtype, monkeypatch):
     torch.testing.assert_close(step, torch_ops, **tol)
 
 
+def test_steps_on_two_caches_in_turn_match_each_alone():
+    """The plan keeps the addresses of the last cache it ran on: switching caches must switch them."""
+    model = random_model("G2-K2", torch.float32)
+    alone = decode(model, plan=True)
+    a, b = model.new_cache(1, 64), model.new_cache(1, 64)
+    model._plan = False
+    la, lb = [model(PROMPT, a)[:, -1]], [model(PROMPT[:, :5], b)[:, -1]]
+    for t in FEED:  # a runs the same tokens as `alone`; b other ones, in between
+        la.append(model(torch.tensor([[t]]), a)[:, -1])
+        lb.append(model(torch.tensor([[(t + 1) % 96]]), b)[:, -1])
+    torch.testing.assert_close(torch.cat(la), alone, rtol=1e-5, atol=1e-5)
+    assert b.length == 5 + len(FEED)
+
+
+def test_a_dropped_cache_is_freed_though_the_plan_ran_on_it():
+    import gc
+    import weakref
+
+    model = random_model("G2-K2", torch.float32)
+    cache = model.new_cache(1, 16)
+    model(torch.tensor([[1]]), cache)
+    assert model._plan is not None
+    k = weakref.ref(cache.k)
+    del cache
+    gc.collect()
+    assert k() is None
+
+
 def test_float16_and_torch_int4_models_get_no_plan(tmp_path):
     model = random_model("G2-K2", torch.float16)
     assert model.decode_plan() is None
