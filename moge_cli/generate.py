@@ -33,7 +33,8 @@ def check_sampling(*, max_new_tokens: int, temperature: float, top_k: int, top_p
 
 def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None) -> int:
     """One token id from float32 logits [V]. temperature 0: argmax (first of ties); else top-k, top-p, multinomial."""
-    logits = logits.float()
+    if logits.dtype != torch.float32:
+        logits = logits.float()
     if temperature == 0 or top_k == 1:
         return int(torch.argmax(logits))
     logits = logits / temperature
@@ -120,6 +121,7 @@ def generate(
     stops = {int(i) for i in stop_ids}
 
     x = torch.tensor([ids], dtype=torch.long, device=device)  # [1, T]
+    one = torch.empty(1, 1, dtype=torch.long, device=device)  # each next token: filled, not built from a list
     for n in range(budget):
         with torch.inference_mode():
             logits = model(x, cache=cache)  # [1, T, V] float32
@@ -127,7 +129,7 @@ def generate(
         yield token
         if token in stops or n == budget - 1:
             return
-        x = torch.tensor([[token]], dtype=torch.long, device=device)
+        x = one.fill_(token)  # (between decode steps every torch call runs on cold caches: see DecodePlan.step)
 
 
 class StopMatcher:
