@@ -90,9 +90,10 @@ def _replay_decode(model: Any, x: Any, generated: list[int], sync: Any) -> float
 
     cache = model.new_cache(1, x.shape[1] + len(generated))
     model(x, cache=cache)
+    one = torch.empty(1, 1, dtype=torch.long, device=model.device)  # filled per token, as generate does
     t0 = time.perf_counter()
     for token in generated[:-1]:
-        model(torch.tensor([[token]], device=model.device), cache=cache)
+        model(one.fill_(token), cache=cache)
     if sync is not None:
         sync()
     return time.perf_counter() - t0

@@ -135,7 +135,7 @@ class QLinear(nn.Module):
             raise UsageError("QLinear: weights in torch's int4 packing cannot be dequantised")
         if self.mode == "packed4":
             if self.dtype == torch.bfloat16 and (w := native.dequant(self._w[e], self._s[e], self._z[e], dtype)) is not None:
-                return w  # kernels/cpu.c: the same numbers, ~10x faster than the torch ops below
+                return w  # kernels/dot.c: the same numbers, ~10x faster than the torch ops below
             q = unpack_rows(self.weight[e], 4, self.out_features, self.in_features)
             return dequantize(q, self.scales[e].to(self.dtype), self.zeros[e].to(torch.int8) - 8).to(dtype)
         q = self.weight[e] if self.bits == 8 else _from_nibbles(self.weight[e])
