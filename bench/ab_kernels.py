@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from kernels import native
+    from moge_kernels import native
     from moge_cli.model import load_model
 
     builds = [load_build(b) for b in args.builds]

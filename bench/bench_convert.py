@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
     ap.add_argument("--naive", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
-    from fixtures.make import write_checkpoint
+    from moge_cli.synthetic import write_checkpoint
     from moge_cli.names import expected_tensors
 
     cfg = MoGEConfig.from_dict({**CONFIG, "num_hidden_layers": args.layers})

@@ -34,7 +34,7 @@ QUANTS = {"int8": dict(bits=8), "int4": dict(bits=4, group_size=128)}
 
 def set_avx512(on: bool) -> None:
     """The int8 / int4 dot products' AVX-512 versions on (where the CPU has them) or off (AVX2)."""
-    from kernels import native
+    from moge_kernels import native
 
     if native._cpu is not None:
         native._cpu.set_avx512(on)
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from converters.quantize_pipeline import quantize_checkpoint
+    from moge_converters.quantize_pipeline import quantize_checkpoint
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="moge-bench-q-") as tmp:
         path = Path(args.checkpoint) if args.checkpoint else None
         if path is None:
-            from fixtures.make import write_checkpoint
+            from moge_cli.synthetic import write_checkpoint
             from moge_cli.config import MoGEConfig
 
             print(f"writing the random {PRESET} checkpoint (bf16) ...", file=sys.stderr)

@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="moge-bench-") as tmp:
         path = args.checkpoint
         if path is None:
-            from fixtures.make import write_checkpoint
+            from moge_cli.synthetic import write_checkpoint
             from moge_cli.config import MoGEConfig
 
             print(f"writing the random {PRESET} checkpoint (bf16) ...", file=sys.stderr)

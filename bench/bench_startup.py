@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fixtures.make import write_skeleton  # noqa: E402
+from moge_cli.synthetic import write_skeleton  # noqa: E402
 from moge_cli.config import MoGEConfig  # noqa: E402
 
 

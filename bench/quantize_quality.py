@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     text = args.text or str(Path(args.checkpoint) / "heldout.txt")
 
-    from converters.quantize_pipeline import quantize_checkpoint
+    from moge_converters.quantize_pipeline import quantize_checkpoint
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="moge-qq-") as tmp:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import native
+from moge_kernels import native
 from moge_cli.errors import CheckpointError, UsageError
 from moge_cli.safetensors_format import TORCH_NAMES
 

@@ -24,10 +24,10 @@ import torch
 
 from moge_cli.safetensors_format import DTYPE_SIZES, TORCH_NAMES
 
-from converters.cast import BLOCK_ELEMS, CHUNK_ELEMS, Caster, CastStats, Fp16OverflowError, torch_dtype
-from converters.plan import OutTensor, Plan, RankPlan, build_plan
-from converters.shards import INDEX_NAME, Shard, ShardFile, check_destination, check_free_space, parse_size, plan_shards, staging_dir, write_shards
-from converters.sources import files_to_copy, open_source
+from moge_converters.cast import BLOCK_ELEMS, CHUNK_ELEMS, Caster, CastStats, Fp16OverflowError, torch_dtype
+from moge_converters.plan import OutTensor, Plan, RankPlan, build_plan
+from moge_converters.shards import INDEX_NAME, Shard, ShardFile, check_destination, check_free_space, parse_size, plan_shards, staging_dir, write_shards
+from moge_converters.sources import files_to_copy, open_source
 
 EP_PLAN_NAME = "ep_plan.json"
 COPY_CHUNK = 64 * 1024 * 1024  # bytes per write when copying from a memory map
@@ -262,7 +262,7 @@ def convert(
                 except _Overflow:
                     raise Fp16OverflowError(emitter.scan(_labelled(layouts))) from None
                 if verify:
-                    from converters.verify import verify_output
+                    from moge_converters.verify import verify_output
 
                     verify_output(source, layouts, tmp, clamp)
                     peak.sample(force=True)

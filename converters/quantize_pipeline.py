@@ -21,14 +21,14 @@ from moge_cli.checkpoint import open_checkpoint
 from moge_cli.errors import UsageError
 from moge_cli.names import component_of
 
-from converters.calibrate import calibrate
-from converters.cast import torch_dtype
-from converters.convert import Emitter, PeakRss, describe, output_entries, prepare, start_writing
-from converters.quantize import dequantize, error_sums, error_stats, pack_int32, quantize
-from converters.quantize_plan import SCALE_CODES, QuantOptions, QuantOut, build_quant_plan
-from converters.shards import ShardFile, parse_size, staging_dir, write_shards
-from converters.sources import open_source
-from converters.verify import VerifyError, same_bytes, tensor_matches
+from moge_converters.calibrate import calibrate
+from moge_converters.cast import torch_dtype
+from moge_converters.convert import Emitter, PeakRss, describe, output_entries, prepare, start_writing
+from moge_converters.quantize import dequantize, error_sums, error_stats, pack_int32, quantize
+from moge_converters.quantize_plan import SCALE_CODES, QuantOptions, QuantOut, build_quant_plan
+from moge_converters.shards import ShardFile, parse_size, staging_dir, write_shards
+from moge_converters.sources import open_source
+from moge_converters.verify import VerifyError, same_bytes, tensor_matches
 
 ROW_BLOCK_ELEMS = 1 << 20  # weight elements quantized at a time
 COMPONENT_ORDER = ("attention", "routed_experts", "shared_experts", "dense_mlp", "embeddings", "lm_head")

@@ -19,8 +19,8 @@ from moge_cli.names import PER_EXPERT, component_of
 from moge_cli.quant_format import EMBEDDING, MOGE_KEY, Scheme, module_of, quantization_config
 from moge_cli.safetensors_format import DTYPE_SIZES, TensorInfo
 
-from converters.plan import OutTensor, Plan, build_plan
-from converters.quantize import BITS, GROUP_SIZES, METHODS
+from moge_converters.plan import OutTensor, Plan, build_plan
+from moge_converters.quantize import BITS, GROUP_SIZES, METHODS
 
 DEFAULT_COMPONENTS = ("attention", "routed_experts", "shared_experts", "dense_mlp")
 NEVER = ("router", "norms")  # and every bias: they decide routing or are tiny

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 from moge_cli.errors import MogeError, UsageError
 from moge_cli.safetensors_format import build_header
 
-from converters.plan import OutTensor
+from moge_converters.plan import OutTensor
 
 INDEX_NAME = "model.safetensors.index.json"
 PAGE = 4096

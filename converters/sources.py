@@ -53,7 +53,7 @@ class SafetensorsSource:
 
 def open_source(path: str | os.PathLike):
     """A safetensors or PyTorch checkpoint at `path` (directory, file, or cached Hugging Face repo id), validated."""
-    from converters.torch_input import TorchSource, torch_files
+    from moge_converters.torch_input import TorchSource, torch_files
 
     p = Path(path)
     found = torch_files(p) if p.exists() else None

@@ -17,9 +17,9 @@ from moge_cli.checkpoint import open_checkpoint
 from moge_cli.errors import MogeError
 from moge_cli.safetensors_format import DTYPE_SIZES
 
-from converters.cast import CHUNK_ELEMS, cast_exact, torch_dtype
-from converters.plan import OutTensor
-from converters.shards import METADATA
+from moge_converters.cast import CHUNK_ELEMS, cast_exact, torch_dtype
+from moge_converters.plan import OutTensor
+from moge_converters.shards import METADATA
 
 COMPARE_BYTES = 16 * 1024 * 1024
 

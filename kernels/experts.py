@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import native
+from moge_kernels import native
 from moge_cli.errors import UsageError
 
 # moe_experts takes the decode path while T*k is at most this. Measured on CPU (E=64,

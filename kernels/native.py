@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 try:
-    from kernels import _cpu
+    from moge_kernels import _cpu
 except ImportError:  # built optionally; see pyproject.toml
     _cpu = None
 

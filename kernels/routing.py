@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import native
+from moge_kernels import native
 from moge_cli.errors import UsageError
 
 

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from moge_cli.commands import convert, generate, load, profile
-from moge_cli.commands import quantize
+from moge_cli.commands import convert, fixture, generate, load, profile, quantize
 
 app = typer.Typer(
     name="moge",
@@ -32,3 +31,4 @@ app.command("generate")(generate.generate_command)
 app.command("convert")(convert.convert_command)
 app.command("profile")(profile.profile_command)
 app.command("quantize")(quantize.quantize_command)
+app.command("fixture")(fixture.fixture_command)

@@ -13,7 +13,7 @@ import weakref
 
 import torch
 
-from kernels import native
+from moge_kernels import native
 
 NO_MAT = [0] * 6  # w, wtype, scale, sdtype, zero, group
 

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import dense_mlp, moe_experts, native, route
+from moge_kernels import native
+from moge_kernels.experts import dense_mlp, moe_experts
+from moge_kernels.routing import route
 from moge_cli import decode_step, hugepages, instrument
 from moge_cli.checkpoint import Checkpoint, open_checkpoint
 from moge_cli.config import MoGEConfig

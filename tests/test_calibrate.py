@@ -9,9 +9,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from converters.calibrate import calibrate
-from converters.quantize import dequantize, quantize
-from converters.quantize_pipeline import quantize_checkpoint
+from moge_converters.calibrate import calibrate
+from moge_converters.quantize import dequantize, quantize
+from moge_converters.quantize_pipeline import quantize_checkpoint
 from moge_cli.checkpoint import open_checkpoint
 from moge_cli.cli import app
 from moge_cli.instrument import Recorder
@@ -99,7 +99,7 @@ def test_cli_calib_needs_mse_and_a_tokenizer(tmp_path):
 
 
 def test_dense_layers_and_stacked_experts_calibrate_too(tmp_path):
-    from fixtures.make import write_checkpoint
+    from moge_cli.synthetic import write_checkpoint
     from moge_cli.config import MoGEConfig
 
     cfg = MoGEConfig.from_dict(dict(vocab_size=1000, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.make import write_checkpoint
+from moge_cli.synthetic import write_checkpoint
 from moge_cli import inspect_checkpoint, open_checkpoint
 from moge_cli.config import PRESETS, MoGEConfig
 from moge_cli.errors import CheckpointError, ConfigError

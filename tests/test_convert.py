@@ -10,10 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from converters import convert, parse_size
-from converters.cast import Fp16OverflowError
-from converters.verify import VerifyError
-from fixtures.make import random_tensors, write_checkpoint
+from moge_converters.convert import convert
+from moge_converters.shards import parse_size
+from moge_converters.cast import Fp16OverflowError
+from moge_converters.verify import VerifyError
+from moge_cli.synthetic import random_tensors, write_checkpoint
 from moge_cli.checkpoint import open_checkpoint
 from moge_cli.cli import app
 from moge_cli.config import PRESETS, MoGEConfig
@@ -89,7 +90,7 @@ def test_cast_is_the_exact_cast_and_updates_config(src, tmp_path):
 @pytest.mark.parametrize("src_dtype,dst_dtype", [("bfloat16", "float16"), ("float32", "float16"), ("float16", "bfloat16"), ("float32", "bfloat16")])
 @pytest.mark.parametrize("clamp", [False, True])
 def test_chunked_cast_matches_the_reference_cast(src_dtype, dst_dtype, clamp):
-    from converters.cast import Caster, cast_exact
+    from moge_converters.cast import Caster, cast_exact
 
     specials = [65504.0, 65519.0, 65520.0, -7e4, 1e6, float("inf"), float("-inf"), float("nan"), 6e-8, -0.0]
     x = torch.cat([torch.randn(5000) * 3e4, torch.tensor(specials)]).to(getattr(torch, src_dtype))
@@ -219,8 +220,8 @@ def test_shards_named_sized_indexed_and_never_split(src, tmp_path):
 def test_copies_coalesce_and_use_sendfile_only_when_page_aligned(tmp_path, monkeypatch, shift):
     import os
 
-    import converters.shards as shards
-    from converters.plan import OutTensor, Part
+    import moge_converters.shards as shards
+    from moge_converters.plan import OutTensor, Part
 
     data = os.urandom(4 * 4096)
     (tmp_path / "in").write_bytes(data)
@@ -310,7 +311,7 @@ def test_ep_from_stacked_slices_and_rank_dirs_convert_again(src, tmp_path):
 
 def test_72b_plan_from_headers_alone(tmp_path):
     """The full Pangu Pro MoE layout (sparse skeleton files): planned in seconds, memory estimate far below a tensor."""
-    from fixtures.make import write_skeleton
+    from moge_cli.synthetic import write_skeleton
 
     skel = write_skeleton(MoGEConfig.from_name("pangu-pro-moe-72b"), tmp_path / "72b")
     r = convert(skel, tmp_path / "out", layout="stacked", dtype="float16", ep=8, dry_run=True)
@@ -346,7 +347,7 @@ def test_destination_rules(src, tmp_path):
 
 
 def test_verify_catches_a_mismatch(src, tmp_path, monkeypatch):
-    import converters.shards as shards
+    import moge_converters.shards as shards
 
     real_close = shards.ShardFile.close
 
@@ -387,7 +388,7 @@ def test_cli_json_summary_and_exit_codes(src, tmp_path):
 
 def test_memory_is_flat_for_big_tensors(tmp_path):
     """A 32 MB stacked projection and a cast to float16 stay within a few MB of anonymous memory."""
-    from converters.convert import rss_anon
+    from moge_converters.convert import rss_anon
 
     cfg = MoGEConfig.from_dict({**PRESETS["tiny-moge"], "hidden_size": 512, "moe_intermediate_size": 1024, "num_experts": 16})
     ck = make(tmp_path / "ck", cfg, max_shard_bytes=None)

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import converters.shards as shards
-from converters import convert
-from converters.shards import WriteError
-from fixtures.make import write_checkpoint
+import moge_converters.shards as shards
+from moge_converters.convert import convert
+from moge_converters.shards import WriteError
+from moge_cli.synthetic import write_checkpoint
 from moge_cli.cli import app
 from moge_cli.config import MoGEConfig
 from moge_cli.errors import CheckpointError, ConfigError, UsageError

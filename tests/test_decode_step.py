@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from converters.quantize import pack_int32
-from converters.quantize_pipeline import quantize_checkpoint
-from kernels import native
+from moge_converters.quantize import pack_int32
+from moge_converters.quantize_pipeline import quantize_checkpoint
+from moge_kernels import native
 from moge_cli.config import MoGEConfig
 from moge_cli.model import MoGEForCausalLM, load_model
 from moge_cli.quant_format import Scheme
@@ -170,7 +170,7 @@ QUANT_SHAPE = dict(BASE, hidden_size=128, moe_intermediate_size=64, shared_exper
 
 @pytest.fixture(scope="module")
 def quant_src(tmp_path_factory) -> Path:
-    from fixtures.make import write_checkpoint
+    from moge_cli.synthetic import write_checkpoint
 
     return write_checkpoint(MoGEConfig.from_dict(QUANT_SHAPE), tmp_path_factory.mktemp("qsrc") / "ck", seed=3, tokenizer=False)
 
@@ -235,7 +235,7 @@ def test_int4_decode_perplexity_on_the_trained_fixture(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_int4_dequantisation_in_c_is_the_torch_one_bit_for_bit(group, symmetric, dtype, isa, monkeypatch):
     """Prefill dequantises packed4 experts with kernels/cpu.c: the same values as the torch ops (and compressed-tensors)."""
-    from converters.quantize import quantize
+    from moge_converters.quantize import quantize
     from moge_cli.quant_format import Scheme
 
     g = torch.Generator().manual_seed(group)
@@ -256,7 +256,7 @@ def test_int4_dequantisation_in_c_is_the_torch_one_bit_for_bit(group, symmetric,
 
 def test_int4_dequantisation_keeps_nan_and_inf_scales(isa, monkeypatch):
     """A broken scale (NaN, inf) dequantises to NaN / inf as the torch ops make them, not to numbers."""
-    from converters.quantize import quantize
+    from moge_converters.quantize import quantize
     from moge_cli.quant_format import Scheme
 
     scheme = Scheme(4, 64, False)

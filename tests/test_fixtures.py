@@ -11,8 +11,8 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import load_file
 
-from fixtures.make import main, plan_shards, random_tensors, write_checkpoint, write_skeleton
-from fixtures.tokenizer import CHAT_EOS_ID, TOKENIZER_CONFIG, corpus_sha256, train_tokenizer, write_tokenizer
+from moge_cli.synthetic import plan_shards, random_tensors, write_checkpoint, write_skeleton
+from moge_cli.synthetic_tokenizer import CHAT_EOS_ID, TOKENIZER_CONFIG, corpus_sha256, train_tokenizer, write_tokenizer
 from moge_cli.config import MoGEConfig
 from moge_cli.errors import UsageError
 from moge_cli.names import expected_tensors
@@ -239,20 +239,27 @@ def test_tokenizer_vocab_it_cannot_hit_raises(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-# ---- script --------------------------------------------------------------------------------------
-def test_script(tmp_path, capsys):
+# ---- moge fixture --------------------------------------------------------------------------------
+def test_fixture_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from moge_cli.cli import app
+
+    def moge_fixture(*args: str):
+        return CliRunner().invoke(app, ["fixture", *args])
+
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps({**MoGEConfig.from_name("tiny-moge").to_dict(), "vocab_size": 1024}))
-    assert main([str(cfg_file), str(tmp_path / "a"), "--dtype", "float32", "--max-shard-size", "100000"]) == 0
-    assert capsys.readouterr().out.strip() == str(tmp_path / "a")
+    r = moge_fixture(str(cfg_file), str(tmp_path / "a"), "--dtype", "float32", "--max-shard-size", "100000")
+    assert r.exit_code == 0 and r.stdout.strip() == str(tmp_path / "a")
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "a" / "tokenizer.model"))
     assert sp.get_piece_size() == 1024
     shards = sorted((tmp_path / "a").glob("model-*.safetensors"))
     assert len(shards) > 1
     assert {t.dtype for s in shards for t in read_header(s)[0].values()} == {"F32"}
 
-    assert main(["bench-0.47b", str(tmp_path / "b"), "--skeleton", "--layout", "stacked"]) == 0
+    assert moge_fixture("bench-0.47b", str(tmp_path / "b"), "--skeleton", "--layout", "stacked").exit_code == 0
     assert (tmp_path / "b" / "model.safetensors.index.json").exists()
 
-    assert main(["no-such-preset", str(tmp_path / "c")]) == 2
-    assert "error: unknown preset" in capsys.readouterr().err
+    r = moge_fixture("no-such-preset", str(tmp_path / "c"))
+    assert r.exit_code == 2 and "error: unknown preset" in r.stderr

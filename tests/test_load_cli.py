@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fixtures.make import write_checkpoint
+from moge_cli.synthetic import write_checkpoint
 from moge_cli.cli import app
 from moge_cli.config import PRESETS, MoGEConfig
 from moge_cli.main import load_json, plain_load_json
@@ -395,7 +395,7 @@ def test_model_type_mismatch_is_a_problem(ck):
 
 
 def test_72b_skeleton_figures(tmp_path):
-    from fixtures.make import write_skeleton
+    from moge_cli.synthetic import write_skeleton
 
     skel = write_skeleton(MoGEConfig.from_name("pangu-pro-moe-72b"), tmp_path / "72b")
     r = moge("load", skel, "--json")

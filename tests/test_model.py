@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures.make import write_checkpoint
+from moge_cli.synthetic import write_checkpoint
 from moge_cli.checkpoint import open_checkpoint
 from moge_cli.config import MoGEConfig
 from moge_cli.errors import CheckpointError, UsageError

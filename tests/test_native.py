@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import dense_mlp, moe_decode, native, route
+from moge_kernels import native
+from moge_kernels.experts import dense_mlp, moe_decode
+from moge_kernels.routing import route
 from moge_cli.model import MoGEForCausalLM, rms_norm
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="kernels._cpu not built or this CPU lacks AVX2/FMA")
@@ -130,7 +132,7 @@ def test_decode_threads_lends_torchs_threads_to_the_kernels():
 def test_moge_native_0_turns_it_off_and_forked_children_still_compute():
     """MOGE_NATIVE=0 is the switch benchmarks use for the torch baseline; a fork after the pool started works."""
     code = (
-        "import os, torch; from kernels import native\n"
+        "import os, torch; from moge_kernels import native\n"
         "assert native.available() == (os.environ['MOGE_NATIVE'] != '0')\n"
         "x, w = torch.randn(1, 256), torch.randn(512, 256)\n"
         "y = native.linear_vec(x, w)\n"

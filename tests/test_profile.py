@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fixtures.make import write_checkpoint
+from moge_cli.synthetic import write_checkpoint
 from moge_cli.cli import app
 from moge_cli.config import PRESETS, MoGEConfig
 from moge_cli.profiling import profile

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from converters.quantize import QTensor, dequantize, error_stats, error_sums, pack_int32, quantize, unpack_int32
-from converters.quantize_pipeline import quantize_checkpoint
-from converters.quantize_plan import QuantOptions, fit_scheme, selected
-from converters.verify import VerifyError
-from fixtures.make import write_checkpoint
+from moge_converters.quantize import QTensor, dequantize, error_stats, error_sums, pack_int32, quantize, unpack_int32
+from moge_converters.quantize_pipeline import quantize_checkpoint
+from moge_converters.quantize_plan import QuantOptions, fit_scheme, selected
+from moge_converters.verify import VerifyError
+from moge_cli.synthetic import write_checkpoint
 from moge_cli.checkpoint import open_checkpoint
 from moge_cli.cli import app
 from moge_cli.config import MoGEConfig
@@ -231,7 +231,7 @@ def test_verify_dry_run_and_destination_rules(src, q4, tmp_path):
 
 
 def test_verify_catches_a_corrupted_output(src, tmp_path, monkeypatch):
-    import converters.quantize_pipeline as qp
+    import moge_converters.quantize_pipeline as qp
 
     real = qp.verify_quantized
     victim = "model.layers.1.mlp.experts.5.up_proj.weight_packed"
@@ -258,7 +258,7 @@ def test_load_reports_quantized_checkpoints(q4):
     report = inspect_checkpoint(out)
     assert report["problems"] == []
     assert report["layout"] == "per-expert"
-    assert report["params"] == inspect_checkpoint(Path("fixtures/tiny-moge"))["params"]  # counted as the original model
+    assert report["params"] == inspect_checkpoint(Path(__file__).resolve().parents[1] / "fixtures" / "tiny-moge")["params"]  # counted as the original model
     q = report["quantization"]
     assert (q["bits"], q["group_size"], q["method"], q["tensors"]) == (4, 128, "rtn", 62)
     assert q["schemes"] == {"int4 g64 asym": 46, "int4 g32 asym": 16}

@@ -9,10 +9,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from converters.quantize import QTensor, quantize
-from converters.quantize_pipeline import quantize_checkpoint
-from kernels import native
-from fixtures.make import write_checkpoint, write_tensors
+from moge_converters.quantize import QTensor, quantize
+from moge_converters.quantize_pipeline import quantize_checkpoint
+from moge_kernels import native
+from moge_cli.synthetic import write_checkpoint, write_tensors
 from moge_cli.checkpoint import open_checkpoint
 from moge_cli.cli import app
 from moge_cli.config import MoGEConfig

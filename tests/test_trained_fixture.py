@@ -9,18 +9,28 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fixtures.make import write_checkpoint
-from fixtures.train_tiny import PRESET, TinyMoGE
 from moge_cli.config import MoGEConfig
 from moge_cli.model import load_model
 from moge_cli.perplexity import perplexity
+from moge_cli.synthetic import write_checkpoint
 from moge_cli.tokenizer import load_tokenizer
 
-TRAINED_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-trained"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+TRAINED_DIR = FIXTURES / "tiny-trained"
 WINDOW = 512  # the training sequence length
 # Per token of ~2.9 bytes. For scale on heldout.txt: uniform 2048, a smoothed unigram model of the
 # training text ~480, the random model of the same config ~3200; the committed model ~55.
 MAX_HELDOUT_PERPLEXITY = 100.0
+
+
+def _train_tiny():
+    """fixtures/train_tiny.py, a script (fixtures/ is not a package: `fixtures` is a PyPI name)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_tiny", FIXTURES / "train_tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +50,7 @@ def heldout_ids(tokenizer) -> list[int]:
 
 def test_fixture_matches_preset_and_is_small(model):
     cfg = MoGEConfig.from_file(TRAINED_DIR / "config.json")
-    assert cfg.to_dict() == MoGEConfig.from_name(PRESET).to_dict()
+    assert cfg.to_dict() == MoGEConfig.from_name(_train_tiny().PRESET).to_dict()
     assert (cfg.n_groups, cfg.experts_per_group, cfg.picks_per_group) == (4, 4, 1)
     assert model.dtype == torch.float32
     assert sum(p.stat().st_size for p in TRAINED_DIR.iterdir()) < 20 * 10**6
@@ -71,7 +81,7 @@ def test_runtime_matches_training_implementation(model, heldout_ids):
     tensors = {}
     for shard in sorted(TRAINED_DIR.glob("model-*.safetensors")):
         tensors.update(load_file(shard))
-    twin = TinyMoGE(MoGEConfig.from_file(TRAINED_DIR / "config.json")).load_tensors(tensors).eval()
+    twin = _train_tiny().TinyMoGE(MoGEConfig.from_file(TRAINED_DIR / "config.json")).load_tensors(tensors).eval()
     ids = torch.tensor([heldout_ids[:200]])
     with torch.no_grad():
         expected, _ = twin(ids)

@@ -29,7 +29,7 @@ def convert_command(
     as_json: bool = typer.Option(False, "--json", help="Print the summary (or the --dry-run plan) as JSON on stdout."),
 ) -> None:
     """Convert a checkpoint in one streaming pass. Exit 0 done, 1 --verify mismatch, 2 error (nothing left behind), 130 Ctrl-C."""
-    from converters import convert
+    from moge_converters.convert import convert
 
     options: dict[str, Any] = dict(
         layout=layout, dtype=dtype, clamp=clamp, max_shard_size=max_shard_size, layers=layers, ep=ep, dry_run=dry_run, force=force, verify=verify

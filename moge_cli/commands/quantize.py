@@ -36,7 +36,7 @@ def quantize_command(
     as_json: bool = typer.Option(False, "--json", help="Print the summary (or the --dry-run plan) as JSON on stdout."),
 ) -> None:
     """Quantize a checkpoint's weights to int8 or int4 (vLLM-loadable compressed-tensors). Exit 0 done, 1 --verify mismatch, 2 error."""
-    from converters.quantize_pipeline import quantize_checkpoint
+    from moge_converters.quantize_pipeline import quantize_checkpoint
 
     options: dict[str, Any] = dict(
         bits=bits, group_size=group_size, symmetric=symmetric, method=method, embeddings=embeddings, lm_head=lm_head,
