@@ -23,15 +23,11 @@ import importlib.util
 import statistics
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def load_build(path: str):
-    spec = importlib.util.spec_from_file_location("kernels._cpu", path)
+    spec = importlib.util.spec_from_file_location("moge_kernels._cpu", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if path.endswith("avx2.so"):

@@ -6,8 +6,8 @@ Writes a random bf16 per-expert checkpoint of >= 3 GB (hidden 1024, 64 experts, 
 vocab 65536, 13 layers, 1 GB shards), then times, each in a fresh subprocess, after dropping the page
 cache (as root) and reading the input back in, so that the input is warm and nothing else is cached:
   copy          shutil.copyfile of every input file (the ceiling: same bytes in, same bytes out)
-  moge stacked  converters.convert(layout="stacked")
-  moge fp16     converters.convert(dtype="float16")
+  moge stacked  moge_converters.convert.convert(layout="stacked")
+  moge fp16     moge_converters.convert.convert(dtype="float16")
   naive ...     safetensors load_file of every shard into one dict, transform, save_file
 Best of --repeat runs (variants interleaved; the naive ones, 10x slower, --naive-repeat times).
 Throughput ratio = copy seconds / variant seconds; the CPU columns (user + sys of the subprocess,
@@ -29,9 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from moge_cli.config import PRESETS, MoGEConfig  # noqa: E402
+from moge_cli.config import PRESETS, MoGEConfig
 
 CONFIG = {**PRESETS["bench-0.47b"], "vocab_size": 65536, "hidden_size": 1024, "num_experts": 64, "moe_intermediate_size": 512,
           "shared_expert_intermediate_size": 2048, "num_attention_heads": 8, "num_key_value_heads": 2}  # fmt: skip
@@ -55,7 +53,7 @@ def sample():
         time.sleep(0.002)
 
 variant, src, dst = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-import torch, converters
+import torch, moge_converters.convert
 from safetensors.torch import load_file, save_file
 from moge_cli.names import PER_EXPERT_RE
 shards = sorted(src.glob("model-*.safetensors"))
@@ -71,7 +69,7 @@ if variant == "copy":
         shutil.copyfile(f, dst / f.name)
 elif variant.startswith("moge"):
     opts = {"layout": "stacked"} if variant == "moge stacked" else {"dtype": "float16"}
-    own = converters.convert(src, dst, **opts)["peak_rss_bytes"]
+    own = moge_converters.convert.convert(src, dst, **opts)["peak_rss_bytes"]
 else:
     sd = {}
     for f in shards:

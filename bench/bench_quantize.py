@@ -24,9 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 PRESET = "bench-0.47b"
 QUANTS = {"int8": dict(bits=8), "int4": dict(bits=4, group_size=128)}

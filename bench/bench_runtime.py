@@ -28,8 +28,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 PRESET = "bench-0.47b"
 BANDWIDTH_BYTES = 1 << 30  # 4x-plus any last-level cache

@@ -20,10 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from moge_cli.synthetic import write_skeleton  # noqa: E402
-from moge_cli.config import MoGEConfig  # noqa: E402
+from moge_cli.synthetic import write_skeleton
+from moge_cli.config import MoGEConfig
 
 
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
