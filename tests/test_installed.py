@@ -107,8 +107,9 @@ def test_plain_wheel_runs_the_main_job(tmp_path):
     """`pip install .` (not editable) into a new venv: everything a command needs ships in the wheel.
 
     About 35 s on two cores: torch comes from the pip cache / local disk, the C extension is compiled."""
-    src = tmp_path / "src"  # tracked files only: no build/, .so or egg-info of the working copy
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    src = tmp_path / "src"  # the files git would commit: no build/, .so or egg-info of the working copy
+    ls = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    files = subprocess.run(ls, cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
     for f in filter(None, files):
         if (ROOT / f).is_file():
             (src / f).parent.mkdir(parents=True, exist_ok=True)
