@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from moge_cli.synthetic import plan_shards, random_tensors, write_checkpoint, write_skeleton
-from moge_cli.synthetic_tokenizer import CHAT_EOS_ID, TOKENIZER_CONFIG, corpus_sha256, train_tokenizer, write_tokenizer
+from moge_cli.synthetic_tokenizer import CHAT_EOS_ID, TOKENIZER_CONFIG, corpus_lines, corpus_sha256, train_tokenizer, write_tokenizer
 from moge_cli.config import MoGEConfig
 from moge_cli.errors import UsageError
 from moge_cli.names import expected_tensors
@@ -59,8 +59,35 @@ def test_committed_tokenizer_matches_generator(regenerated):
     assert (TINY_DIR / "tokenizer.model").read_bytes() == (regenerated / "tokenizer.model").read_bytes()
 
 
+# Run in a fresh interpreter with another str hash seed and sentencepiece's own random generator
+# seeded: neither may reach the tokenizer (by default sentencepiece seeds it from std::random_device).
+_TRAIN_ELSEWHERE = """
+import hashlib, sentencepiece
+sentencepiece.set_random_generator_seed(12345)
+from moge_cli.synthetic_tokenizer import train_tokenizer
+print(hashlib.sha256(train_tokenizer(512)).hexdigest())
+"""
+
+
 def test_tokenizer_training_is_deterministic():
-    assert train_tokenizer(512) == train_tokenizer(512)
+    """train_tokenizer has no seed: its bytes are a function of the vocabulary size and the training
+    text alone. The same inputs give the same bytes, here and in another process (other hash seed,
+    other sentencepiece seed); other inputs give another tokenizer (a cached or constant result,
+    or one that ignored its text, would pass the first two checks)."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    a = train_tokenizer(512)
+    assert a == train_tokenizer(512)
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    res = subprocess.run([sys.executable, "-c", _TRAIN_ELSEWHERE], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == hashlib.sha256(a).hexdigest()
+    assert train_tokenizer(600) != a
+    other_text = corpus_lines()[::2]
+    assert train_tokenizer(512, other_text) != a and train_tokenizer(512, other_text) == train_tokenizer(512, other_text)
 
 
 def test_committed_fixture_is_small():
@@ -124,6 +151,34 @@ def test_tensors_do_not_depend_on_order_or_other_tensors(tiny_cfg):
     for name in a:
         assert torch.equal(a[name], b[name]), name
         assert not torch.equal(b[name], c[name]), name
+
+
+def test_checkpoint_seed_same_bytes_other_seed_other_tensors(tiny_cfg, tmp_path):
+    """write_checkpoint's seed: the same seed writes the same bytes, file for file; another seed
+    the same files and headers with other numbers in every tensor."""
+    kw = dict(dtype="bfloat16", max_shard_bytes=160_000, tokenizer=False)
+    a = write_checkpoint(tiny_cfg, tmp_path / "a", seed=5, **kw)
+    again = write_checkpoint(tiny_cfg, tmp_path / "again", seed=5, **kw)
+    other = write_checkpoint(tiny_cfg, tmp_path / "other", seed=6, **kw)
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in again.iterdir()) == sorted(p.name for p in other.iterdir())
+    shards = [n for n in names if n.endswith(".safetensors")]
+    assert len(shards) > 1
+    for name in names:
+        assert (a / name).read_bytes() == (again / name).read_bytes(), name
+        if not name.endswith(".safetensors"):  # config, generation config and index do not depend on the seed
+            assert (a / name).read_bytes() == (other / name).read_bytes(), name
+    for shard in shards:
+        head = (a / shard).read_bytes()
+        head = head[: 8 + int.from_bytes(head[:8], "little")]  # safetensors: u64 length, then the JSON header
+        assert (other / shard).read_bytes().startswith(head), shard  # names, dtypes, shapes and offsets
+        x, y = load_file(a / shard), load_file(other / shard)
+        for name in x:
+            assert not torch.equal(x[name], y[name]), name
+    # and the seed is the one random_tensors takes
+    generated = dict(random_tensors(tiny_cfg, seed=6, dtype="bfloat16"))
+    written = {n: t for shard in shards for n, t in load_file(other / shard).items()}
+    assert written.keys() == generated.keys() and all(torch.equal(written[n], generated[n]) for n in generated)
 
 
 def test_stacked_and_per_expert_hold_the_same_model(tiny_cfg, tmp_path):

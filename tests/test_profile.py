@@ -129,11 +129,44 @@ def test_plot_without_matplotlib_says_how(monkeypatch, zero_router, tmp_path):
         plot_routing({"routing": {"layers": [{}], "devices": 4}}, tmp_path / "x.png")
 
 
-def test_python_api_is_importable_from_the_package(zero_router):
-    import moge_cli
+# In a fresh interpreter: `moge_cli.profile` read lazily (PEP 562) before and after its defining module
+# and then every submodule of the package are imported. An import of a submodule binds its name on
+# the package, so a submodule named like an export (say a moge_cli/profile.py) would replace the function.
+_EXPORTS_SURVIVE_IMPORTS = """
+import importlib, json, pkgutil, types
+import moge_cli
+assert "moge_cli.profiling" not in __import__("sys").modules  # nothing read yet: the lazy path
+first = moge_cli.profile
+import moge_cli.profiling
+after_module = moge_cli.profile
+for m in pkgutil.walk_packages(moge_cli.__path__, "moge_cli."):
+    if not m.name.endswith("__main__"):  # __main__ runs the CLI
+        importlib.import_module(m.name)
+wrong = [n for n in moge_cli.__all__ if isinstance(getattr(moge_cli, n), types.ModuleType)
+         or getattr(moge_cli, n) is not getattr(importlib.import_module(moge_cli._EXPORTS[n]), n)]
+f = moge_cli.profiling.profile
+print(json.dumps({"first": first is f, "after_module": after_module is f, "after_all": moge_cli.profile is f,
+                  "from_import": __import__("moge_cli", fromlist=["profile"]).profile is f, "wrong": wrong}))
+"""
 
-    r = moge_cli.profile(zero_router, prompt_ids=[1, 2], decode=1)
-    assert r["routing"]["layers"] and moge_cli.profile is moge_cli.profile  # stays the function, not a module
+
+def test_python_api_is_importable_from_the_package(zero_router):
+    import subprocess
+    import sys
+    import types
+
+    import moge_cli
+    import moge_cli.profiling
+
+    assert moge_cli.profile is moge_cli.profiling.profile and not isinstance(moge_cli.profile, types.ModuleType)
+    res = subprocess.run([sys.executable, "-c", _EXPORTS_SURVIVE_IMPORTS], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == {"first": True, "after_module": True, "after_all": True, "from_import": True, "wrong": []}
+    # and calling it profiles: the same tokens and routing as the function called directly
+    r = moge_cli.profile(zero_router, prompt_ids=[1, 2], decode=2)
+    direct = profile(zero_router, prompt_ids=[1, 2], decode=2)
+    assert r["generated_ids"] == direct["generated_ids"] and len(r["generated_ids"]) == 2
+    assert r["routing"] == direct["routing"] and r["routing"]["tokens"] == 3
 
 
 def test_decode_speed_comes_from_an_untimed_pass_over_the_same_tokens(zero_router):

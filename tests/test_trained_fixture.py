@@ -65,16 +65,69 @@ def test_heldout_perplexity_far_below_random(model, heldout_ids, tmp_path):
     assert trained < random / 4, (trained, random)
 
 
-def test_greedy_output_looks_like_python(model, tokenizer):
-    ids = tokenizer.encode("def ", add_bos=True)
-    cache = model.new_cache(1, 64)
-    logits = model(torch.tensor([ids]), cache)
-    out = []
-    for _ in range(30):
-        out.append(int(logits[0, -1].argmax()))
-        logits = model(torch.tensor([out[-1:]]), cache)
-    text = tokenizer.decode(out)
-    assert any(s in text for s in ("self", "return", "(", ":")), text
+# Greedy continuations of these starts are scored by the share of their characters that lie in
+# complete lines of Python code: a line that compiles (given a `pass` body where it opens a block),
+# neither blank nor a comment. The committed model: ~0.46 of the characters, code after 7 of the 8
+# starts. The random model of the same config (seeds 0-5 tried, float32 and bfloat16) emits no line
+# of code at all: it scores 0 and 0.
+CODE_PROMPTS = ("def ", "import ", "class ", "    return ", "for i in ", "    def ", "x = ", "if ")
+GREEDY_TOKENS = 40
+MIN_CODE_SHARE = 0.2
+MIN_PROMPTS_WITH_CODE = 4
+
+
+def _greedy_text(model, tokenizer, prompt: str) -> str:
+    ids = tokenizer.encode(prompt, add_bos=True)
+    cache = model.new_cache(1, len(ids) + GREEDY_TOKENS)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), cache)
+        out = []
+        for _ in range(GREEDY_TOKENS):
+            out.append(int(logits[0, -1].argmax()))
+            logits = model(torch.tensor([out[-1:]]), cache)
+    return prompt + tokenizer.decode(out)
+
+
+def _is_code_line(line: str) -> bool:
+    s = line.strip()
+    if not s or s.startswith("#"):
+        return False
+    for candidate in (s, s + " pass"):  # `def f(x):` / `for i in y:` compile with a body
+        try:
+            compile(candidate, "<line>", "exec")
+            return True
+        except (SyntaxError, ValueError):  # ValueError: a NUL character (Python < 3.12)
+            pass
+    return False
+
+
+def _code_chars(text: str) -> int:
+    """Characters in complete lines of code (the last line may be cut off mid-statement: not counted)."""
+    return sum(len(line) for line in text.split("\n")[:-1] if _is_code_line(line))
+
+
+def _python_likeness(model, tokenizer) -> tuple[float, int]:
+    """(share of all characters that lie in code lines, number of prompts whose continuation has one)."""
+    texts = [_greedy_text(model, tokenizer, p) for p in CODE_PROMPTS]
+    code = [_code_chars(t) for t in texts]
+    return sum(code) / sum(map(len, texts)), sum(c > 0 for c in code)
+
+
+def test_scoring_knows_code_from_text():
+    assert _is_code_line("        self.write(self.path)") and _is_code_line("def __init__(self, other):")
+    assert not _is_code_line("las actionssl errorsPro writlp") and not _is_code_line("# a comment")
+    assert _code_chars("x = 1\nnot code here\ny = (") == len("x = 1")
+
+
+def test_greedy_output_looks_like_python(model, tokenizer, tmp_path):
+    share, prompts = _python_likeness(model, tokenizer)
+    cfg = MoGEConfig.from_file(TRAINED_DIR / "config.json")
+    random_dir = write_checkpoint(cfg, tmp_path / "random", dtype="float32", tokenizer=False)
+    random_share, random_prompts = _python_likeness(load_model(random_dir), tokenizer)
+    assert share >= MIN_CODE_SHARE and prompts >= MIN_PROMPTS_WITH_CODE, (share, prompts)
+    # the thresholds tell the two apart: the untrained model of the same shape fails both
+    assert random_share < MIN_CODE_SHARE and random_prompts < MIN_PROMPTS_WITH_CODE, (random_share, random_prompts)
+    assert share > 3 * random_share
 
 
 def test_runtime_matches_training_implementation(model, heldout_ids):
