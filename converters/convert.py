@@ -215,9 +215,11 @@ def convert(
     dry_run: bool = False,
     force: bool = False,
     verify: bool = False,
+    revision: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Convert the checkpoint at `src` into a new directory `dst`; return the summary (`--json`).
+    """Convert the checkpoint at `src` (a path, or a Hugging Face repo id in the local cache at
+    `revision`) into a new directory `dst`; return the summary (`--json`).
 
     layout: 'per-expert' | 'stacked' (default: keep); dtype: 'bfloat16' | 'float16' | 'float32'
     (default: keep); clamp: clamp float16 overflows instead of refusing; max_shard_size: '5GB',
@@ -232,7 +234,7 @@ def convert(
     t0 = time.perf_counter()
     peak = PeakRss()
     max_bytes = parse_size(max_shard_size)
-    source = open_source(src)
+    source = open_source(src, revision=revision)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # casts are memory-bound, in cache-sized chunks: a thread pool costs more than it gains
     try:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from moge_cli.checkpoint import open_checkpoint
+from moge_cli.checkpoint import open_checkpoint, resolve_location
 from moge_cli.errors import UsageError
 from moge_cli.names import component_of
 
@@ -145,10 +145,12 @@ def quantize_checkpoint(
     eval_window: int | None = None,
     calib: str | os.PathLike | None = None,
     calib_tokens: int = 2048,
+    revision: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     calib_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Quantize the checkpoint at `src` into `dst` (compressed-tensors pack-quantized); return the summary.
+    """Quantize the checkpoint at `src` (a path, or a Hugging Face repo id in the local cache at `revision`)
+    into `dst` (compressed-tensors pack-quantized); return the summary.
 
     bits 8: symmetric, one scale per output channel; bits 4: groups of group_size (default 128)
     columns, asymmetric unless symmetric=True. method: 'rtn' (round to nearest) or 'mse' (a search
@@ -169,6 +171,7 @@ def quantize_checkpoint(
     if calib is not None and method != "mse":
         raise UsageError("--calib weights the mse search: add --method mse")
     max_bytes = parse_size(max_shard_size)
+    src = resolve_location(src, revision)  # once: calibration and --eval read the same snapshot
     source = open_source(src)
     try:
         plan, schemes, notes = build_quant_plan(source.tensors, source.config_dict, opts)

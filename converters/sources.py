@@ -13,8 +13,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from moge_cli.checkpoint import Checkpoint, open_checkpoint
+from moge_cli.checkpoint import Checkpoint, open_checkpoint, resolve_location
 from moge_cli.errors import ConfigError
+from moge_cli.files import checked_file
 
 # Non-weight files copied unchanged (config.json is rewritten, weights and indexes are regenerated).
 COPY_PATTERNS = (
@@ -33,7 +34,8 @@ class SafetensorsSource:
         self.ckpt = ckpt
         self.root, self.source, self.files, self.tensors = ckpt.root, ckpt.source, ckpt.files, ckpt.tensors
         try:
-            self.config_dict: dict[str, Any] = json.loads((ckpt.root / "config.json").read_text(encoding="utf-8"))
+            config = checked_file(ckpt.root, ckpt.root / "config.json")  # checked when the checkpoint opened; again, as read
+            self.config_dict: dict[str, Any] = json.loads(config.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise ConfigError(f"{ckpt.root / 'config.json'}: cannot read ({e})") from None
 
@@ -51,17 +53,20 @@ class SafetensorsSource:
         self.ckpt.close()
 
 
-def open_source(path: str | os.PathLike):
-    """A safetensors or PyTorch checkpoint at `path` (directory, file, or cached Hugging Face repo id), validated."""
+def open_source(path: str | os.PathLike, *, revision: str | None = None):
+    """A safetensors or PyTorch checkpoint at `path` (directory, file, or cached Hugging Face repo id at
+    `revision`), validated."""
     from moge_converters.torch_input import TorchSource, torch_files
 
-    p = Path(path)
-    found = torch_files(p) if p.exists() else None
+    p = resolve_location(path, revision)
+    found = torch_files(p)
     if found is not None:
         return TorchSource(*found, source=p)
-    return SafetensorsSource(open_checkpoint(path))
+    return SafetensorsSource(open_checkpoint(p))
 
 
 def files_to_copy(root: Path) -> list[Path]:
-    """The non-weight files of a checkpoint directory that the output gets unchanged."""
-    return sorted(p for p in root.iterdir() if p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in COPY_PATTERNS))
+    """The non-weight files of a checkpoint directory that the output gets unchanged, each checked by
+    moge_cli.files (a link leading out of the checkpoint, a FIFO, a loop: refused). Directories are skipped."""
+    names = sorted(p for p in root.iterdir() if any(fnmatch.fnmatchcase(p.name, pat) for pat in COPY_PATTERNS))
+    return [checked_file(root, p) for p in names if p.is_symlink() or not p.is_dir()]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from moge_cli.errors import CheckpointError, ConfigError
+from moge_cli.files import checked_file, checked_named_file, optional_file, present
 from moge_cli.safetensors_format import FROM_TORCH_NAME, TensorInfo
 
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -26,19 +28,20 @@ SUFFIXES = (".bin", ".pt", ".pth")
 
 
 def torch_files(path: Path) -> tuple[Path, list[Path], dict[str, str] | None] | None:
-    """(root, weight files, index weight_map or None) for a PyTorch checkpoint (file, or directory without safetensors), else None."""
-    if path.is_file():
-        return (path.parent, [path], None) if path.suffix in SUFFIXES else None
-    if not path.is_dir() or list(path.glob("*.safetensors")):
+    """(root, weight files, index weight_map or None) for a PyTorch checkpoint (file, or directory without
+    safetensors), else None. Every file is checked by moge_cli.files."""
+    if not path.is_dir():
+        return (path.parent, [checked_named_file(path)], None) if path.suffix in SUFFIXES else None
+    if list(path.glob("*.safetensors")):
         return None
-    if (path / BIN_INDEX).is_file():
-        return (path, *_indexed_files(path, path / BIN_INDEX))
+    if present(path, BIN_INDEX):
+        return (path, *_indexed_files(path, checked_file(path, path / BIN_INDEX)))
     files = sorted(path.glob("pytorch_model*.bin")) or sorted(p for s in (".pt", ".pth") for p in path.glob(f"*{s}"))
-    return (path, files, None) if files else None
+    return (path, [checked_file(path, f) for f in files], None) if files else None
 
 
 def _indexed_files(root: Path, index: Path) -> tuple[list[Path], dict[str, str]]:
-    """The .bin files a pytorch_model.bin.index.json names: plain files inside root."""
+    """The .bin files a pytorch_model.bin.index.json names: regular files inside root (moge_cli.files)."""
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         names = sorted(set(weight_map.values()))
@@ -47,11 +50,11 @@ def _indexed_files(root: Path, index: Path) -> tuple[list[Path], dict[str, str]]
     files = []
     for name in names:
         f = root / str(name)
-        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts or not f.resolve().is_relative_to(root.resolve()):
+        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
             raise CheckpointError(f"{index}: file {name!r} points outside the checkpoint directory")
-        if not f.is_file():
+        if not os.path.lexists(f):
             raise CheckpointError(f"{index}: names {name!r}, which does not exist in {root}")
-        files.append(f)
+        files.append(checked_file(root, f))
     return files, weight_map
 
 
@@ -84,7 +87,7 @@ class TorchSource:
 
     def __init__(self, root: Path, files: list[Path], weight_map: dict[str, str] | None = None, source: Path | None = None):
         self.root, self.files, self.source = root, files, source or root
-        cfg_path = root / "config.json"
+        cfg_path = optional_file(root, "config.json") or root / "config.json"
         if not cfg_path.is_file():
             raise ConfigError(f"{cfg_path}: config.json not found; a checkpoint needs its config.json beside the weights")
         try:

@@ -16,6 +16,7 @@ from typing import Any
 
 from moge_cli.config import MoGEConfig
 from moge_cli.errors import CheckpointError
+from moge_cli.files import checked_file, checked_named_file, optional_file, present
 from moge_cli.names import detect_layout, layer_of
 from moge_cli.safetensors_format import TORCH_NAMES, TensorInfo, read_header
 
@@ -100,7 +101,7 @@ def open_checkpoint(path: str | os.PathLike, *, revision: str | None = None) -> 
     """
     source, files, index = _resolve(path, revision)
     root = source if source.is_dir() else source.parent
-    config = MoGEConfig.from_file(root / "config.json")
+    config = MoGEConfig.from_file(optional_file(root, "config.json") or root / "config.json")
     weight_map: dict[str, str] = {}
     if index is not None:
         weight_map, total_size = _read_index(index)
@@ -127,30 +128,34 @@ def open_checkpoint(path: str | os.PathLike, *, revision: str | None = None) -> 
     return ckpt
 
 
-def _resolve(path: str | os.PathLike, revision: str | None) -> tuple[Path, list[Path], Path | None]:
-    """(source file or directory, weight files, index file or None)."""
+def resolve_location(path: str | os.PathLike, revision: str | None = None) -> Path:
+    """The file or directory `path` names: a local path, or the cache snapshot of a Hugging Face repo id
+    (`org/name`, at `revision`; the cache only, never the network). --revision is for repo ids only."""
     p = Path(path)
-    if not p.exists():
-        if REPO_ID_RE.match(str(path)) and not str(path).startswith((".", "/")):
-            p = resolve_hub_repo(str(path), revision)
-        else:
-            raise CheckpointError(f"{path}: no such file or directory")
-    elif revision is not None:
-        raise CheckpointError(f"{path}: --revision applies to Hugging Face repo ids, not local paths")
-    if p.is_file():
+    if os.path.lexists(p):
+        if revision is not None:
+            raise CheckpointError(f"{path}: --revision applies to Hugging Face repo ids, not local paths")
+        return p
+    if REPO_ID_RE.match(str(path)) and not str(path).startswith((".", "/")):
+        return resolve_hub_repo(str(path), revision)
+    raise CheckpointError(f"{path}: no such file or directory")
+
+
+def _resolve(path: str | os.PathLike, revision: str | None) -> tuple[Path, list[Path], Path | None]:
+    """(source file or directory, weight files, index file or None); every file checked by moge_cli.files."""
+    p = resolve_location(path, revision)
+    if not p.is_dir():  # a file the user named (a link, a FIFO, a loop are said so here)
+        checked_named_file(p)
         if p.stat().st_size == 0:
             raise CheckpointError(f"{p}: empty file (0 bytes); not a safetensors file")
         return p, [p], None
-    if not p.is_dir():
-        raise CheckpointError(f"{p}: not a file or directory")
-    index = p / INDEX_NAME
-    if index.is_file():
-        return p, [], index  # the files come from the index
-    if (p / SINGLE_NAME).is_file():
-        return p, [p / SINGLE_NAME], None
+    if present(p, INDEX_NAME):
+        return p, [], checked_file(p, p / INDEX_NAME)  # the files come from the index
+    if present(p, SINGLE_NAME):
+        return p, [checked_file(p, p / SINGLE_NAME)], None
     shards = sorted(p.glob("*.safetensors"))
     if shards:
-        return p, shards, None
+        return p, [checked_file(p, f) for f in shards], None
     if list(p.glob("pytorch_model*.bin")) or list(p.glob("*.pt")):
         raise CheckpointError(f"{p}: holds PyTorch .bin/.pt weights; convert them first: moge convert {p} OUT")
     raise CheckpointError(f"{p}: no {INDEX_NAME}, {SINGLE_NAME} or *.safetensors file here")
@@ -171,32 +176,49 @@ def _read_index(index: Path) -> tuple[dict[str, str], int | None]:
 
 
 def _index_files(root: Path, index: Path, weight_map: dict[str, str]) -> list[Path]:
-    """The shard files an index names, checked to be plain files inside `root`."""
-    real_root = root.resolve()
+    """The shard files an index names, each checked by moge_cli.files (inside `root`, regular files)."""
     files: list[Path] = []
     for fname in sorted(set(weight_map.values())):
         rel = Path(fname)
         if rel.is_absolute() or ".." in rel.parts or fname.startswith(("/", "\\")):
             raise CheckpointError(f"{index}: shard path {fname!r} points outside the checkpoint directory")
         f = root / rel
-        if not f.resolve().is_relative_to(real_root):
-            raise CheckpointError(f"{index}: shard {fname!r} is a link that leads outside the checkpoint directory")
-        if not f.is_file():
+        if not os.path.lexists(f):
             raise CheckpointError(f"{index}: names shard {fname!r}, which does not exist in {root}")
-        files.append(f)
+        files.append(checked_file(root, f))
     return files
 
 
-def resolve_hub_repo(repo_id: str, revision: str | None) -> Path:
-    """Directory of a Hugging Face repo snapshot in the local cache; never touches the network."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+def hub_cache_dir() -> Path:
+    """Where huggingface_hub keeps its repos, read from the environment now (huggingface_hub reads it
+    once, at import): $HF_HUB_CACHE, else $HF_HOME/hub, else $XDG_CACHE_HOME or ~/.cache, /huggingface/hub."""
+    env = os.environ
+    cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
+    if not cache:
+        home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface")
+        cache = os.path.join(home, "hub")
+    return Path(os.path.expandvars(os.path.expanduser(cache)))
 
+
+def resolve_hub_repo(repo_id: str, revision: str | None) -> Path:
+    """Directory of a Hugging Face repo snapshot in the local cache (`hub_cache_dir()`); never touches the network.
+
+    revision: a branch or tag (looked up in the repo's refs/) or a commit hash; default main.
+    The snapshot's files are links into the repo's blobs/ (moge_cli.files allows exactly that).
+    """
+    from huggingface_hub import snapshot_download
+
+    cache = hub_cache_dir()
+    rev = f" --revision {revision}" if revision else ""
+    if revision is not None and (not revision or revision.startswith("/") or ".." in revision.split("/")):
+        raise CheckpointError(f"{repo_id}: --revision {revision!r} is not a branch, tag or commit name")
     try:
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        rev = f" --revision {revision}" if revision else ""
+        snap = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
+    except (OSError, ValueError):  # LocalEntryNotFoundError / IncompleteSnapshotError are OSErrors, HFValidationError a ValueError
+        snap = None
+    if snap is None or not snap.is_dir():
         raise CheckpointError(
-            f"{repo_id}: not a local path, and not in the Hugging Face cache (revision {revision or 'main'}); "
+            f"{repo_id}: not a local path, and not in the Hugging Face cache {cache} (revision {revision or 'main'}); "
             f"download it first with: hf download {repo_id}{rev}"
-        ) from None
+        )
+    return snap

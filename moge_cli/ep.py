@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from moge_cli.config import MoGEConfig
 from moge_cli.errors import CheckpointError, ConfigError, UsageError
+from moge_cli.files import checked_dir, checked_file, present
 from moge_cli.names import PER_EXPERT_RE, STACKED_RE
 
 EP_PLAN_NAME = "ep_plan.json"
@@ -55,11 +56,11 @@ def local_expected(expected: dict[str, tuple[int, ...]], n_local: int) -> dict[s
 
 def is_ep_dir(path: str | Path) -> bool:
     p = Path(path)
-    return p.is_dir() and (p / EP_PLAN_NAME).is_file() and not (p / "config.json").exists()
+    return p.is_dir() and present(p, EP_PLAN_NAME) and not present(p, "config.json")
 
 
 def read_ep_plan(root: Path) -> dict[str, Any]:
-    path = root / EP_PLAN_NAME
+    path = checked_file(root, root / EP_PLAN_NAME)
     try:
         plan = json.loads(path.read_text(encoding="utf-8"))
         ranks = plan["ranks"]
@@ -72,6 +73,8 @@ def read_ep_plan(root: Path) -> dict[str, Any]:
                 raise ValueError(f"rank path {r['path']!r} points outside the directory")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: not a valid expert-parallel plan ({e})") from None
+    for r in ranks:
+        checked_dir(root, root / r["path"])  # a rank folder that is a link must stay inside the split
     return plan
 
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from moge_cli.checkpoint import Checkpoint, open_checkpoint
+from moge_cli.checkpoint import Checkpoint, open_checkpoint, resolve_location
 from moge_cli.config import MODEL_TYPE, MoGEConfig
 from moge_cli.ep import ep_info, inspect_ep_dir, is_ep_dir, local_expected
 from moge_cli.errors import CheckpointError
@@ -117,9 +117,10 @@ def inspect_checkpoint(
     tensors: a glob; matching tensors are listed under "tensors".
     progress(n_bytes, total_bytes) is called as bytes are streamed. Raises MogeError if unreadable.
     """
-    if revision is None and is_ep_dir(path):  # the top of a `convert --ep` split: every rank plus the plan
-        return inspect_ep_dir(Path(path), inspect_checkpoint, verify=verify, manifest=manifest, check=check, tensors=tensors, progress=progress)
-    ckpt = open_checkpoint(path, revision=revision)
+    path = resolve_location(path, revision)  # a local path, or a repo id's snapshot in the Hugging Face cache
+    if is_ep_dir(path):  # the top of a `convert --ep` split: every rank plus the plan
+        return inspect_ep_dir(path, inspect_checkpoint, verify=verify, manifest=manifest, check=check, tensors=tensors, progress=progress)
+    ckpt = open_checkpoint(path)
     try:
         report = summarize(ckpt)
         if tensors is not None:

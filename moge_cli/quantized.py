@@ -36,6 +36,7 @@ from moge_kernels.experts import combine_f32
 from moge_cli import hugepages
 from moge_cli.config import MoGEConfig
 from moge_cli.errors import CheckpointError, UsageError
+from moge_cli.files import optional_file
 from moge_cli.instrument import routing as record_routing
 from moge_cli.instrument import section
 from moge_cli.names import PER_EXPERT, expected_tensors
@@ -323,8 +324,9 @@ def runs_natively(model) -> bool:
 # ---- loading ------------------------------------------------------------------------------------
 def quantization_of(ckpt) -> QuantizedCheckpoint | None:
     """The checkpoint's quantization (read from config.json and the tensor names), or None."""
+    path = optional_file(ckpt.root, "config.json")  # checked by moge_cli.files when the checkpoint opened; again, as read
     try:
-        config = json.loads((ckpt.root / "config.json").read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8")) if path is not None else dict(ckpt.config.extra)
     except (OSError, ValueError):
         config = dict(ckpt.config.extra)
     return read_quantization(config, {n: i.shape for n, i in ckpt.tensors.items()})

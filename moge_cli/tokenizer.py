@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Protocol
 
 from moge_cli.errors import UsageError
+from moge_cli.files import checked_file, optional_file, present
 
 SP_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
@@ -198,14 +199,16 @@ class IncrementalDecoder:
 
 
 def load_tokenizer(root: str | Path) -> Tokenizer:
-    """Tokenizer from a checkpoint directory (tokenizer.json preferred over tokenizer.model when both exist)."""
+    """Tokenizer from a checkpoint directory (tokenizer.json preferred over tokenizer.model when both exist).
+
+    Every file read is checked by moge_cli.files (no links leading out of the checkpoint, no FIFOs)."""
     root = Path(root)
-    config = _read_json(root / TOKENIZER_CONFIG)
-    generation = _read_json(root / GENERATION_CONFIG)
-    if (root / HF_FILE).is_file():
-        backend: _Backend = _HFTokenizers(root / HF_FILE)
-    elif (root / SP_FILE).is_file():
-        backend = _SentencePiece(root / SP_FILE)
+    config = _read_json(root, TOKENIZER_CONFIG)
+    generation = _read_json(root, GENERATION_CONFIG)
+    if present(root, HF_FILE):
+        backend: _Backend = _HFTokenizers(checked_file(root, root / HF_FILE))
+    elif present(root, SP_FILE):
+        backend = _SentencePiece(checked_file(root, root / SP_FILE))
     else:
         raise UsageError(
             f"{root}: no {SP_FILE} or {HF_FILE}; text prompts need a tokenizer (use --prompt-ids to pass token ids)"
@@ -216,7 +219,8 @@ def load_tokenizer(root: str | Path) -> Tokenizer:
 
 
 def has_tokenizer(root: str | Path) -> bool:
-    return (Path(root) / HF_FILE).is_file() or (Path(root) / SP_FILE).is_file()
+    """Whether root holds a tokenizer file (load_tokenizer then checks it, and refuses a bad link or a FIFO)."""
+    return present(root, HF_FILE) or present(root, SP_FILE)
 
 
 def eos_ids_from_generation_config(generation_config: dict[str, Any]) -> list[int]:
@@ -229,13 +233,13 @@ def eos_ids_from_dir(root: str | Path) -> list[int]:
     """Eos ids a checkpoint declares without a tokenizer (generation_config.json, config.json)."""
     ids: set[int] = set()
     for name in (GENERATION_CONFIG, "config.json"):
-        ids |= set(eos_ids_from_generation_config(_read_json(Path(root) / name)))
+        ids |= set(eos_ids_from_generation_config(_read_json(Path(root), name)))
     return sorted(ids)
 
 
 def _chat_template(root: Path, config: dict[str, Any]) -> str | None:
-    if (root / CHAT_TEMPLATE_FILE).is_file():
-        return (root / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    if (path := optional_file(root, CHAT_TEMPLATE_FILE)) is not None:
+        return path.read_text(encoding="utf-8")
     t = config.get("chat_template")
     if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
         named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
@@ -249,8 +253,10 @@ def _token_str(v: Any) -> str | None:
     return v if isinstance(v, str) and v else None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+def _read_json(root: Path, name: str) -> dict[str, Any]:
+    """root / name as a JSON object ({} when absent or not an object), checked by moge_cli.files."""
+    path = optional_file(root, name)
+    if path is None:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

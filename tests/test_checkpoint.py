@@ -181,12 +181,12 @@ def test_manifest_round_trip_and_tamper(copy, tmp_path):
 
 
 def test_hub_repo_id_resolved_from_local_cache_only(sharded, tmp_path, monkeypatch):
+    from hub_cache import add_snapshot
+
     cache = tmp_path / "hub"
     commit = "0123456789abcdef0123456789abcdef01234567"
-    snap = cache / "models--pangu--tiny-moge" / "snapshots" / commit
-    shutil.copytree(sharded, snap)
-    (cache / "models--pangu--tiny-moge" / "refs").mkdir(parents=True)
-    (cache / "models--pangu--tiny-moge" / "refs" / "main").write_text(commit)
+    snap = add_snapshot(cache, "pangu/tiny-moge", sharded, commit)  # the real layout: links into blobs/ (tests/test_hf_cache.py has more)
+    assert all(p.is_symlink() for p in snap.iterdir())
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)

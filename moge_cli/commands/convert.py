@@ -16,6 +16,7 @@ from moge_cli.commands.common import handle_errors, human_bytes, print_json, std
 def convert_command(
     src: str = typer.Argument(..., help="Source: checkpoint directory, .safetensors file, pytorch_model*.bin / .pt, or cached repo id."),
     dst: Path = typer.Argument(..., help="Destination directory (must not exist unless --force; not inside the source)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Revision of a Hugging Face repo id (cache only)."),
     layout: Optional[str] = typer.Option(None, "--layout", help="per-expert | stacked (default: keep)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16 | float16 | float32 (default: keep)."),
     clamp: bool = typer.Option(False, "--clamp", help="Casting to float16: clamp values beyond +-65504 (counted) instead of refusing."),
@@ -32,8 +33,9 @@ def convert_command(
     from moge_converters.convert import convert
 
     options: dict[str, Any] = dict(
-        layout=layout, dtype=dtype, clamp=clamp, max_shard_size=max_shard_size, layers=layers, ep=ep, dry_run=dry_run, force=force, verify=verify
-    )
+        layout=layout, dtype=dtype, clamp=clamp, max_shard_size=max_shard_size, layers=layers, ep=ep, dry_run=dry_run, force=force,
+        verify=verify, revision=revision,
+    )  # fmt: skip
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main else None  # `kill` cleans up like Ctrl-C does
     try:

@@ -15,6 +15,7 @@ from moge_cli.commands.convert import render_plan
 def quantize_command(
     src: str = typer.Argument(..., help="Source: float checkpoint directory, .safetensors file, pytorch_model*.bin / .pt, or cached repo id."),
     dst: Path = typer.Argument(..., help="Destination directory (must not exist unless --force; not inside the source)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Revision of a Hugging Face repo id (cache only)."),
     bits: int = typer.Option(4, "--bits", help="8: symmetric, one scale per output channel; 4: groups of --group-size."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="4-bit group size: 32, 64 or 128 (default 128)."),
     symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="4-bit zero points (default asymmetric)."),
@@ -42,6 +43,7 @@ def quantize_command(
         bits=bits, group_size=group_size, symmetric=symmetric, method=method, embeddings=embeddings, lm_head=lm_head,
         include=tuple(include or ()), exclude=tuple(exclude or ()), max_shard_size=max_shard_size, dry_run=dry_run,
         force=force, verify=verify, eval_text=eval_text, eval_window=eval_window, calib=calib, calib_tokens=calib_tokens,
+        revision=revision,
     )  # fmt: skip
     if quiet or dry_run:
         result = quantize_checkpoint(src, dst, **options)
