@@ -148,6 +148,7 @@ def quantize_checkpoint(
     revision: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     calib_progress: Callable[[int, int], None] | None = None,
+    eval_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Quantize the checkpoint at `src` (a path, or a Hugging Face repo id in the local cache at `revision`)
     into `dst` (compressed-tensors pack-quantized); return the summary.
@@ -162,7 +163,8 @@ def quantize_checkpoint(
     eval_text: perplexity of the source and of the output on that text (needs a tokenizer).
     calib: a text file run through the model (its first calib_tokens tokens) to weight each column's
     error in the mse search by the activations it meets (converters/calibrate.py; method mse only);
-    calib_progress(1, layers) after each layer of it, progress(bytes, total) while writing.
+    calib_progress(1, layers) after each layer of it, progress(bytes, total) while writing,
+    eval_progress(tokens scored, total) during eval_text (the source's pass, then the output's).
     Raises UsageError / CheckpointError (exit 2), VerifyError (1).
     """
     t0 = time.perf_counter()
@@ -222,7 +224,7 @@ def quantize_checkpoint(
     finally:
         source.close()
     if eval_text is not None:
-        result["eval"] = evaluate(src, dst, eval_text, window=eval_window)
+        result["eval"] = evaluate(src, dst, eval_text, window=eval_window, progress=eval_progress)
     return result
 
 
@@ -288,7 +290,7 @@ def verify_quantized(source, shards, out_dir: Path, config: dict[str, Any], impo
         raise VerifyError(f"verification failed for {len(bad)} item(s): {'; '.join(bad[:10])}{more}; nothing was written")
 
 
-def evaluate(src, dst, text_file, *, window: int | None = None) -> dict[str, Any]:
+def evaluate(src, dst, text_file, *, window: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Perplexity of the source and of the quantized checkpoint on a text file (the source's tokenizer)."""
     from moge_cli.errors import UsageError
     from moge_cli.model import load_model
@@ -299,12 +301,13 @@ def evaluate(src, dst, text_file, *, window: int | None = None) -> dict[str, Any
     root = source.root
     source.close()
     if not has_tokenizer(root):
-        raise UsageError(f"{root}: --eval needs a tokenizer (tokenizer.model or tokenizer.json)")
+        raise UsageError(f"{root}: --perplexity needs a tokenizer (tokenizer.model or tokenizer.json)")
     ids = load_tokenizer(root).encode(Path(text_file).read_text(encoding="utf-8"), add_bos=True)
     out = {"text": str(text_file), "tokens": len(ids)}
-    for key, path in (("before", src), ("after", dst)):
+    for n, (key, path) in enumerate((("before", src), ("after", dst))):
         model = load_model(path)
-        r = perplexity(model, ids, window=window)
+        tick = progress and (lambda done, total, n=n: progress(n * total + done, 2 * total))  # over both passes
+        r = perplexity(model, ids, window=window, progress=tick)
         del model
         out[key] = r["perplexity"]
         out["window"], out["stride"] = r["window"], r["stride"]

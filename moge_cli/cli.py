@@ -1,6 +1,7 @@
 """Root Typer app: registers one module per command and handles errors once, at the edge.
 
-The `moge` entry point is moge_cli.main, which hands everything but `load PATH --json` to `app`.
+The `moge` entry point is moge_cli.main, which hands everything but `load PATH --json` and
+`--version` to `app`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,19 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from moge_cli.main import version_line
+
+        print(version_line())
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks (same as MOGE_DEBUG=1).")) -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks (same as MOGE_DEBUG=1)."),
+    version: bool = typer.Option(False, "--version", "-V", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
     if debug:
         import os
 

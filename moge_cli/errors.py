@@ -19,6 +19,18 @@ class UsageError(MogeError):
     """The caller asked for something that cannot be done (bad option value, bad destination...)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM turned into an exception: everything cleans up as on Ctrl-C, but the exit code is 143 (128 + 15)."""
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what `seq 1e9 | head -1` leaves; nothing is printed
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+# exception class -> the `kind` of the JSON error object (`--json`); the first match wins
+_KINDS = ((UsageError, "usage"), (ConfigError, "config"), (CheckpointError, "checkpoint"), (MogeError, "error"), (OSError, "os"))
+
+
 def debug_enabled() -> bool:
     """--debug or MOGE_DEBUG=1: let tracebacks through instead of one-line errors."""
     import os
@@ -28,11 +40,25 @@ def debug_enabled() -> bool:
 
 def describe_error(e: BaseException) -> tuple[str, int]:
     """(one-line message, exit code) the CLI reports for an exception that escaped a command."""
+    if isinstance(e, Terminated):
+        return "terminated", EXIT_TERMINATED
     if isinstance(e, KeyboardInterrupt):
-        return "interrupted", 130
+        return "interrupted", EXIT_INTERRUPTED
     if isinstance(e, MogeError):
         return str(e), e.exit_code
     if isinstance(e, OSError):
         where = f"{e.filename}: " if e.filename else ""
         return f"{where}{e.strerror or e}", 2
     return f"unexpected {type(e).__name__}: {e} (run with --debug for the traceback)", 2  # a bug: say so plainly
+
+
+def error_kind(e: BaseException) -> str:
+    """usage | config | checkpoint | error | os | interrupted | terminated | bug: the `kind` in a --json error object."""
+    if isinstance(e, KeyboardInterrupt):
+        return "terminated" if isinstance(e, Terminated) else "interrupted"
+    return next((kind for cls, kind in _KINDS if isinstance(e, cls)), "bug")
+
+
+def error_object(message: str, kind: str, exit_code: int) -> dict:
+    """What `--json` prints on stdout when a command fails: {"error", "kind", "exit_code"}."""
+    return {"error": message, "kind": kind, "exit_code": exit_code}

@@ -167,7 +167,7 @@ class GenerationResult:
     prompt_ids: list[int]
     generated_ids: list[int]
     text: str  # decoded reply without eos and without the stop string; "" without a tokenizer
-    finish_reason: str  # "eos" | "stop" | "length"
+    finish_reason: str  # "eos" | "stop" | "length" (max_new_tokens) | "context" (the context window is full)
     prefill_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_tokens: int = 0  # generated ids after the first (the first comes from the prefill forward)
@@ -265,6 +265,8 @@ def run_generation(
         emit(matcher.feed(decoder.flush()))
         finish = "stop" if matcher.hit is not None else finish
         emit(matcher.flush())
+    if finish == "length" and len(generated) < max_new_tokens:  # generate() clamps the budget to the context only
+        finish = "context"
     return GenerationResult(
         prompt_ids=[int(i) for i in prompt_ids],
         generated_ids=generated,

@@ -8,15 +8,24 @@ from typing import Any
 from moge_cli.errors import UsageError
 
 
-def plot_routing(report: dict[str, Any], path: str | Path) -> Path:
-    """Write a PNG: left, share of activations per expert per layer; right, IS of MoGE vs top-k."""
+def check_plot_target(path: str | Path) -> None:
+    """UsageError now, before a long profile, if the plot cannot be drawn or written."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install 'moge-toolkit[plot]'") from None
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise UsageError(f"--plot {path}: the directory {parent} does not exist")
+
+
+def plot_routing(report: dict[str, Any], path: str | Path) -> Path:
+    """Write a PNG: left, share of activations per expert per layer; right, IS of MoGE vs top-k."""
+    check_plot_target(path)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     import numpy as np
 
     layers = report["routing"]["layers"]

@@ -65,7 +65,7 @@ def _prompt_ids(model_path: Path, prompt: str | None, text_file: str | None, pro
     tok = load_tokenizer(model_path) if has_tokenizer(model_path) else None
     given = [x is not None for x in (prompt, text_file, prompt_ids)]
     if sum(given) != 1:
-        raise UsageError("give exactly one of --prompt, --text-file or --prompt-ids")
+        raise UsageError("give exactly one of --prompt, --file or --prompt-ids")
     if prompt_ids is not None:
         return list(prompt_ids), tok
     if tok is None:
@@ -112,7 +112,7 @@ def runtime_profile(model: Any, ids: list[int], *, decode: int, devices: int | N
     sync = torch.cuda.synchronize if cuda else None
     context = cfg.max_position_embeddings
     if decode >= context:
-        raise UsageError(f"--decode {decode} leaves no room for a prompt in the {context}-token context")
+        raise UsageError(f"--max-new-tokens {decode} leaves no room for a prompt in the {context}-token context")
     given = len(ids)
     ids = ids[: context - decode]  # a long text is profiled on its first context-length window
     cache = model.new_cache(1, len(ids) + decode)
@@ -189,6 +189,7 @@ def profile(
     weights: also stream per-tensor weight statistics.
     """
     from moge_cli.checkpoint import open_checkpoint
+    from moge_cli.devices import check_device
     from moge_cli.model import load_model
 
     say = progress or (lambda msg: None)
@@ -197,10 +198,11 @@ def profile(
     if devices is not None and (devices <= 0 or ckpt.config.n_groups % devices):
         raise UsageError(f"--devices {devices}: whole groups must be spread evenly; choose a divisor of {ckpt.config.n_groups}")
     if decode < 1:
-        raise UsageError(f"--decode must be at least 1, got {decode}")
+        raise UsageError(f"--max-new-tokens must be at least 1, got {decode}")
     ids, tok = _prompt_ids(root, prompt, text_file, prompt_ids)
     if not ids:
         raise UsageError("the prompt is empty")
+    check_device(device)  # before the model loads
     say("loading model")
     net = load_model(model, dtype=dtype, device=device, revision=revision)
     say(f"profiling {len(ids)} prompt tokens + {decode} decode tokens")

@@ -327,7 +327,7 @@ def test_dry_run_writes_nothing(src, tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == []
     assert r["dtype_changes"] == {"bfloat16 -> float16": r["tensors"]} and r["outputs"][0]["file"].startswith("rank-0/")
     assert r["disk_bytes"] > sum(o["bytes"] for o in r["outputs"]) and r["estimated_peak_rss_bytes"] > 0
-    res = runner.invoke(app, ["convert", str(src), str(out), "--layout", "stacked", "--dry-run"])
+    res = runner.invoke(app, ["convert", str(src), str(out), "--layout", "stacked", "--dry-run", "--verbose"])
     assert res.exit_code == 0 and "gate_up_proj" in res.output and "nothing written" in res.output and not out.exists()
 
 

@@ -204,7 +204,7 @@ def test_refused_everywhere_it_is_read(case, ck, tmp_path, fifo_guard, capsys):
         assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (cmd, r.output)
         assert name in lines[0] and says in lines[0], (cmd, lines[0])
         assert "unexpected" not in lines[0] and "Traceback" not in r.output
-        assert r.stdout == ""
+        assert r.stdout == "" or json.loads(r.stdout)["error"] == lines[0].removeprefix("error: ")  # --json: the error as JSON too
         assert not dst.exists() and not any((tmp_path / "out").glob(f".{cmd}.moge-*")), cmd  # no output, no staging left
         assert fingerprint(ck) == before and fingerprint(tmp_path / "elsewhere") == outside, cmd
     if "load" in commands:  # the entry point's fast path (`moge load PATH --json`) says the same

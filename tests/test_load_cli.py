@@ -360,12 +360,13 @@ def test_broken_checkpoint_exit_2(ck, breaker, capsys):
     target = ck / "notes.safetensors" if breaker is not_safetensors else ck
     r = moge("load", target, "--json")
     assert r.exit_code == 2, r.output
-    assert r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert names in lines[0] and fragment in lines[0], lines[0]
     assert "Traceback" not in r.output
-    assert fast_load(capsys, target) == (2, "", r.stderr)  # the entry point's fast path says the same
+    kind = "config" if breaker.__name__.startswith("config") else "checkpoint"
+    assert json.loads(r.stdout) == {"error": lines[0].removeprefix("error: "), "kind": kind, "exit_code": 2}  # for jq
+    assert fast_load(capsys, target) == (2, r.stdout, r.stderr)  # the entry point's fast path says the same
 
 
 def test_nonexistent_path_exit_2(tmp_path):

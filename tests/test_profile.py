@@ -76,7 +76,7 @@ def test_cli_json_perplexity_weights_and_plot(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("def add(a, b):\n    return a + b\n" * 4)
     png = tmp_path / "load.png"
-    res = runner.invoke(app, ["profile", str(REPO / "fixtures" / "tiny-moge"), "--text-file", str(text), "--decode", "3",
+    res = runner.invoke(app, ["profile", str(REPO / "fixtures" / "tiny-moge"), "-f", str(text), "-n", "3",
                               "--perplexity", str(text), "--weights", "--plot", str(png), "--json"])  # fmt: skip
     assert res.exit_code == 0, res.output
     r = json.loads(res.stdout)
@@ -101,7 +101,8 @@ def test_cli_table_output():
     [
         (["--prompt-ids", "1,2", "--devices", "3"], "divisor of 4"),
         (["--prompt-ids", "1,2", "--prompt", "x"], "exactly one of"),
-        (["--prompt-ids", "1,2", "--decode", "0"], "--decode"),
+        (["--prompt-ids", "1,2", "-n", "0"], "--max-new-tokens"),
+        (["--prompt-ids", "1,2", "--decode", "0"], "--max-new-tokens"),  # the old spelling still works
         (["--prompt-ids", "1,x"], "error:"),
     ],
 )

@@ -2,62 +2,64 @@
 
 from __future__ import annotations
 
-import signal
-import threading
-from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from moge_cli.commands.common import handle_errors, human_bytes, print_json, stderr_console, stdout_console
+from moge_cli.commands.common import handle_errors, human_bytes, print_json, sigterm_as_interrupt, stderr_console, stdout_console
+from moge_cli.commands.options import (
+    ALIAS_Q, DESTINATION, DRY_RUN, DTYPE, FORCE, JSON, MAX_SHARD_SIZE, QUIET, REVISION, SOURCE, VERBOSE, VERIFY_OUTPUT,
+)  # fmt: skip
 
 
 @handle_errors
 def convert_command(
-    src: str = typer.Argument(..., help="Source: checkpoint directory, .safetensors file, pytorch_model*.bin / .pt, or cached repo id."),
-    dst: Path = typer.Argument(..., help="Destination directory (must not exist unless --force; not inside the source)."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Revision of a Hugging Face repo id (cache only)."),
+    src: SOURCE,
+    dst: DESTINATION,
+    revision: REVISION = None,
     layout: Optional[str] = typer.Option(None, "--layout", help="per-expert | stacked (default: keep)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16 | float16 | float32 (default: keep)."),
+    dtype: DTYPE = None,
     clamp: bool = typer.Option(False, "--clamp", help="Casting to float16: clamp values beyond +-65504 (counted) instead of refusing."),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest shard (tensor bytes): 5GB, 500MB, 2GiB..."),
+    max_shard_size: MAX_SHARD_SIZE = "5GB",
     layers: Optional[str] = typer.Option(None, "--layers", help="Keep these decoder layers, renumbered from 0: 0-1,5."),
     ep: Optional[int] = typer.Option(None, "--ep", min=1, help="Expert-parallel split into N rank directories of whole groups."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (shards, tensors, dtype changes, memory, disk); write nothing."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing destination."),
-    verify: bool = typer.Option(False, "--verify", help="Re-read the output and compare every tensor with its source; exit 1 on a mismatch."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary (or the --dry-run plan) as JSON on stdout."),
+    dry_run: DRY_RUN = False,
+    force: FORCE = False,
+    verify: VERIFY_OUTPUT = False,
+    verbose: VERBOSE = False,
+    quiet: QUIET = False,
+    as_json: JSON = False,
+    q: ALIAS_Q = False,
 ) -> None:
-    """Convert a checkpoint in one streaming pass. Exit 0 done, 1 --verify mismatch, 2 error (nothing left behind), 130 Ctrl-C."""
+    """Convert a checkpoint in one streaming pass (layout, dtype, shards, layers, expert-parallel split).
+
+    Exit codes: 0 done, 1 --verify mismatch, 2 error or bad usage (nothing left behind), 130 Ctrl-C, 141 output pipe closed, 143 SIGTERM (cleaned up as on Ctrl-C).
+    """
     from moge_converters.convert import convert
 
+    quiet = quiet or q
     options: dict[str, Any] = dict(
         layout=layout, dtype=dtype, clamp=clamp, max_shard_size=max_shard_size, layers=layers, ep=ep, dry_run=dry_run, force=force,
         verify=verify, revision=revision,
     )  # fmt: skip
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None  # `kill` cleans up like Ctrl-C does
-    try:
+    with sigterm_as_interrupt():  # `kill` cleans up like Ctrl-C does
         if quiet or dry_run:
             result = convert(src, dst, **options)
         else:
             result = _with_progress(lambda progress: convert(src, dst, progress=progress, **options))
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
-    for note in result.get("notes", []):
-        stderr_console().print(f"note: {note}", highlight=False)
+    print_notes(result, quiet)
     if as_json:
         print_json(result)
     elif dry_run:
-        render_plan(result)
+        render_plan(result, verbose)
     else:
         render_summary(result)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+def print_notes(result: dict[str, Any], quiet: bool) -> None:
+    if not quiet:
+        for note in result.get("notes", []):
+            stderr_console().print(f"note: {note}", highlight=False)
 
 
 def _with_progress(run):
@@ -84,7 +86,8 @@ def render_summary(r: dict[str, Any]) -> None:
         out.print("[green]verified: every tensor matches its source[/green]")
 
 
-def render_plan(r: dict[str, Any]) -> None:
+def render_plan(r: dict[str, Any], verbose: bool = False) -> None:
+    """The --dry-run plan: totals and one line per shard; every tensor only when verbose (--json has them all)."""
     from rich.table import Table
 
     out = stdout_console()
@@ -101,6 +104,9 @@ def render_plan(r: dict[str, Any]) -> None:
         highlight=False,
     )
     for shard in r["outputs"]:
+        if not verbose:
+            out.print(f"  {shard['file']}: {len(shard['tensors'])} tensors, {human_bytes(shard['bytes'])}", highlight=False)
+            continue
         t = Table(title=f"{shard['file']}  ({human_bytes(shard['bytes'])})", title_justify="left")
         for col in ("tensor", "dtype", "shape", "bytes", "from"):
             t.add_column(col, justify="right" if col == "bytes" else "left")
@@ -110,4 +116,4 @@ def render_plan(r: dict[str, Any]) -> None:
     if r["ep_plan"]:
         for rank in r["ep_plan"]["ranks"]:
             out.print(f"{rank['path']}: groups {rank['groups']}, experts {rank['experts']}", highlight=False)
-    out.print("dry run: nothing written")
+    out.print("dry run: nothing written" + ("" if verbose else " (--verbose lists every tensor)"))

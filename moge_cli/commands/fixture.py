@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from moge_cli.commands.common import handle_errors
+from moge_cli.commands.options import DTYPE_CHOICES, canonical_dtype
 
 
 @handle_errors
@@ -18,13 +19,16 @@ def fixture_command(
     config: str = typer.Argument(..., help="A preset (tiny-moge, tiny-trained, bench-0.47b, pangu-pro-moe-72b, ...) or a config.json path."),
     out_dir: Path = typer.Argument(..., help="Destination directory."),
     seed: int = typer.Option(0, "--seed", help="Random seed; each tensor is seeded by seed + crc32(its name)."),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 | float16 | float32."),
+    dtype: str = typer.Option("bfloat16", "--dtype", callback=canonical_dtype, help=f"{DTYPE_CHOICES}."),
     layout: str = typer.Option("per-expert", "--layout", help="per-expert (as released) | stacked."),
     max_shard_size: Optional[int] = typer.Option(None, "--max-shard-size", metavar="BYTES", help="Tensor bytes per shard (default: one model.safetensors; 5e9 with --skeleton)."),
     skeleton: bool = typer.Option(False, "--skeleton", help="Real headers and index over sparse all-zero data (the 72B layout in ~0 bytes of disk); no tokenizer."),
     no_tokenizer: bool = typer.Option(False, "--no-tokenizer", help="Write no tokenizer files."),
 ) -> None:
-    """Write a synthetic checkpoint with the names, shapes and file layout of Pangu Pro MoE; prints its path."""
+    """Write a synthetic checkpoint with the names, shapes and file layout of Pangu Pro MoE; prints its path.
+
+    Exit codes: 0 written, 2 error or bad usage, 130 Ctrl-C, 141 output pipe closed.
+    """
     from moge_cli.config import MoGEConfig
     from moge_cli.synthetic import SKELETON_SHARD_BYTES, write_checkpoint, write_skeleton
 

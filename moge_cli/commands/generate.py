@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Callable, List, Optional
 
 import typer
 
 from moge_cli.commands.common import handle_errors, human_bytes, print_json
+from moge_cli.commands.options import (
+    DEVICE, DTYPE, JSON, MAX_NEW_TOKENS, PROMPT, PROMPT_FILE, PROMPT_IDS, QUIET, REVISION, THREADS, apply_threads,
+)  # fmt: skip
 from moge_cli.errors import UsageError
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -17,38 +21,52 @@ EXIT_WORDS = ("/exit", "/quit")
 @handle_errors
 def generate_command(
     model_path: str = typer.Argument(..., metavar="MODEL", help="Checkpoint directory or cached Hugging Face repo id (org/name)."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Revision of a Hugging Face repo id (cache only)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text (default: read stdin when it is not a terminal)."),
-    prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", metavar="ID,ID,...", help="Token ids, bypassing the tokenizer (works without one)."),
+    revision: REVISION = None,
+    prompt: PROMPT = None,
+    prompt_file: PROMPT_FILE = None,
+    prompt_ids: PROMPT_IDS = None,
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the chat format (Pangu turns, or the checkpoint's chat_template)."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt (implies --chat; default: an empty system block)."),
     interactive: bool = typer.Option(False, "--interactive", "-i", help="Multi-turn chat in the terminal; /reset clears, /exit or EOF quits."),
-    max_new_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, "--max-new-tokens", "-n", help="Most tokens to generate (per turn)."),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy (deterministic); > 0 samples."),
+    max_new_tokens: MAX_NEW_TOKENS = DEFAULT_MAX_NEW_TOKENS,
+    temperature: float = typer.Option(0.0, "--temp", "--temperature", help="0 = greedy (deterministic); > 0 samples."),
     top_k: int = typer.Option(0, "--top-k", help="Sample from the k most likely tokens (0 = off)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Sample from the smallest set with this probability mass (1 = off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed: the same seed gives the same output."),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop when this text appears (repeatable); it is not printed."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)."),
-    device: str = typer.Option("cpu", "--device", help="torch device: cpu, cuda, cuda:1, mps..."),
-    as_json: bool = typer.Option(False, "--json", help="No streaming: print one JSON object with ids, text and speed."),
+    dtype: DTYPE = None,
+    device: DEVICE = "cpu",
+    threads: THREADS = None,
+    quiet: QUIET = False,
+    as_json: JSON = False,
 ) -> None:
-    """Generate text from a MoGE checkpoint, streaming it to stdout; speed and peak memory go to stderr."""
-    from moge_cli.checkpoint import open_checkpoint
-    from moge_cli.tokenizer import eos_ids_from_dir, has_tokenizer, load_tokenizer
+    """Generate text from a MoGE checkpoint, streaming it to stdout; speed and peak memory go to stderr.
+
+    The prompt: --prompt, --file, --prompt-ids, or stdin when it is not a terminal. Generation ends at an end-of-sequence token (finish: eos), a --stop text (stop), -n tokens (length), or the model's context window (context, with a note on stderr).
+
+    Exit codes: 0 done, 2 error or bad usage (bad option, unreadable checkpoint, prompt longer than the context), 130 Ctrl-C, 141 output pipe closed.
+    """
+    from moge_cli.devices import check_device
 
     chat = chat or system is not None
-    if prompt is not None and prompt_ids is not None:
-        raise UsageError("give --prompt or --prompt-ids, not both")
-    if interactive and (prompt is not None or prompt_ids is not None or as_json):
-        raise UsageError("--interactive reads its prompts from the terminal; drop --prompt, --prompt-ids and --json")
+    if sum(x is not None for x in (prompt, prompt_file, prompt_ids)) > 1:
+        raise UsageError("give one of --prompt, --file or --prompt-ids")
+    if interactive and (prompt is not None or prompt_file is not None or prompt_ids is not None or as_json):
+        raise UsageError("--interactive reads its prompts from the terminal; drop --prompt, --file, --prompt-ids and --json")
     if prompt_ids is not None and chat:
         raise UsageError("--chat and --system format text prompts; they cannot be used with --prompt-ids")
     ids = parse_ids(prompt_ids) if prompt_ids is not None else None
+    if prompt_file is not None:
+        prompt = read_prompt_file(prompt_file)
     if ids is None and prompt is None and not interactive:
         prompt = read_stdin()
+    check_device(device)
+    apply_threads(threads)
 
-    ckpt = open_checkpoint(model_path, revision=revision)  # fails fast, before torch is imported
+    from moge_cli.checkpoint import open_checkpoint
+    from moge_cli.tokenizer import eos_ids_from_dir, has_tokenizer, load_tokenizer
+
+    ckpt = open_checkpoint(model_path, revision=revision)
     root = ckpt.root
     tokenizer = None
     if has_tokenizer(root):
@@ -68,7 +86,7 @@ def generate_command(
 
     model = load_model(ckpt, dtype=dtype, device=device)
     if interactive:
-        run_interactive(model, tokenizer, system=system, max_new_tokens=max_new_tokens, **sampling)
+        run_interactive(model, tokenizer, system=system, max_new_tokens=max_new_tokens, quiet=quiet, **sampling)
         return
     if ids is None:
         from moge_cli.chat import chat_prompt, encode_prompt, messages_for
@@ -76,7 +94,7 @@ def generate_command(
         text = chat_prompt(tokenizer, messages_for(prompt, system)) if chat else prompt
         ids = encode_prompt(tokenizer, text)
 
-    from moge_cli.generate import run_generation
+    from moge_cli.generate import context_capacity, run_generation
 
     stream: dict[str, Any] = {}
     if not as_json:
@@ -84,9 +102,31 @@ def generate_command(
     result = run_generation(model, ids, tokenizer=tokenizer, max_new_tokens=max_new_tokens, stop_ids=stop_ids, **sampling, **stream)
     if as_json:
         print_json(result.to_dict())
+    else:
+        _end_line(result.text if tokenizer is not None else result.generated_ids)
+    if quiet:
         return
-    _end_line(result.text if tokenizer is not None else result.generated_ids)
-    sys.stderr.write(stats_line(result) + "\n")
+    if result.finish_reason == "context":
+        sys.stderr.write(context_note(result, context_capacity(model), max_new_tokens) + "\n")
+    if not as_json:
+        sys.stderr.write(stats_line(result) + "\n")
+
+
+def context_note(result: Any, capacity: int, max_new_tokens: int) -> str:
+    return (
+        f"note: the context window is full ({capacity} tokens: {len(result.prompt_ids)} of prompt, "
+        f"{len(result.generated_ids)} generated); stopped before the {max_new_tokens} tokens asked for"
+    )
+
+
+def read_prompt_file(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text") from None
+    if not text.strip():
+        raise UsageError(f"{path}: the prompt file is empty")
+    return text
 
 
 def parse_ids(text: str) -> list[int]:
@@ -120,7 +160,7 @@ def stats_line(result: Any) -> str:
     )
 
 
-def run_interactive(model: Any, tokenizer: Any, *, system: Optional[str], max_new_tokens: int, **sampling: Any) -> None:
+def run_interactive(model: Any, tokenizer: Any, *, system: Optional[str], max_new_tokens: int, quiet: bool = False, **sampling: Any) -> None:
     """Read a line, answer it, keep the KV cache between turns. /reset clears, /exit or EOF quits."""
     if tokenizer is None:
         raise UsageError("--interactive needs a tokenizer, and this checkpoint has none")
@@ -156,7 +196,8 @@ def run_interactive(model: Any, tokenizer: Any, *, system: Optional[str], max_ne
             err.write("\n[reply interrupted]\n")
             continue
         _end_line(result.text)
-        err.write(stats_line(result) + f" | context {session.context_length} tokens\n")
+        if not quiet:
+            err.write(stats_line(result) + f" | context {session.context_length} tokens\n")
 
 
 def _writer() -> Callable[[str], None]:

@@ -8,26 +8,31 @@ from typing import Any, Callable, Optional
 import typer
 
 from moge_cli.commands.common import handle_errors, human_bytes, human_count, print_json, stderr_console, stdout_console
+from moge_cli.commands.options import JSON, QUIET, REVISION
 
 
 @handle_errors
 def load_command(
     path: str = typer.Argument(..., help="Checkpoint directory, .safetensors file, or cached Hugging Face repo id (org/name)."),
     glob: Optional[str] = typer.Argument(None, metavar="[GLOB]", help="With --tensors: list only tensors matching GLOB."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Revision of a Hugging Face repo id (cache only)."),
+    revision: REVISION = None,
     tensors: bool = typer.Option(False, "--tensors", help="List tensors: name, dtype, shape, shard, bytes (filter with GLOB)."),
     verify: bool = typer.Option(False, "--verify", help="Stream every tensor: NaN/Inf, all-zero, sha256 of every shard."),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="With verification: write shard hashes to FILE."),
     check: Optional[Path] = typer.Option(None, "--check", help="Verify shard hashes against a manifest FILE."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    quiet: QUIET = False,
+    as_json: JSON = False,
 ) -> None:
-    """Inspect and validate a MoGE checkpoint. Exit 0 healthy, 1 problems found, 2 unreadable."""
+    """Inspect and validate a MoGE checkpoint.
+
+    Exit codes: 0 healthy, 1 problems found, 2 unreadable or bad usage, 130 Ctrl-C, 141 output pipe closed.
+    """
     from moge_cli.inspect import inspect_checkpoint
 
     streaming = verify or manifest is not None or check is not None
     listing = glob or "*" if tensors or glob else None
     options = dict(revision=revision, verify=streaming, manifest=manifest, check=check, tensors=listing)
-    if streaming and not as_json:
+    if streaming and not (as_json or quiet):
         report = _with_progress(lambda progress: inspect_checkpoint(path, progress=progress, **options))
     else:
         report = inspect_checkpoint(path, **options)
@@ -85,6 +90,7 @@ def render(report: dict[str, Any]) -> None:
         rows.append(("quantization", f"{q['format']}: {', '.join(f'{s} x{n}' for s, n in q['schemes'].items())}, method {method}; {q['tensors']} tensors ({comps})"))
         rows.append(("quantized bytes", f"{human_bytes(q['quantized_bytes'])} for {human_count(q['quantized_params'])} weights "
                      f"({q['bits_per_quantized_weight']:.2f} bits each, scales included); float tensors {human_bytes(q['float_bytes'])}"))  # fmt: skip
+    rows += [("note", note) for note in report.get("notes", [])]  # skipped buffers, tied embeddings, rope_scaling
     for k, v in rows:
         summary.add_row(k, v)
     out.print(summary)

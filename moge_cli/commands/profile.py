@@ -8,42 +8,62 @@ from typing import Any, Optional
 import typer
 
 from moge_cli.commands.common import handle_errors, human_bytes, print_json, stderr_console, stdout_console
+from moge_cli.commands.options import (
+    ALIAS_DECODE, ALIAS_TEXT_FILE, DEVICE, DTYPE, JSON, MAX_NEW_TOKENS, PERPLEXITY, PROMPT, PROMPT_FILE, PROMPT_IDS, QUIET, REVISION,
+    THREADS, apply_threads, either,
+)  # fmt: skip
+
+DEFAULT_MAX_NEW_TOKENS = 32
 
 
 @handle_errors
 def profile_command(
     model: str = typer.Argument(..., help="Checkpoint directory, .safetensors file, or cached Hugging Face repo id."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text to run through the model."),
-    text_file: Optional[Path] = typer.Option(None, "--text-file", help="Run this file's text through the model."),
-    prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Token ids, e.g. 1,2,3 (no tokenizer needed)."),
-    decode: int = typer.Option(32, "--decode", help="Greedy tokens to decode after the prompt."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: the checkpoint's)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    prompt: PROMPT = None,
+    prompt_file: PROMPT_FILE = None,
+    prompt_ids: PROMPT_IDS = None,
+    max_new_tokens: MAX_NEW_TOKENS = DEFAULT_MAX_NEW_TOKENS,
+    dtype: DTYPE = None,
+    device: DEVICE = "cpu",
+    threads: THREADS = None,
     devices: Optional[int] = typer.Option(None, "--devices", help="Devices whole expert groups are placed on for the Imbalance Score (default: one group per device)."),
-    perplexity: Optional[Path] = typer.Option(None, "--perplexity", help="Also report perplexity on this text file."),
+    perplexity: PERPLEXITY = None,
     weights: bool = typer.Option(False, "--weights", help="Also stream per-tensor weight statistics."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG heatmap of expert load and per-layer IS (needs moge-toolkit[plot])."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Revision of a Hugging Face repo id (cache only)."),
-    as_json: bool = typer.Option(False, "--json", help="Print everything as JSON on stdout."),
+    plot: Optional[Path] = typer.Option(None, "--plot", metavar="PNG", help="Write a PNG heatmap of expert load and per-layer IS (needs moge-toolkit\\[plot])."),
+    revision: REVISION = None,
+    quiet: QUIET = False,
+    as_json: JSON = False,
+    text_file: ALIAS_TEXT_FILE = None,
+    decode: ALIAS_DECODE = None,
 ) -> None:
-    """Profile a MoGE checkpoint: where the time, the memory and the tokens go."""
+    """Profile a MoGE checkpoint: where the time, the memory and the tokens go.
+
+    Prefill of the prompt (--prompt, --file or --prompt-ids), then -n greedy tokens, timed per component; routing balance per layer; optionally perplexity, weight statistics and a plot.
+
+    Exit codes: 0 done, 2 error or bad usage (checked before the model loads: --device, --plot's matplotlib), 130 Ctrl-C, 141 output pipe closed.
+    """
     from moge_cli.commands.generate import parse_ids
     from moge_cli.profiling import profile
 
+    if plot is not None:
+        from moge_cli.plot import check_plot_target
+
+        check_plot_target(plot)  # before minutes of profiling, not after
+    apply_threads(threads)
     err = stderr_console()
     report = profile(
         model,
         prompt=prompt,
-        text_file=text_file,
+        text_file=either(prompt_file, text_file, None),
         prompt_ids=parse_ids(prompt_ids) if prompt_ids is not None else None,
-        decode=decode,
+        decode=either(max_new_tokens, decode, DEFAULT_MAX_NEW_TOKENS),
         dtype=dtype,
         device=device,
         devices=devices,
         perplexity_file=perplexity,
         weights=weights,
         revision=revision,
-        progress=lambda msg: err.print(f"[dim]{msg}...[/dim]"),
+        progress=None if quiet else (lambda msg: err.print(f"[dim]{msg}...[/dim]")),
     )
     if plot is not None:
         from moge_cli.plot import plot_routing

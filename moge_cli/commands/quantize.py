@@ -7,15 +7,19 @@ from typing import Any, List, Optional
 
 import typer
 
-from moge_cli.commands.common import handle_errors, human_bytes, print_json, stderr_console, stdout_console
-from moge_cli.commands.convert import render_plan
+from moge_cli.commands.common import handle_errors, human_bytes, print_json, sigterm_as_interrupt, stderr_console, stdout_console
+from moge_cli.commands.convert import print_notes, render_plan
+from moge_cli.commands.options import (
+    ALIAS_EVAL, ALIAS_EVAL_WINDOW, ALIAS_Q, DESTINATION, DRY_RUN, FORCE, JSON, MAX_SHARD_SIZE, PERPLEXITY, QUIET, REVISION, SOURCE,
+    THREADS, VERBOSE, VERIFY_OUTPUT, apply_threads, either,
+)  # fmt: skip
 
 
 @handle_errors
 def quantize_command(
-    src: str = typer.Argument(..., help="Source: float checkpoint directory, .safetensors file, pytorch_model*.bin / .pt, or cached repo id."),
-    dst: Path = typer.Argument(..., help="Destination directory (must not exist unless --force; not inside the source)."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Revision of a Hugging Face repo id (cache only)."),
+    src: SOURCE,
+    dst: DESTINATION,
+    revision: REVISION = None,
     bits: int = typer.Option(4, "--bits", help="8: symmetric, one scale per output channel; 4: groups of --group-size."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="4-bit group size: 32, 64 or 128 (default 128)."),
     symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="4-bit zero points (default asymmetric)."),
@@ -24,71 +28,93 @@ def quantize_command(
     lm_head: bool = typer.Option(False, "--lm-head", help="Also quantize lm_head."),
     include: Optional[List[str]] = typer.Option(None, "--include", help="Only quantize tensors matching this glob (repeatable)."),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Never quantize tensors matching this glob (repeatable)."),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest shard (tensor bytes): 5GB, 500MB, 2GiB..."),
-    eval_text: Optional[Path] = typer.Option(None, "--eval", help="Perplexity before and after on this text file."),
-    eval_window: Optional[int] = typer.Option(None, "--eval-window", help="Perplexity window in tokens (default 512)."),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="Text run through the model to weight each column's error by its activations (with --method mse)."),
+    max_shard_size: MAX_SHARD_SIZE = "5GB",
+    perplexity: PERPLEXITY = None,
+    perplexity_window: Optional[int] = typer.Option(None, "--perplexity-window", help="Perplexity window in tokens (default 512)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", metavar="FILE", help="Text run through the model to weight each column's error by its activations (with --method mse)."),
     calib_tokens: int = typer.Option(2048, "--calib-tokens", help="Tokens of the --calib text to use."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (shards, tensors, memory, disk); write nothing."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing destination."),
-    verify: bool = typer.Option(False, "--verify", help="Re-read the output and compare it with a fresh quantization; exit 1 on a mismatch."),
-    errors: bool = typer.Option(False, "--errors", help="List the error of every quantized tensor (always in --json)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary (or the --dry-run plan) as JSON on stdout."),
+    threads: THREADS = None,
+    dry_run: DRY_RUN = False,
+    force: FORCE = False,
+    verify: VERIFY_OUTPUT = False,
+    verbose: VERBOSE = False,
+    errors: bool = typer.Option(False, "--errors", hidden=True),  # now --verbose
+    quiet: QUIET = False,
+    as_json: JSON = False,
+    q: ALIAS_Q = False,
+    eval_text: ALIAS_EVAL = None,
+    eval_window: ALIAS_EVAL_WINDOW = None,
 ) -> None:
-    """Quantize a checkpoint's weights to int8 or int4 (vLLM-loadable compressed-tensors). Exit 0 done, 1 --verify mismatch, 2 error."""
+    """Quantize a checkpoint's weights to int8 or int4 (vLLM-loadable compressed-tensors), streamed.
+
+    --perplexity FILE measures the source and the output on that text (before / after). --verbose lists every tensor's error (always in --json).
+
+    Exit codes: 0 done, 1 --verify mismatch, 2 error or bad usage (nothing left behind), 130 Ctrl-C, 141 output pipe closed, 143 SIGTERM (cleaned up as on Ctrl-C).
+    """
     from moge_converters.quantize_pipeline import quantize_checkpoint
 
+    quiet, verbose = quiet or q, verbose or errors
+    apply_threads(threads)
     options: dict[str, Any] = dict(
         bits=bits, group_size=group_size, symmetric=symmetric, method=method, embeddings=embeddings, lm_head=lm_head,
         include=tuple(include or ()), exclude=tuple(exclude or ()), max_shard_size=max_shard_size, dry_run=dry_run,
-        force=force, verify=verify, eval_text=eval_text, eval_window=eval_window, calib=calib, calib_tokens=calib_tokens,
-        revision=revision,
+        force=force, verify=verify, eval_text=either(perplexity, eval_text, None),
+        eval_window=either(perplexity_window, eval_window, None), calib=calib, calib_tokens=calib_tokens, revision=revision,
     )  # fmt: skip
-    if quiet or dry_run:
-        result = quantize_checkpoint(src, dst, **options)
-    else:
-        result = _with_progress(lambda progress, layers: quantize_checkpoint(src, dst, progress=progress, calib_progress=layers, **options))
-    for note in result.get("notes", []):
-        stderr_console().print(f"note: {note}", highlight=False)
+    with sigterm_as_interrupt():  # `kill` cleans up like Ctrl-C does
+        if quiet or dry_run:
+            result = quantize_checkpoint(src, dst, **options)
+        else:
+            result = _with_progress(
+                lambda written, layers, scored: quantize_checkpoint(src, dst, progress=written, calib_progress=layers, eval_progress=scored, **options)
+            )
+    print_notes(result, quiet)
     if as_json:
         print_json(result)
     elif dry_run:
-        q = result["quantization"]
+        qs = result["quantization"]
         stdout_console().print(
-            f"quantize {result['quantized_tensors']} tensors: int{q['bits']} "
-            + ("per channel" if q["group_size"] is None else f"g{q['group_size']}")
-            + (" sym" if q["symmetric"] else " asym") + f", {q['method']}; by component: "
-            + ", ".join(f"{c} {n}" for c, n in q["components"].items()),
+            f"quantize {result['quantized_tensors']} tensors: int{qs['bits']} "
+            + ("per channel" if qs["group_size"] is None else f"g{qs['group_size']}")
+            + (" sym" if qs["symmetric"] else " asym") + f", {qs['method']}; by component: "
+            + ", ".join(f"{c} {n}" for c, n in qs["components"].items()),
             highlight=False,
         )
-        render_plan(result)
+        render_plan(result, verbose)
     else:
-        render(result, errors)
+        render(result, verbose)
 
 
 def _with_progress(run):
-    """run(progress, layers) with progress bars on stderr: layers calibrated (--calib), then bytes written."""
+    """run(written, layers, scored) with progress bars on stderr: layers calibrated (--calib), bytes written,
+    tokens scored for --perplexity (the source, then the output)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = ("[progress.description]{task.description}", BarColumn(), TextColumn("{task.fields[done]}"), TimeRemainingColumn())
     tasks: dict[str, Any] = {}
-    done: dict[str, int] = {}
     with Progress(*columns, console=stderr_console(), transient=True) as bar:
 
-        def step(key: str, label: str, n: int, total: int, text) -> None:
+        def show(key: str, label: str, done: int, total: int, text: str) -> None:
             if key not in tasks:
                 tasks[key] = bar.add_task(label, total=total, done="")
-            done[key] = done.get(key, 0) + n
-            bar.update(tasks[key], completed=done[key], total=total, done=text(done[key], total))
+            bar.update(tasks[key], completed=done, total=total, done=text)
 
-        def written(n: int, total: int) -> None:
-            step("write", "quantizing", n, total, lambda d, t: f"{human_bytes(d)} / {human_bytes(t)}")
+        def counter(key: str, label: str, text):
+            done = [0]
 
-        def layers(n: int, total: int) -> None:
-            step("calib", "calibrating", n, total, lambda d, t: f"layer {int(d)} / {t}")
+            def step(n: int, total: int) -> None:  # n more of total
+                done[0] += n
+                show(key, label, done[0], total, text(done[0], total))
 
-        return run(written, layers)
+            return step
+
+        written = counter("write", "quantizing", lambda d, t: f"{human_bytes(d)} / {human_bytes(t)}")
+        layers = counter("calib", "calibrating", lambda d, t: f"layer {int(d)} / {t}")
+
+        def scored(done: int, total: int) -> None:  # done of total, so far
+            show("eval", "perplexity", done, total, f"{done} / {total} tokens")
+
+        return run(written, layers, scored)
 
 
 def render(r: dict[str, Any], per_tensor: bool = False) -> None:
