@@ -43,7 +43,8 @@ def calibrate(src, text_file, *, max_tokens: int = 2048, dtype: torch.dtype | No
     max_tokens tokens (the checkpoint's tokenizer). progress(1, layers) is called after each layer."""
     from moge_cli.checkpoint import open_checkpoint
     from moge_cli.instrument import Recorder
-    from moge_cli.model import DecoderLayer, _checkpoint_dtype, _checked_sources, materialize, rms_norm, rope_tables
+    from moge_cli.model import DecoderLayer, _checkpoint_dtype, _checked_sources, materialize, rms_norm
+    from moge_cli.rope import call_rows, rope_tables
     from moge_cli.tokenizer import has_tokenizer, load_tokenizer
 
     root = Path(src)
@@ -58,19 +59,20 @@ def calibrate(src, text_file, *, max_tokens: int = 2048, dtype: torch.dtype | No
         dtype = dtype or _checkpoint_dtype(ckpt)
         embed = ckpt.tensor("model.embed_tokens.weight")
         xs = [embed[torch.tensor(ids[a : a + WINDOW])].to(dtype)[None] for a in range(0, len(ids), WINDOW)]  # [1, W, H] each
-        cos, sin = rope_tables(min(len(ids), WINDOW), cfg.head_dim, cfg.rope_theta, "cpu")
-        cal = Calibration(tokens=len(ids), experts=cfg.num_experts * (cfg.num_hidden_layers - len(cfg.mlp_only_layers)))
+        cos, sin = rope_tables(cfg, min(len(ids), WINDOW), "cpu")
+        rows = [call_rows(cfg, 0, x.shape[1], "cpu") or (cos[: x.shape[1]], sin[: x.shape[1]]) for x in xs]  # each window from position 0
+        cal = Calibration(tokens=len(ids), experts=cfg.num_experts * len(cfg.moe_layers))
         for L in range(cfg.num_hidden_layers):
             layer = materialize(DecoderLayer(cfg, L, dtype, "meta"), ckpt, sources, f"layers.{L}.")
             with torch.inference_mode(), Recorder(keep_routing=True, keep_inputs=True) as rec:
                 h1 = torch.cat([rms_norm(x, layer.input_layernorm, cfg.rms_norm_eps).flatten(0, 1) for x in xs])  # [N, H]
-                xs = [layer(x, cos[: x.shape[1], None], sin[: x.shape[1], None], None) for x in xs]
+                xs = [layer(x, c[:, None], s[:, None], None) for x, (c, s) in zip(xs, rows)]
             _layer_importance(cal, cfg, L, layer, h1, rec)
             del layer
             ckpt.close()  # unmap this layer's pages
             if progress:
                 progress(1, cfg.num_hidden_layers)
-        if "lm_head.weight" in ckpt.tensors:
+        if "lm_head.weight" in ckpt.tensors and not cfg.tie_word_embeddings:
             norm = ckpt.tensor("model.norm.weight").float()
             cal.importance["lm_head"] = _mean_square(torch.cat([rms_norm(x.float(), norm, cfg.rms_norm_eps).flatten(0, 1) for x in xs]))
     finally:
@@ -100,7 +102,8 @@ def _layer_importance(cal: Calibration, cfg, L: int, layer, h1: torch.Tensor, re
     if not hasattr(mlp, "gate"):  # a dense layer
         _mlp_importance(cal, f"{p}mlp.", h2, mlp.w13)
         return
-    _mlp_importance(cal, f"{p}mlp.shared_expert.", h2, mlp.shared_w13)
+    if mlp.shared_w13 is not None:
+        _mlp_importance(cal, f"{p}mlp.shared_expert.", h2, mlp.shared_w13)
     picks = torch.cat(rec.picks[L])  # [N, k]
     for e in picks.unique().tolist():
         xe = h2[(picks == e).any(-1)]  # [n, H]: the tokens routed to expert e

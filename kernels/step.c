@@ -8,7 +8,7 @@
  *           gate_up (a mat), down (a mat), w13 (a mat), w2 (a mat), inter
  *   a mat   w, wtype, scale, sdtype, zero, group (see mat_t in cpu.h)
  * gate is 0 for a dense layer (mlp_only_layers): w13 / w2 are then its MLP, else the shared expert;
- * inter is their width. Norms, the gate, router_scale and biases are float32; embed is [V, H] in
+ * inter is their width, 0 for a MoE layer without a shared expert (w13 / w2 are then not read). Norms, the gate, router_scale and biases are float32; embed is [V, H] in
  * dtype; experts are stacked [E, 2I, H] / [E, H, I]. Values are rounded to the model dtype where
  * torch's path stores them in it (residual stream, norms' outputs, q/k/v, attention output,
  * projections, logits), so a bfloat16 step matches the torch path up to float32 summation order.
@@ -87,7 +87,8 @@ const char *decode_step_check(const int64_t *plan) {
     if (!mat_supported(h.lm_head, h.H)) return "step: lm_head weight type not supported";
     for (long i = 0; i < h.L; i++) {
         layer_t l = next_layer(&c);
-        if (!mat_supported(l.qkv, h.H) || !mat_supported(l.o, h.nH * h.D) || !mat_supported(l.w13, h.H) || !mat_supported(l.w2, l.inter))
+        if (!mat_supported(l.qkv, h.H) || !mat_supported(l.o, h.nH * h.D) || l.inter < 0 || (!l.gate && l.inter == 0) ||
+            (l.inter && (!mat_supported(l.w13, h.H) || !mat_supported(l.w2, l.inter))))
             return "step: weight type not supported";
         if (l.gate && (!mat_supported(l.gate_up, h.H) || !mat_supported(l.down, h.I) || h.G < 1 || h.E % h.G || h.E > 4096 ||
                        h.picks < 1 || h.picks > h.E / h.G || h.G * h.picks + 1 > MAX_PICKS))
@@ -162,7 +163,7 @@ int decode_step(const int64_t *plan, float *logits, long token, long pos, void *
             for (; count < k; count++)
                 m[count] = (mlp_t){mat_row_block(l.gate_up, 2 * h.I, H, ids[count]), mat_row_block(l.down, H, h.I, ids[count]), h.I, coefs[count]};
         }
-        m[count++] = (mlp_t){l.w13, l.w2, l.inter, 1.0f};
+        if (l.inter) m[count++] = (mlp_t){l.w13, l.w2, l.inter, 1.0f};
         mlps(m, count, hv, h.dtype, mlp_scratch, y);
         round_to(y, H, h.dtype);
         add_rounded(x, y, H, h.dtype);

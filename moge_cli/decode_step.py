@@ -80,7 +80,9 @@ def plan(model) -> DecodePlan | None:
         attn, mlp = layer.self_attn, layer.mlp
         moe = hasattr(mlp, "gate")
         mats = [mat(attn.qkv_weight, H), mat(attn.o_weight, cfg.num_attention_heads * D)]
-        if moe:
+        if moe and mlp.shared_w13 is None:  # no shared expert: width 0, kernels/step.c skips it
+            mats += [mat(mlp.gate_up, H), mat(mlp.down, cfg.moe_intermediate_size), NO_MAT, NO_MAT]
+        elif moe:
             mats += [mat(mlp.gate_up, H), mat(mlp.down, cfg.moe_intermediate_size), mat(mlp.shared_w13, H),
                      mat(mlp.shared_w2, cfg.shared_expert_intermediate_size)]  # fmt: skip
         else:

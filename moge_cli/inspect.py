@@ -14,7 +14,7 @@ from moge_cli.checkpoint import Checkpoint, open_checkpoint, resolve_location
 from moge_cli.config import MODEL_TYPE, MoGEConfig
 from moge_cli.ep import ep_info, inspect_ep_dir, is_ep_dir, local_expected
 from moge_cli.errors import CheckpointError
-from moge_cli.names import LAYOUTS, PER_EXPERT, STACKED, component_of, expected_tensors
+from moge_cli.names import LAYOUTS, PER_EXPERT, STACKED, component_of, expected_tensors, skipped_notes
 from moge_cli.quant_format import expected_quantized, read_quantization
 from moge_cli.safetensors_format import TORCH_NAMES
 
@@ -35,12 +35,14 @@ class Problem:
 
 
 def count_params(cfg: MoGEConfig) -> dict[str, int]:
-    """Parameters of the model `cfg` describes: total, active (picked experts only), and per component."""
+    """Parameters of the model `cfg` describes: total, active (picked experts only), and per component.
+
+    A tied lm_head (tie_word_embeddings) is the embedding matrix: counted once, under embeddings (lm_head 0)."""
     by_component = Counter()
     for name, shape in expected_tensors(cfg, STACKED).items():  # same counts as per-expert, far fewer names
         by_component[component_of(name)] += math.prod(shape)
     routed = by_component["routed_experts"]
-    active_routed = routed * cfg.num_experts_per_tok // cfg.num_experts
+    active_routed = routed * cfg.num_experts_per_tok // cfg.num_experts if cfg.num_experts else 0
     total = sum(by_component.values())
     params = {"total": total, "active": total - routed + active_routed}
     params.update({c: by_component[c] for c in COMPONENTS})
@@ -54,7 +56,7 @@ def schema_problems(ckpt: Checkpoint, dtype: str | None = None) -> list[Problem]
     problems: list[Problem] = []
     if ckpt.config.model_type != MODEL_TYPE:
         problems.append(Problem("config", "", f"model_type is {ckpt.config.model_type!r}, expected {MODEL_TYPE!r}"))
-    if layout not in LAYOUTS:
+    if layout not in LAYOUTS and (layout == "mixed" or ckpt.config.moe_layers):  # no MoE layer: no expert tensor to lay out
         problems.append(Problem("layout", "", f"layout is {layout}: expected all expert tensors per-expert or all stacked"))
     expected = expected_tensors(ckpt.config, layout if layout in LAYOUTS else PER_EXPERT)
     if layout == "mixed":  # judge each layer by its own expert tensors rather than report everything twice
@@ -75,8 +77,9 @@ def schema_problems(ckpt: Checkpoint, dtype: str | None = None) -> list[Problem]
             problems.append(Problem("missing", name, f"expected shape {list(shape)}"))
         elif info.shape != shape:
             problems.append(Problem("shape", name, f"shape {list(info.shape)}, config says {list(shape)}"))
+    skipped = set(skipped_notes([n for n in ckpt.tensors if n not in expected], ckpt.config)[0])
     for name in ckpt.tensors:
-        if name not in expected:
+        if name not in expected and name not in skipped:
             problems.append(Problem("unexpected", name, f"not part of a {ckpt.config.model_type} checkpoint of this config"))
     dtype = dtype or main_dtype(ckpt)
     for name, info in ckpt.tensors.items():
@@ -148,9 +151,23 @@ def tensor_rows(ckpt: Checkpoint, pattern: str = "*") -> list[dict[str, Any]]:
     ]
 
 
+def load_notes(ckpt: Checkpoint) -> tuple[list[str], list[str]]:
+    """(tensors a load skips, notes for the reader): known buffers outside the model, tied embeddings, rope_scaling."""
+    cfg = ckpt.config
+    layout = ckpt.layout if ckpt.layout in LAYOUTS else PER_EXPERT
+    expected = set(expected_tensors(cfg, layout)) | set(expected_tensors(cfg, STACKED))
+    skipped, notes = skipped_notes([n for n in ckpt.tensors if n not in expected], cfg)
+    if cfg.tie_word_embeddings:
+        notes.insert(0, "tie_word_embeddings: the output projection (lm_head) is the embedding matrix")
+    if (r := cfg.rope) is not None:
+        notes.insert(0, f"rope_scaling: {r.rope_type}, factor {r.factor:g}")
+    return skipped, notes
+
+
 def summarize(ckpt: Checkpoint) -> dict[str, Any]:
     cfg = ckpt.config
     dtype = main_dtype(ckpt)
+    skipped, notes = load_notes(ckpt)
     return {
         "path": str(ckpt.source),
         "model_type": cfg.model_type,
@@ -176,6 +193,8 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
         "tensor_bytes": sum(t.nbytes for t in ckpt.tensors.values()),
         "shards": [f.name for f in ckpt.files],
         "problems": [asdict(p) for p in schema_problems(ckpt, dtype)],
+        "notes": notes,
+        "skipped_tensors": skipped,
         **({"ep": ep} if (ep := ep_info(cfg)) else {}),
         **({"quantization": q} if (q := quantization_summary(ckpt)) else {}),
     }

@@ -18,14 +18,14 @@ from torch import nn
 from moge_kernels import native
 from moge_kernels.experts import dense_mlp, moe_experts
 from moge_kernels.routing import route
-from moge_cli import decode_step, hugepages, instrument
+from moge_cli import decode_step, hugepages, instrument, rope
 from moge_cli.checkpoint import Checkpoint, open_checkpoint
 from moge_cli.config import MoGEConfig
 from moge_cli.errors import CheckpointError, UsageError
 from moge_cli.instrument import inputs as record_inputs
 from moge_cli.instrument import routing as record_routing
 from moge_cli.instrument import section
-from moge_cli.names import PER_EXPERT, STACKED, expected_tensors
+from moge_cli.names import PER_EXPERT, STACKED, expected_tensors, skipped_reason
 from moge_cli.safetensors_format import TORCH_NAMES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,17 +75,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return y
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
-
-
-def rope_tables(positions: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed sin [positions, D] float32 for neox RoPE (angles in float64: long positions stay exact).
-
-    The sin table's first half is negated so that rotate_half(x) * sin == roll(x, D/2) * signed_sin.
-    """
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # [D/2]
-    angles = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq  # [P, D/2]
-    cos, sin = angles.cos(), angles.sin()
-    return torch.cat([cos, cos], -1).float().to(device), torch.cat([-sin, sin], -1).float().to(device)  # [P, D]
 
 
 def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -172,7 +161,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> to
 
 
 class MoE(nn.Module):
-    """MoGE block: grouped top-K' routing over E stacked experts plus an always-on shared expert."""
+    """MoGE block: grouped top-K' routing over E stacked experts plus an always-on shared expert (none when
+    shared_expert_intermediate_size is 0: shared_w13 / shared_w2 are then None)."""
 
     def __init__(self, cfg: MoGEConfig, dtype: torch.dtype, device, layer: int = 0) -> None:
         super().__init__()
@@ -183,8 +173,8 @@ class MoE(nn.Module):
         self.router_scale = _param((E,), torch.float32, device)
         self.gate_up = _param((E, 2 * I, H), dtype, device)  # rows 0..I-1 gate_proj, I..2I-1 up_proj
         self.down = _param((E, H, I), dtype, device)
-        self.shared_w13 = _param((2 * Is, H), dtype, device)
-        self.shared_w2 = _param((H, Is), dtype, device)
+        self.shared_w13 = _param((2 * Is, H), dtype, device) if Is else None
+        self.shared_w2 = _param((H, Is), dtype, device) if Is else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, H]
         with section("router"):
@@ -193,11 +183,13 @@ class MoE(nn.Module):
         record_routing(self.layer, logits, expert_ids)
         gate_up, down, w13, w2, xc = self.gate_up, self.down, self.shared_w13, self.shared_w2, x
         if _upcast(x):
-            gate_up, down, w13, w2, xc = gate_up.float(), down.float(), w13.float(), w2.float(), x.float()
+            gate_up, down, xc = gate_up.float(), down.float(), x.float()
+            w13, w2 = (None, None) if w13 is None else (w13.float(), w2.float())
         with section("routed_experts"):
             y = moe_experts(xc, expert_ids, weights, gate_up, down)
-        with section("shared_expert"):
-            y = y + dense_mlp(xc, w13, w2)
+        if w13 is not None:
+            with section("shared_expert"):
+                y = y + dense_mlp(xc, w13, w2)
         return y.to(x.dtype)
 
 
@@ -229,7 +221,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = _param((cfg.hidden_size,), torch.float32, device)
         self.post_attention_layernorm = _param((cfg.hidden_size,), torch.float32, device)
         self.self_attn = Attention(cfg, dtype, device)
-        self.mlp = DenseMLP(cfg, dtype, device) if layer in cfg.mlp_only_layers else MoE(cfg, dtype, device, layer)
+        self.mlp = DenseMLP(cfg, dtype, device) if cfg.is_dense(layer) else MoE(cfg, dtype, device, layer)
 
     def forward(self, x, cos, sin, cache: KVCache | None) -> torch.Tensor:  # x [B, T, H]
         with section("attention"):
@@ -250,7 +242,7 @@ class MoGEForCausalLM(nn.Module):
         self.embed_tokens = _param((V, H), dtype, device)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_hidden_layers))
         self.norm = _param((H,), torch.float32, device)
-        self.lm_head = _param((V, H), dtype, device)
+        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else _param((V, H), dtype, device)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rope_len = 0
         self.quantization = None  # set by moge_cli.quantized.load_quantized
@@ -264,6 +256,12 @@ class MoGEForCausalLM(nn.Module):
     ) -> "MoGEForCausalLM":
         """The model with uninitialised parameters (torch.empty; no storage at all on "meta")."""
         return cls(cfg, resolve_dtype(dtype), torch.device(device))
+
+    def tie_weights(self) -> "MoGEForCausalLM":
+        """With tie_word_embeddings, point lm_head at the (re)loaded embedding matrix; returns self."""
+        if self.config.tie_word_embeddings:
+            self.lm_head = self.embed_tokens
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -318,8 +316,7 @@ class MoGEForCausalLM(nn.Module):
                 f"cache holds {cache.batch_size} sequences of up to {cache.max_len} positions ({start} used); "
                 f"got {B} x {T} more tokens; make a bigger one with new_cache(batch_size, max_len)"
             )
-        cos, sin = self._rope_tables(start + T)
-        cos, sin = cos[start : start + T, None], sin[start : start + T, None]  # [T, 1, D]
+        cos, sin = self._rope_rows(start, T)  # [T, 1, D] each
         one_token = B * T == 1 and self.device.type == "cpu" and self.native_decode
         with native.decode_threads(one_token):
             with section("embedding"):
@@ -340,11 +337,19 @@ class MoGEForCausalLM(nn.Module):
         return self._plan
 
     def _rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """moge_cli.rope's tables [P, D] for at least n positions, grown in powers of two (rows never change)."""
         if self._rope is None or self._rope_len < n:
             self._rope_len = size = max(256, 1 << (n - 1).bit_length())
-            cfg = self.config
-            self._rope = rope_tables(size, cfg.head_dim, cfg.rope_theta, self.device)
+            self._rope = rope.rope_tables(self.config, size, self.device)
         return self._rope
+
+    def _rope_rows(self, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin [T, 1, D] of a forward call over positions start..start+T-1."""
+        rows = rope.call_rows(self.config, start, start + T, self.device)  # dynamic NTK past the trained length
+        if rows is None:
+            cos, sin = self._rope_tables(start + T)
+            rows = cos[start : start + T], sin[start : start + T]
+        return rows[0][:, None], rows[1][:, None]
 
 
 def _check_ids(input_ids: torch.Tensor, vocab: int) -> tuple[int, int]:
@@ -391,12 +396,16 @@ DENSE_SOURCES = {"mlp.w13": ["mlp.gate_proj.weight", "mlp.up_proj.weight"], "mlp
 def parameter_sources(cfg: MoGEConfig, layout: str) -> dict[str, list[str]]:
     """Every model parameter -> the checkpoint tensors (in `layout`) it is built from."""
     out = dict(GLOBAL_SOURCES)
+    if cfg.tie_word_embeddings:
+        del out["lm_head"]  # the embedding's parameter
     for L in range(cfg.num_hidden_layers):
         table = dict(LAYER_SOURCES)
-        if L in cfg.mlp_only_layers:
+        if cfg.is_dense(L):
             table.update(DENSE_SOURCES)
         else:
             table.update(MOE_SOURCES)
+            if not cfg.has_shared_expert:
+                del table["mlp.shared_w13"], table["mlp.shared_w2"]
             if layout == STACKED:
                 table.update(STACKED_SOURCES)
             else:
@@ -422,7 +431,8 @@ def load_model(path, *, dtype=None, device="cpu", revision=None) -> MoGEForCausa
             return load_quantized(ckpt, quant, dtype=dtype, device=device)
         sources = _checked_sources(ckpt)
         dtype = resolve_dtype(dtype, default=_checkpoint_dtype(ckpt))
-        model = materialize(MoGEForCausalLM.from_config(ckpt.config, dtype, "meta"), ckpt, sources, device=device)
+        check_tied_head(ckpt)
+        model = materialize(MoGEForCausalLM.from_config(ckpt.config, dtype, "meta"), ckpt, sources, device=device).tie_weights()
     finally:
         ckpt.close()
     return model
@@ -447,7 +457,7 @@ def _checked_sources(ckpt) -> dict[str, list[str]]:
     layout = PER_EXPERT if layout == "unknown" else layout
     expected = expected_tensors(ckpt.config, layout)
     missing = [n for n in expected if n not in ckpt.tensors]
-    unexpected = [n for n in ckpt.tensors if n not in expected]
+    unexpected = [n for n in ckpt.tensors if n not in expected and skipped_reason(n, ckpt.config) is None]
     wrong = [f"{n} {list(i.shape)} (expected {list(expected[n])})" for n, i in ckpt.tensors.items()
              if n in expected and tuple(i.shape) != expected[n]]  # fmt: skip
     for what, names in (("is missing", missing), ("has unexpected", unexpected), ("has wrongly shaped", wrong)):
@@ -458,6 +468,20 @@ def _checked_sources(ckpt) -> dict[str, list[str]]:
                 f"the model cannot run it (check config.json, or run moge load --check)"
             )
     return parameter_sources(ckpt.config, layout)
+
+
+def check_tied_head(ckpt) -> None:
+    """A tied checkpoint that also stores lm_head.weight: refuse it unless it equals the embedding it is tied to."""
+    if not ckpt.config.tie_word_embeddings or "lm_head.weight" not in ckpt.tensors:
+        return
+    head, embed = ckpt.tensors["lm_head.weight"], ckpt.tensors["model.embed_tokens.weight"]
+    same = head.shape == embed.shape and head.dtype == embed.dtype and torch.equal(ckpt.tensor("lm_head.weight"), ckpt.tensor("model.embed_tokens.weight"))
+    ckpt.close()
+    if not same:
+        raise CheckpointError(
+            f"{ckpt.root}: config.json sets tie_word_embeddings: true, but lm_head.weight differs from model.embed_tokens.weight; "
+            "set tie_word_embeddings to false to use the stored lm_head, or remove lm_head.weight"
+        )
 
 
 def _checkpoint_dtype(ckpt) -> torch.dtype:

@@ -36,6 +36,8 @@ LAYER = {
 MOE = {
     "model.layers.{L}.mlp.gate.weight": ("E", "H"),
     "model.layers.{L}.mlp.router_scale": ("1", "E"),
+}
+SHARED = {  # MoE layers with a shared expert (shared_expert_intermediate_size > 0)
     "model.layers.{L}.mlp.shared_expert.gate_proj.weight": ("Is", "H"),
     "model.layers.{L}.mlp.shared_expert.up_proj.weight": ("Is", "H"),
     "model.layers.{L}.mlp.shared_expert.down_proj.weight": ("H", "Is"),
@@ -49,7 +51,7 @@ STACKED_EXPERTS = {  # stacked layout: gate_up rows 0..I-1 gate_proj, I..2I-1 up
     "model.layers.{L}.mlp.experts.gate_up_proj": ("E", "2I", "H"),
     "model.layers.{L}.mlp.experts.down_proj": ("E", "H", "I"),
 }
-DENSE = {  # mlp_only_layers (Qwen2-MoE convention)
+DENSE = {  # mlp_only_layers (Qwen2-MoE convention), or every layer when num_experts is 0
     "model.layers.{L}.mlp.gate_proj.weight": ("Id", "H"),
     "model.layers.{L}.mlp.up_proj.weight": ("Id", "H"),
     "model.layers.{L}.mlp.down_proj.weight": ("H", "Id"),
@@ -59,6 +61,35 @@ PER_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_p
 STACKED_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 QUANT_SUFFIX_RE = re.compile(r"\.weight_(packed|scale|shape|zero_point)$")
+
+# Tensors real checkpoints carry that hold no weight of the model: skipped with a note, never loaded,
+# carried unchanged by convert. Anything else not in expected_tensors stays an error.
+ROPE_BUFFER = "RoPE inv_freq buffer(s), recomputed from rope_theta and rope_scaling"
+KV_CACHE_QUANT = "KV-cache quantization scale/offset tensor(s) of a quantized attention export; moge keeps the KV cache in the model dtype"
+TIED_HEAD = "lm_head.weight beside tie_word_embeddings: true; the model uses model.embed_tokens.weight (loading checks the two are equal)"
+KNOWN_BUFFERS = {
+    re.compile(r"^model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq$"): ROPE_BUFFER,
+    # msmodelslim C8 exports (vllm-ascend: k_proj/v_proj.kv_cache_scale/offset); vLLM's fp8 KV scales
+    re.compile(r"^model\.layers\.\d+\.self_attn\.[kv]_proj\.kv_cache_(scale|offset)$"): KV_CACHE_QUANT,
+    re.compile(r"^model\.layers\.\d+\.self_attn\.(attn\.[kv]_scale|k_proj\.k_scale|v_proj\.v_scale|kv_scale)$"): KV_CACHE_QUANT,
+}
+
+
+def skipped_reason(name: str, cfg: MoGEConfig) -> str | None:
+    """Why a tensor outside expected_tensors is known and skipped (see KNOWN_BUFFERS), or None: unexpected."""
+    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        return TIED_HEAD
+    return next((why for pattern, why in KNOWN_BUFFERS.items() if pattern.match(name)), None)
+
+
+def skipped_notes(names, cfg: MoGEConfig) -> tuple[list[str], list[str]]:
+    """(skipped tensor names, one note per kind: count, an example and why) of the names outside expected_tensors."""
+    by_reason: dict[str, list[str]] = {}
+    for n in names:
+        if (why := skipped_reason(n, cfg)) is not None:
+            by_reason.setdefault(why, []).append(n)
+    notes = [f"skipped {len(ns)} {why} (e.g. {ns[0]})" for why, ns in by_reason.items()]
+    return [n for ns in by_reason.values() for n in ns], notes
 
 
 def _dims(cfg: MoGEConfig) -> dict[str, int]:
@@ -92,10 +123,12 @@ def layer_tensors(cfg: MoGEConfig, layer: int, layout: str) -> dict[str, tuple[i
     """Expected name -> shape of one decoder layer in `layout`."""
     dims = _dims(cfg)
     out = _expand(LAYER, dims, layer)
-    if layer in cfg.mlp_only_layers:
+    if cfg.is_dense(layer):
         out.update(_expand(DENSE, dims, layer))
         return out
     out.update(_expand(MOE, dims, layer))
+    if cfg.has_shared_expert:
+        out.update(_expand(SHARED, dims, layer))
     if layout == STACKED:
         out.update(_expand(STACKED_EXPERTS, dims, layer))
     else:
@@ -112,7 +145,8 @@ def expected_tensors(cfg: MoGEConfig, layout: str = PER_EXPERT) -> dict[str, tup
     for layer in range(cfg.num_hidden_layers):
         out.update(layer_tensors(cfg, layer, layout))
     out["model.norm.weight"] = (dims["H"],)
-    out["lm_head.weight"] = (dims["V"], dims["H"])
+    if not cfg.tie_word_embeddings:  # tied: the embedding matrix is the output projection
+        out["lm_head.weight"] = (dims["V"], dims["H"])
     return out
 
 

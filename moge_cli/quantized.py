@@ -39,7 +39,7 @@ from moge_cli.errors import CheckpointError, UsageError
 from moge_cli.files import optional_file
 from moge_cli.instrument import routing as record_routing
 from moge_cli.instrument import section
-from moge_cli.names import PER_EXPERT, expected_tensors
+from moge_cli.names import PER_EXPERT, expected_tensors, skipped_reason
 from moge_cli.quant_format import QuantizedCheckpoint, Scheme, expected_quantized, module_of, read_quantization
 
 KERNELS = ("native", "torch", "dequant")
@@ -254,9 +254,10 @@ class QMoE(nn.Module):
         record_routing(self.layer, logits, expert_ids)
         with section("routed_experts"):
             y = routed_experts(x, expert_ids, weights, self.gate_up, self.down)
-        with section("shared_expert"):
-            shared = native_moe(x, native.ONE_ID, native.ONE_WEIGHT, self.shared_w13, self.shared_w2, shared=True) if x.shape[0] == 1 else None
-            y = y + (shared if shared is not None else swiglu(x, self.shared_w13, self.shared_w2).float())
+        if self.shared_w13 is not None:
+            with section("shared_expert"):
+                shared = native_moe(x, native.ONE_ID, native.ONE_WEIGHT, self.shared_w13, self.shared_w2, shared=True) if x.shape[0] == 1 else None
+                y = y + (shared if shared is not None else swiglu(x, self.shared_w13, self.shared_w2).float())
         return y.to(x.dtype)
 
 
@@ -334,7 +335,7 @@ def quantization_of(ckpt) -> QuantizedCheckpoint | None:
 
 def load_quantized(ckpt, quant: QuantizedCheckpoint, *, dtype=None, device="cpu", kernel: str | None = None):
     """A MoGEForCausalLM for a quantized checkpoint (open Checkpoint); see the module docstring."""
-    from moge_cli.model import MoE, DenseMLP, MoGEForCausalLM, _fill, parameter_sources, resolve_dtype
+    from moge_cli.model import MoE, DenseMLP, MoGEForCausalLM, _fill, check_tied_head, parameter_sources, resolve_dtype
 
     if torch.device(device).type != "cpu":
         raise UsageError(f"quantized checkpoints run on the CPU (torch's CPU weight-only kernels); got device {device}")
@@ -342,6 +343,7 @@ def load_quantized(ckpt, quant: QuantizedCheckpoint, *, dtype=None, device="cpu"
     cfg: MoGEConfig = ckpt.config
     layout = PER_EXPERT if ckpt.layout == "unknown" else ckpt.layout
     _check_tensors(ckpt, cfg, layout, quant)
+    check_tied_head(ckpt)
     dtype = resolve_dtype(dtype, default=_float_dtype(ckpt))
     model = MoGEForCausalLM.from_config(cfg, dtype, "meta")
     sources = parameter_sources(cfg, layout)
@@ -366,6 +368,7 @@ def load_quantized(ckpt, quant: QuantizedCheckpoint, *, dtype=None, device="cpu"
         mlp = layer.mlp
         if any(isinstance(v, QLinear) for v in mlp.children()):
             mlp.__class__ = QMoE if isinstance(mlp, MoE) else QDenseMLP if isinstance(mlp, DenseMLP) else type(mlp)
+    model.tie_weights()
     model.quantization = quant
     model.native_decode = runs_natively(model)
     return model
@@ -397,7 +400,7 @@ def _dequantized(ckpt, module: str, name: str, quant: QuantizedCheckpoint) -> to
 def _check_tensors(ckpt, cfg: MoGEConfig, layout: str, quant: QuantizedCheckpoint) -> None:
     expected = expected_quantized(expected_tensors(cfg, layout), quant.modules)
     missing = [n for n in expected if n not in ckpt.tensors]
-    unexpected = [n for n in ckpt.tensors if n not in expected]
+    unexpected = [n for n in ckpt.tensors if n not in expected and skipped_reason(n, cfg) is None]
     wrong = [n for n, i in ckpt.tensors.items() if n in expected and tuple(i.shape) != expected[n]]
     for what, names in (("is missing", missing), ("has unexpected", unexpected), ("has wrongly shaped", wrong)):
         if names:

@@ -45,12 +45,53 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
 
 
-def rope(vec: torch.Tensor, pos: int, theta: float) -> torch.Tensor:
-    """neox RoPE of one head vector [D]: rotate the pairs (i, i + D/2) by pos * theta^(-2i/D)."""
+def rope_speeds(cfg: MoGEConfig, seq_len: int) -> tuple[list[float], float]:
+    """(rotation speed of each pair i of dims, factor on cos and sin), one dim at a time from the formulas
+    of Hugging Face's RoPE types; seq_len: the length of the forward call (dynamic NTK reads it)."""
+    D, theta, r = cfg.head_dim, cfg.rope_theta, cfg.rope
+    plain = [theta ** (-2 * i / D) for i in range(D // 2)]
+    if r is None:
+        return plain, 1.0
+    if r.rope_type == "linear":  # positions divided by factor
+        return [w / r.factor for w in plain], 1.0
+    if r.rope_type == "dynamic":  # NTK: a larger base once the sequence outgrows max_position_embeddings
+        M = cfg.max_position_embeddings
+        base = theta * (r.factor * max(seq_len, M) / M - (r.factor - 1)) ** (D / (D - 2))
+        return [base ** (-2 * i / D) for i in range(D // 2)], 1.0
+    # yarn: dims turning more than beta_fast times over the original context keep their speed, those turning
+    # fewer than beta_slow times are slowed by factor, a straight ramp between
+    def dim_of(turns: float) -> float:
+        return D * math.log(r.original_max_position_embeddings / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    lo, hi = dim_of(r.beta_fast), dim_of(r.beta_slow)
+    if r.truncate:
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, D - 1)
+    hi = hi + 0.001 if lo == hi else hi
+    speeds = []
+    for i, w in enumerate(plain):
+        t = min(max((i - lo) / (hi - lo), 0.0), 1.0)
+        speeds.append((1 - t) * w + t * w / r.factor)
+
+    def m(scale: float, k: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * k * math.log(scale) + 1.0
+
+    if r.attention_factor is not None:
+        mscale = r.attention_factor
+    elif r.mscale and r.mscale_all_dim:
+        mscale = m(r.factor, r.mscale) / m(r.factor, r.mscale_all_dim)
+    else:
+        mscale = m(r.factor)
+    return speeds, mscale
+
+
+def rope(vec: torch.Tensor, pos: int, speeds: list[float], mscale: float = 1.0) -> torch.Tensor:
+    """neox RoPE of one head vector [D]: rotate the pairs (i, i + D/2) by pos * speeds[i], scaled by mscale."""
     half = vec.shape[0] // 2
-    angle = pos * theta ** (-torch.arange(half, dtype=torch.float64) * 2 / vec.shape[0])
+    angle = pos * torch.tensor(speeds, dtype=torch.float64)
+    cos, sin = angle.cos() * mscale, angle.sin() * mscale
     x1, x2 = vec[:half], vec[half:]
-    return torch.cat([x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()])
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin])
 
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -58,16 +99,18 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Te
     return down @ (g * torch.sigmoid(g) * (up @ x))
 
 
-def attention(x: torch.Tensor, W: _Weights, p: str, cfg: MoGEConfig) -> torch.Tensor:
-    """Causal GQA over x [T, H]: one query position and one head at a time."""
+def attention(x: torch.Tensor, W: _Weights, p: str, cfg: MoGEConfig, seq_lens: list[int]) -> torch.Tensor:
+    """Causal GQA over x [T, H]: one query position and one head at a time; position s is rotated at
+    length seq_lens[s] (the end of the forward call that ran it)."""
     T, D, nH, nKV = x.shape[0], cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    speeds = [rope_speeds(cfg, seq_lens[s]) for s in range(T)]
     proj = {n: x @ W(f"{p}self_attn.{n}_proj.weight").T + W(f"{p}self_attn.{n}_proj.bias") for n in "qkv"}
     out = torch.zeros(T, nH * D, dtype=torch.float64)
     for h in range(nH):
         kv = h // (nH // nKV)  # the kv head this query head shares
-        keys = [rope(proj["k"][s, kv * D : (kv + 1) * D], s, cfg.rope_theta) for s in range(T)]
+        keys = [rope(proj["k"][s, kv * D : (kv + 1) * D], s, *speeds[s]) for s in range(T)]
         for t in range(T):
-            q = rope(proj["q"][t, h * D : (h + 1) * D], t, cfg.rope_theta)
+            q = rope(proj["q"][t, h * D : (h + 1) * D], t, *speeds[t])
             scores = torch.stack([q @ keys[s] / math.sqrt(D) for s in range(t + 1)])
             probs = torch.softmax(scores, dim=0)
             out[t, h * D : (h + 1) * D] = sum(probs[s] * proj["v"][s, kv * D : (kv + 1) * D] for s in range(t + 1))
@@ -86,6 +129,8 @@ def moe(x: torch.Tensor, W: _Weights, p: str, cfg: MoGEConfig) -> torch.Tensor:
             ex = f"{p}mlp.experts.{e}."
             expert = swiglu(x, W(ex + "gate_proj.weight"), W(ex + "up_proj.weight"), W(ex + "down_proj.weight"))
             y += probs[e] * scale[e] * expert
+    if cfg.shared_expert_intermediate_size == 0:  # no shared expert
+        return y
     sh = f"{p}mlp.shared_expert."
     return y + swiglu(x, W(sh + "gate_proj.weight"), W(sh + "up_proj.weight"), W(sh + "down_proj.weight"))
 
@@ -94,22 +139,32 @@ def dense(x: torch.Tensor, W: _Weights, p: str) -> torch.Tensor:
     return swiglu(x, W(f"{p}mlp.gate_proj.weight"), W(f"{p}mlp.up_proj.weight"), W(f"{p}mlp.down_proj.weight"))
 
 
-def reference_logits(ckpt_or_state: Any, cfg: MoGEConfig | None, ids: Any) -> torch.Tensor:
-    """float64 logits [T, V] of one sequence of token ids, from a Checkpoint or a {name: tensor} dict."""
+def reference_logits(ckpt_or_state: Any, cfg: MoGEConfig | None, ids: Any, calls: list[int] | None = None) -> torch.Tensor:
+    """float64 logits [T, V] of one sequence of token ids, from a Checkpoint or a {name: tensor} dict.
+
+    calls: the sizes of the forward calls the tokens are fed in through a KV cache (default: one call of all
+    T; [1] * T: one token at a time). They change the logits only under dynamic NTK scaling, where a call
+    ending at position e rotates its tokens at length e."""
     cfg = cfg if cfg is not None else ckpt_or_state.config
     W = _Weights(ckpt_or_state)
     ids = [int(i) for i in torch.as_tensor(ids).reshape(-1).tolist()]
+    calls = calls or [len(ids)]
+    if sum(calls) != len(ids) or min(calls) < 1:
+        raise ValueError(f"calls {calls} do not split {len(ids)} tokens")
+    ends = torch.tensor(calls).cumsum(0).tolist()
+    seq_lens = [end for end, n in zip(ends, calls) for _ in range(n)]  # [T]: each position's call end
     eps = cfg.rms_norm_eps
     x = W("model.embed_tokens.weight")[ids]  # [T, H]
     for L in range(cfg.num_hidden_layers):
         p = f"model.layers.{L}."
-        h = x + attention(rms_norm(x, W(p + "input_layernorm.weight"), eps), W, p, cfg)
+        h = x + attention(rms_norm(x, W(p + "input_layernorm.weight"), eps), W, p, cfg, seq_lens)
         n = rms_norm(h, W(p + "post_attention_layernorm.weight"), eps)
-        if L in cfg.mlp_only_layers:
+        if cfg.num_experts == 0 or L in cfg.mlp_only_layers:
             x = h + torch.stack([dense(n[t], W, p) for t in range(len(ids))])
         else:
             x = h + torch.stack([moe(n[t], W, p, cfg) for t in range(len(ids))])
-    return rms_norm(x, W("model.norm.weight"), eps) @ W("lm_head.weight").T  # [T, V]
+    head = W("model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight")  # tied: the embedding
+    return rms_norm(x, W("model.norm.weight"), eps) @ head.T  # [T, V]
 
 
 __all__ = ["reference_logits"]
