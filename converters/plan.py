@@ -108,6 +108,8 @@ def parse_layers(text: str, num_layers: int) -> list[int]:
 def ep_ranks(cfg: MoGEConfig, world: int) -> list[list[int]]:
     """Global expert ids of each rank: rank r holds groups r*G/N .. (r+1)*G/N-1, whole."""
     g = cfg.n_groups
+    if not cfg.num_experts:
+        raise UsageError(f"--ep {world}: the model has no experts (num_experts 0); expert parallelism has nothing to split")
     if world < 1 or g % world:
         raise UsageError(f"--ep {world}: the model has {g} expert groups; N must divide it (try one of {[d for d in range(1, g + 1) if g % d == 0]})")
     per_rank = cfg.num_experts // world

@@ -226,6 +226,8 @@ def _refuse_other_families(d: dict[str, Any]) -> None:
             f"{', ' + what if what else ''}): routing over n_routed_experts with sigmoid scores and no expert groups, "
             f"not a MoGE model; moge supports Pangu Pro MoE (model_type {MODEL_TYPE!r})"
         )
+    if d.get("partial_rotary_factor", 1) != 1:
+        raise ConfigError(f"config.json: partial_rotary_factor {d['partial_rotary_factor']!r} is not supported (Pangu Pro MoE rotates every dim)")
     if d.get("decoder_sparse_step", 1) != 1:
         raise ConfigError(
             f"config.json: decoder_sparse_step {d['decoder_sparse_step']!r} is not supported "

@@ -91,6 +91,12 @@ def test_openpangu_v2_configs_are_refused_as_what_they_are(config):
         MoGEConfig.from_dict(config)
 
 
+@pytest.mark.parametrize("over, key", [({"decoder_sparse_step": 2}, "decoder_sparse_step"), ({"partial_rotary_factor": 0.5}, "partial_rotary_factor")])
+def test_keys_that_would_change_the_model_are_refused_not_dropped(over, key):
+    with pytest.raises(ConfigError, match=f"{key} .* is not supported"):
+        MoGEConfig.from_dict(dict(BASE, **over))
+
+
 def test_moge_load_refuses_an_openpangu_v2_checkpoint(tmp_path):
     ckpt = write(tmp_path)
     set_config(ckpt, n_routed_experts=8, scoring_func="sigmoid")
@@ -328,3 +334,9 @@ def test_model_without_experts_quantizes_and_profiles(tmp_path):
     for src in (ckpt, q8):
         res = runner.invoke(app, ["profile", str(src), "--prompt-ids", "1,2,3", "--decode", "2", "--json"])
         assert res.exit_code == 0, res.output
+
+
+def test_expert_parallel_split_of_a_model_without_experts_is_refused(tmp_path):
+    ckpt = write(tmp_path, num_experts=0, intermediate_size=48)
+    res = runner.invoke(app, ["convert", str(ckpt), str(tmp_path / "ep"), "--ep", "2"])
+    assert res.exit_code == 2 and "no experts" in res.output
