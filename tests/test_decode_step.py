@@ -26,6 +26,8 @@ SHAPES = {
     "G8-K1": dict(BASE, num_experts=16, num_experts_per_tok=8, rope_theta=1e6),
     "dense": dict(BASE, num_hidden_layers=3, num_experts=8, num_experts_per_tok=4, mlp_only_layers=[1], intermediate_size=48),
     "GQA-6to1": dict(BASE, hidden_size=96, num_attention_heads=6, num_key_value_heads=1, num_experts=8, num_experts_per_tok=2),
+    "no-shared": dict(BASE, num_experts=8, num_experts_per_tok=4, shared_expert_intermediate_size=0),
+    "no-experts": dict(BASE, num_experts=0, num_experts_per_tok=0, moe_intermediate_size=0, intermediate_size=48),
 }
 PROMPT = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
 FEED = [7, 2, 9, 4, 4, 1, 8, 3, 5, 0, 6, 2]  # the same tokens on every path (greedy bf16 paths may part at near-ties)
@@ -168,11 +170,12 @@ QUANT_SHAPE = dict(BASE, hidden_size=128, moe_intermediate_size=64, shared_exper
                    num_experts=8, num_experts_per_tok=4, num_expert_groups=2, torch_dtype="bfloat16")  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def quant_src(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=["shared", "no-shared"])
+def quant_src(request, tmp_path_factory) -> Path:
     from moge_cli.synthetic import write_checkpoint
 
-    return write_checkpoint(MoGEConfig.from_dict(QUANT_SHAPE), tmp_path_factory.mktemp("qsrc") / "ck", seed=3, tokenizer=False)
+    shape = QUANT_SHAPE if request.param == "shared" else dict(QUANT_SHAPE, shared_expert_intermediate_size=0)
+    return write_checkpoint(MoGEConfig.from_dict(shape), tmp_path_factory.mktemp("qsrc") / "ck", seed=3, tokenizer=False)
 
 
 @pytest.mark.parametrize("opts, modes", [(dict(bits=8), {"int8"}), (dict(bits=4), {"packed4"}),

@@ -30,6 +30,8 @@ SHAPES = {
     "dense": dict(BASE, num_hidden_layers=3, num_experts=8, num_experts_per_tok=4, mlp_only_layers=[1],
                   intermediate_size=48),  # fmt: skip
     "GQA-4to1": dict(BASE, num_key_value_heads=1, num_experts=8, num_experts_per_tok=2, hidden_size=64),
+    "no-shared": dict(BASE, num_experts=8, num_experts_per_tok=4, shared_expert_intermediate_size=0),
+    "no-experts": dict(BASE, num_experts=0, num_experts_per_tok=0, moe_intermediate_size=0, intermediate_size=48),
 }
 IDS = torch.tensor([[5, 17, 3, 90, 42, 42, 7, 61, 0, 33, 12]])  # [1, T]
 

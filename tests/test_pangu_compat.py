@@ -260,6 +260,8 @@ def test_known_buffers_are_skipped_with_a_note_and_carried_by_convert(tmp_path):
     code, report = load_json(ckpt)
     assert code == 0 and report["problems"] == [] and sorted(report["skipped_tensors"]) == sorted(buffers())
     assert any("skipped 2 RoPE inv_freq" in n for n in report["notes"]) and any("skipped 8 KV-cache" in n for n in report["notes"])
+    text = runner.invoke(app, ["load", str(ckpt)], env={"COLUMNS": "400"}).output
+    assert "skipped 2 RoPE inv_freq" in text and "no problems found" in text
     model = load_model(ckpt)
     assert not any("inv_freq" in n or "kv_cache" in n for n, _ in model.named_parameters())
     torch.testing.assert_close(model(IDS[None]), before)
