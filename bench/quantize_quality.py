@@ -2,7 +2,7 @@
 
     python bench/quantize_quality.py [--checkpoint fixtures/tiny-trained] [--text fixtures/tiny-trained/heldout.txt]
 
-Runs `moge quantize --eval` for int8 and int4 (group sizes, symmetric / asymmetric), rtn, mse and
+Runs `moge quantize --perplexity` for int8 and int4 (group sizes, symmetric / asymmetric), rtn, mse and
 mse+calib (`--calib` on --calib-text, default fixtures/train_tiny.py: Python source like the
 fixture's training text, not its held-out text), and prints the markdown table the README shows:
 pooled relative Frobenius error and SQNR of the quantized weights, and perplexity before / after on

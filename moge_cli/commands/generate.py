@@ -114,8 +114,8 @@ def generate_command(
 
 def context_note(result: Any, capacity: int, max_new_tokens: int) -> str:
     return (
-        f"note: the context window is full ({capacity} tokens: {len(result.prompt_ids)} of prompt, "
-        f"{len(result.generated_ids)} generated); stopped before the {max_new_tokens} tokens asked for"
+        f"note: the context window is full ({capacity} tokens, {len(result.prompt_ids)} of them the prompt): "
+        f"stopped after {len(result.generated_ids)} of the {max_new_tokens} tokens asked for"
     )
 
 

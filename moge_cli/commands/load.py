@@ -25,7 +25,7 @@ def load_command(
 ) -> None:
     """Inspect and validate a MoGE checkpoint.
 
-    Exit codes: 0 healthy, 1 problems found, 2 unreadable or bad usage, 130 Ctrl-C, 141 output pipe closed.
+    Exit codes: 0 healthy, 1 problems found, 2 error (unreadable checkpoint, bad usage), 130 Ctrl-C, 141 output pipe closed.
     """
     from moge_cli.inspect import inspect_checkpoint
 
