@@ -254,7 +254,7 @@ def buffers(cfg_layers: int = 2) -> dict[str, torch.Tensor]:
 
 
 def test_known_buffers_are_skipped_with_a_note_and_carried_by_convert(tmp_path):
-    ckpt = write(tmp_path)
+    ckpt = write(tmp_path, dtype="bfloat16")  # the buffers float32, as real checkpoints store inv_freq
     before = load_model(ckpt)(IDS[None])
     add_tensors(ckpt, buffers())
     code, report = load_json(ckpt)
@@ -270,6 +270,7 @@ def test_known_buffers_are_skipped_with_a_note_and_carried_by_convert(tmp_path):
     assert res.exit_code == 0, res.output
     assert set(buffers()) <= set(open_checkpoint(out).tensors)  # carried unchanged
     torch.testing.assert_close(load_model(out)(IDS[None]), before)
+    assert all(open_checkpoint(out).tensors[n].dtype == "F32" for n in buffers())
 
 
 def test_unknown_tensors_stay_an_error(tmp_path):
