@@ -27,8 +27,6 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what `seq 1e9 | head -1` leaves; nothing is printed
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 
-# exception class -> the `kind` of the JSON error object (`--json`); the first match wins
-_KINDS = ((UsageError, "usage"), (ConfigError, "config"), (CheckpointError, "checkpoint"), (MogeError, "error"), (OSError, "os"))
 
 
 def debug_enabled() -> bool:
@@ -53,10 +51,14 @@ def describe_error(e: BaseException) -> tuple[str, int]:
 
 
 def error_kind(e: BaseException) -> str:
-    """usage | config | checkpoint | error | os | interrupted | terminated | bug: the `kind` in a --json error object."""
+    """The `kind` in a --json error object: the MogeError subclass it descends from, without "Error" (usage, config,
+    checkpoint, verify, write...), else os | interrupted | terminated | bug."""
     if isinstance(e, KeyboardInterrupt):
         return "terminated" if isinstance(e, Terminated) else "interrupted"
-    return next((kind for cls, kind in _KINDS if isinstance(e, cls)), "bug")
+    if isinstance(e, MogeError):
+        top = next(c for c in type(e).__mro__ if c is MogeError or MogeError in c.__bases__)
+        return "error" if top is MogeError else top.__name__.removesuffix("Error").lower()
+    return "os" if isinstance(e, OSError) else "bug"
 
 
 def error_object(message: str, kind: str, exit_code: int) -> dict:

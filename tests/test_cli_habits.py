@@ -89,6 +89,14 @@ def test_convert_and_fixture_take_short_dtype_names(tmp_path, capsys):
     assert [json.loads(dtypes[p])["dtype"] for p in ("f", "c")] == ["float32", "bfloat16"]
 
 
+def test_fixture_takes_shard_sizes_as_convert_does(tmp_path):
+    for size, name in (("200KB", "units"), ("200000", "bytes")):
+        r = moge("fixture", "tiny-moge", tmp_path / name, "--max-shard-size", size, "--no-tokenizer")
+        assert r.exit_code == 0, r.output
+    shards = [sorted(p.name for p in (tmp_path / name).glob("*.safetensors")) for name in ("units", "bytes")]
+    assert shards[0] == shards[1] and len(shards[0]) > 1
+
+
 def test_unknown_dtype_names_the_choices(tmp_path):
     r = moge("convert", TINY, tmp_path / "c", "--dtype", "int3")
     assert r.exit_code == 2 and "int3" in r.stderr and "bf16" in r.stderr and not (tmp_path / "c").exists()
@@ -133,7 +141,9 @@ def test_bad_device_is_one_line_before_the_model_loads(monkeypatch, command, dev
 # -- one option name per idea
 
 
-SAME_NAME_OTHER_IDEA = {"--verify", "--layout", "--max-shard-size", "--seed", "--dtype"}  # load --verify checks the source; fixture's own
+# load --verify checks the source, convert/quantize --verify the output; fixture's own --layout, --seed (of its random
+# weights) and defaults (--dtype bfloat16, --max-shard-size: one file); the same value syntax
+SAME_NAME_OTHER_IDEA = {"--verify", "--layout", "--max-shard-size", "--seed", "--dtype"}
 
 
 def test_shared_options_have_one_help_text():
@@ -247,6 +257,18 @@ def test_json_failure_is_one_json_object(tmp_path, args):
     obj = json.loads(r.stdout)
     assert obj == {"error": r.stderr.strip().removeprefix("error: "), "kind": obj["kind"], "exit_code": 2}
     assert obj["kind"] in ("checkpoint", "os", "usage") and "missing" in obj["error"]
+
+
+def test_json_error_kinds():
+    from moge_converters.shards import WriteError
+    from moge_converters.verify import VerifyError
+
+    from moge_cli.errors import CheckpointError, ConfigError, MogeError, Terminated, UsageError, error_kind
+
+    errors = [UsageError("x"), ConfigError("x"), CheckpointError("x"), VerifyError("x"), WriteError("x"), MogeError("x"),
+              FileNotFoundError(2, "x"), ValueError("x"), KeyboardInterrupt(), Terminated()]  # fmt: skip
+    kinds = ["usage", "config", "checkpoint", "verify", "write", "error", "os", "bug", "interrupted", "terminated"]
+    assert [error_kind(e) for e in errors] == kinds
 
 
 def test_json_usage_errors_and_fast_path(capsys, tmp_path):

@@ -21,7 +21,7 @@ def fixture_command(
     seed: int = typer.Option(0, "--seed", help="Random seed; each tensor is seeded by seed + crc32(its name)."),
     dtype: str = typer.Option("bfloat16", "--dtype", callback=canonical_dtype, help=f"{DTYPE_CHOICES}."),
     layout: str = typer.Option("per-expert", "--layout", help="per-expert (as released) | stacked."),
-    max_shard_size: Optional[int] = typer.Option(None, "--max-shard-size", metavar="BYTES", help="Tensor bytes per shard (default: one model.safetensors; 5e9 with --skeleton)."),
+    max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Largest shard (tensor bytes): 5GB, 500MB, 2GiB... (default: one model.safetensors; 5GB with --skeleton)."),
     skeleton: bool = typer.Option(False, "--skeleton", help="Real headers and index over sparse all-zero data (the 72B layout in ~0 bytes of disk); no tokenizer."),
     no_tokenizer: bool = typer.Option(False, "--no-tokenizer", help="Write no tokenizer files."),
 ) -> None:
@@ -32,10 +32,12 @@ def fixture_command(
     from moge_cli.config import MoGEConfig
     from moge_cli.synthetic import SKELETON_SHARD_BYTES, write_checkpoint, write_skeleton
 
+    from moge_converters.shards import parse_size
+
     cfg = MoGEConfig.from_file(config) if Path(config).is_file() else MoGEConfig.from_name(config)
+    shard = None if max_shard_size is None else parse_size(max_shard_size)
     if skeleton:
-        shard = SKELETON_SHARD_BYTES if max_shard_size is None else max_shard_size
-        out = write_skeleton(cfg, out_dir, dtype=dtype, layout=layout, max_shard_bytes=shard)
+        out = write_skeleton(cfg, out_dir, dtype=dtype, layout=layout, max_shard_bytes=shard or SKELETON_SHARD_BYTES)
     else:
-        out = write_checkpoint(cfg, out_dir, seed=seed, dtype=dtype, layout=layout, max_shard_bytes=max_shard_size, tokenizer=not no_tokenizer)
+        out = write_checkpoint(cfg, out_dir, seed=seed, dtype=dtype, layout=layout, max_shard_bytes=shard, tokenizer=not no_tokenizer)
     print(out)
