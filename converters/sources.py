@@ -8,14 +8,13 @@ file, for sendfile; None for PyTorch files), plus `root` and `close()`.
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from moge_cli.checkpoint import Checkpoint, open_checkpoint, resolve_location
 from moge_cli.errors import ConfigError
-from moge_cli.files import checked_file
+from moge_cli.files import checked_file, read_json
 
 # Non-weight files copied unchanged (config.json is rewritten, weights and indexes are regenerated).
 COPY_PATTERNS = (
@@ -33,11 +32,8 @@ class SafetensorsSource:
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
         self.root, self.source, self.files, self.tensors = ckpt.root, ckpt.source, ckpt.files, ckpt.tensors
-        try:
-            config = checked_file(ckpt.root, ckpt.root / "config.json")  # checked when the checkpoint opened; again, as read
-            self.config_dict: dict[str, Any] = json.loads(config.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{ckpt.root / 'config.json'}: cannot read ({e})") from None
+        config = checked_file(ckpt.root, ckpt.root / "config.json")  # checked when the checkpoint opened; again, as read
+        self.config_dict: dict[str, Any] = read_json(config, error=ConfigError)
 
     def flat(self, name: str):
         return self.ckpt.tensor(name).reshape(-1)

@@ -9,7 +9,6 @@ be memory-mapped and is read into memory whole, one file at a time; the converte
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pickle
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 
 from moge_cli.errors import CheckpointError, ConfigError
-from moge_cli.files import checked_file, checked_named_file, optional_file, present
+from moge_cli.files import checked_file, checked_named_file, optional_file, present, read_json
 from moge_cli.safetensors_format import FROM_TORCH_NAME, TensorInfo
 
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -43,14 +42,16 @@ def torch_files(path: Path) -> tuple[Path, list[Path], dict[str, str] | None] | 
 def _indexed_files(root: Path, index: Path) -> tuple[list[Path], dict[str, str]]:
     """The .bin files a pytorch_model.bin.index.json names: regular files inside root (moge_cli.files)."""
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = read_json(index)["weight_map"]
         names = sorted(set(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{index}: not a valid index ({e})") from None
     files = []
     for name in names:
         f = root / str(name)
-        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+        if not isinstance(name, str) or "\x00" in name or not name:
+            raise CheckpointError(f"{index}: file name {name!r} is empty or holds a NUL byte; no file can have that name")
+        if Path(name).is_absolute() or ".." in Path(name).parts:
             raise CheckpointError(f"{index}: file {name!r} points outside the checkpoint directory")
         if not os.path.lexists(f):
             raise CheckpointError(f"{index}: names {name!r}, which does not exist in {root}")
@@ -90,10 +91,7 @@ class TorchSource:
         cfg_path = optional_file(root, "config.json") or root / "config.json"
         if not cfg_path.is_file():
             raise ConfigError(f"{cfg_path}: config.json not found; a checkpoint needs its config.json beside the weights")
-        try:
-            self.config_dict: dict[str, Any] = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from None
+        self.config_dict: dict[str, Any] = read_json(cfg_path, error=ConfigError)
         self._tensors: dict[str, torch.Tensor] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self.notes: list[str] = []

@@ -6,7 +6,6 @@ Reads no tensor data until asked; `tensor()` memory-maps. torch is imported only
 from __future__ import annotations
 
 import functools
-import json
 import mmap
 import os
 import re
@@ -16,12 +15,13 @@ from typing import Any
 
 from moge_cli.config import MoGEConfig
 from moge_cli.errors import CheckpointError
-from moge_cli.files import checked_file, checked_named_file, optional_file, present
+from moge_cli.files import checked_file, checked_named_file, optional_file, present, read_json
 from moge_cli.names import detect_layout, layer_of
 from moge_cli.safetensors_format import TORCH_NAMES, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")  # what `moge convert` reads as PyTorch state dicts
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -101,6 +101,8 @@ def open_checkpoint(path: str | os.PathLike, *, revision: str | None = None) -> 
     """
     source, files, index = _resolve(path, revision)
     root = source if source.is_dir() else source.parent
+    # A file the user named must be safetensors before the config.json beside it matters (`moge load /etc/passwd`).
+    headers = {} if source.is_dir() else {source: read_header(source)}
     config = MoGEConfig.from_file(optional_file(root, "config.json") or root / "config.json")
     weight_map: dict[str, str] = {}
     if index is not None:
@@ -109,7 +111,7 @@ def open_checkpoint(path: str | os.PathLike, *, revision: str | None = None) -> 
     ckpt = Checkpoint(root=root, source=source, config=config, tensors={}, files=files, index_path=index)
     owner: dict[str, str] = {}  # tensor name -> shard file name
     for f in files:
-        tensors, meta = read_header(f)
+        tensors, meta = headers.pop(f, None) or read_header(f)
         ckpt.file_metadata[f] = meta
         fname = f.relative_to(root).as_posix()
         for name in tensors:
@@ -156,17 +158,14 @@ def _resolve(path: str | os.PathLike, revision: str | None) -> tuple[Path, list[
     shards = sorted(p.glob("*.safetensors"))
     if shards:
         return p, [checked_file(p, f) for f in shards], None
-    if list(p.glob("pytorch_model*.bin")) or list(p.glob("*.pt")):
-        raise CheckpointError(f"{p}: holds PyTorch .bin/.pt weights; convert them first: moge convert {p} OUT")
+    if torch_files := sorted(f.name for s in TORCH_SUFFIXES for f in p.glob(f"*{s}")):
+        raise CheckpointError(f"{p}: holds PyTorch weights ({', '.join(torch_files[:3])}{', ...' if len(torch_files) > 3 else ''}), not safetensors; convert them first: moge convert {p} OUT")
     raise CheckpointError(f"{p}: no {INDEX_NAME}, {SINGLE_NAME} or *.safetensors file here")
 
 
 def _read_index(index: Path) -> tuple[dict[str, str], int | None]:
     """(weight_map, metadata.total_size or None) of an index file."""
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{index}: not valid JSON ({e})") from None
+    data = read_json(index)
     wm = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
         raise CheckpointError(f"{index}: no 'weight_map' object mapping tensor names to shard files")
@@ -179,6 +178,8 @@ def _index_files(root: Path, index: Path, weight_map: dict[str, str]) -> list[Pa
     """The shard files an index names, each checked by moge_cli.files (inside `root`, regular files)."""
     files: list[Path] = []
     for fname in sorted(set(weight_map.values())):
+        if "\x00" in fname or not fname:
+            raise CheckpointError(f"{index}: shard name {fname!r} is empty or holds a NUL byte; no file can have that name")
         rel = Path(fname)
         if rel.is_absolute() or ".." in rel.parts or fname.startswith(("/", "\\")):
             raise CheckpointError(f"{index}: shard path {fname!r} points outside the checkpoint directory")

@@ -10,14 +10,13 @@ rank-{N-1} and ep_plan.json, which maps every global expert id to (rank, local i
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 from moge_cli.config import MoGEConfig
 from moge_cli.errors import CheckpointError, ConfigError, UsageError
-from moge_cli.files import checked_dir, checked_file, present
+from moge_cli.files import checked_dir, checked_file, present, read_json
 from moge_cli.names import PER_EXPERT_RE, STACKED_RE
 
 EP_PLAN_NAME = "ep_plan.json"
@@ -62,7 +61,7 @@ def is_ep_dir(path: str | Path) -> bool:
 def read_ep_plan(root: Path) -> dict[str, Any]:
     path = checked_file(root, root / EP_PLAN_NAME)
     try:
-        plan = json.loads(path.read_text(encoding="utf-8"))
+        plan = read_json(path)
         ranks = plan["ranks"]
         n = int(plan["world_size"])
         if not isinstance(ranks, list) or len(ranks) != n or [r["rank"] for r in ranks] != list(range(n)):

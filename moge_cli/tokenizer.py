@@ -7,13 +7,12 @@ on their strings before the backend sees it, and decoding renders them as their 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
 from moge_cli.errors import UsageError
-from moge_cli.files import checked_file, optional_file, present
+from moge_cli.files import checked_file, optional_file, present, read_json
 
 SP_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
@@ -258,8 +257,5 @@ def _read_json(root: Path, name: str) -> dict[str, Any]:
     path = optional_file(root, name)
     if path is None:
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path, error=UsageError)
     return data if isinstance(data, dict) else {}

@@ -15,6 +15,7 @@ import numpy as np
 
 from moge_cli.checkpoint import Checkpoint
 from moge_cli.errors import UsageError
+from moge_cli.files import read_json
 from moge_cli.inspect import Problem
 from moge_cli.safetensors_format import TensorInfo
 
@@ -119,7 +120,7 @@ def write_manifest(result: VerifyResult, path: Path) -> None:
 def check_manifest(result: VerifyResult, path: Path) -> list[Problem]:
     """Problems of kind 'hash' for every shard whose hash or presence differs from the manifest."""
     try:
-        files = json.loads(path.read_text())["files"]
+        files = read_json(path, error=UsageError)["files"]
         expected = {name: entry["sha256"] for name, entry in files.items()}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{path}: not a moge manifest ({e})") from None

@@ -57,8 +57,20 @@ def edit_header(path: Path, fn) -> None:
 
 
 def drop_tensor(path: Path, name: str) -> None:
-    """Remove a tensor from a shard header and from the index (a consistent but incomplete checkpoint)."""
-    edit_header(path, lambda h: h.pop(name))
+    """Remove a tensor from a shard (header and bytes: the file stays a valid safetensors file) and from
+    the index: a consistent but incomplete checkpoint."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header, body = json.loads(data[8 : 8 + n]), data[8 + n :]
+    header.pop(name)
+    kept, pos = [], 0
+    for entry in sorted((e for k, e in header.items() if k != "__metadata__"), key=lambda e: e["data_offsets"]):
+        b, e = entry["data_offsets"]
+        kept.append(body[b:e])
+        entry["data_offsets"] = [pos, pos + e - b]
+        pos += e - b
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(kept))
     index = path.parent / "model.safetensors.index.json"
     data = json.loads(index.read_text())
     del data["weight_map"][name]
