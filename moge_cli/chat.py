@@ -42,21 +42,18 @@ def pangu_prompt(messages: Sequence[dict[str, str]], *, add_generation_prompt: b
 
 
 def render_template(template: str, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True, bos_token: str = "", eos_token: str = "") -> str:
-    """Render a Hugging Face style Jinja chat template in a sandbox."""
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    """Render a Hugging Face style Jinja chat template in a sandbox with a budget (moge_cli.template_sandbox:
+    steps, seconds, output characters); UsageError for a template that fails or breaks a limit."""
+    from moge_cli.template_sandbox import BoundedSandbox
 
     def raise_exception(message: str) -> None:
         raise UsageError(f"chat template: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token
-        )
-    except TemplateError as e:
-        raise UsageError(f"chat template cannot be rendered: {e}") from None
+    return env.render_bounded(
+        template, messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token
+    )
 
 
 def chat_prompt(tokenizer: Tokenizer, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
