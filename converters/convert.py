@@ -26,7 +26,7 @@ from moge_cli.safetensors_format import DTYPE_SIZES, TORCH_NAMES
 
 from moge_converters.cast import BLOCK_ELEMS, CHUNK_ELEMS, Caster, CastStats, Fp16OverflowError, torch_dtype
 from moge_converters.plan import OutTensor, Plan, RankPlan, build_plan
-from moge_converters.shards import INDEX_NAME, Shard, ShardFile, check_destination, check_free_space, parse_size, plan_shards, staging_dir, write_shards
+from moge_converters.shards import INDEX_NAME, Shard, ShardFile, check_destination, check_free_space, parse_size, plan_shards, remove_stale_staging, staging_dir, write_shards
 from moge_converters.sources import files_to_copy, open_source
 
 EP_PLAN_NAME = "ep_plan.json"
@@ -242,7 +242,7 @@ def convert(
         layouts, copies, disk, bytes_in, dst = prepare(plan, source, dst, force, max_bytes)
         if dry_run:
             return describe(plan, layouts, source, dst, copies, disk, bytes_in, peak)
-        tick = start_writing(layouts, dst, disk, progress)
+        tick, cleanup_notes = start_writing(layouts, dst, disk, progress)
         emitter = Emitter(source, clamp, peak)
         outputs: list[Path] = []
         gc_was_on = gc.isenabled()
@@ -287,7 +287,7 @@ def convert(
             "clamped": {"values": stats.total_overflow, "tensors": dict(stats.worst(20))},
             "verified": verify,
             "ep": plan.ep_plan is not None and {"world_size": len(plan.ranks), "plan": EP_PLAN_NAME},
-            "notes": list(source.notes),
+            "notes": list(source.notes) + cleanup_notes,
         }
     finally:
         torch.set_num_threads(threads)
@@ -305,11 +305,13 @@ def prepare(plan: Plan, source, dst, force: bool, max_bytes: int) -> tuple[list[
     return layouts, copies, _disk_bytes(plan, layouts, copies), bytes_in, dst
 
 
-def start_writing(layouts, dst: Path, disk: int, progress: Callable[[int, int], None] | None) -> Callable[[int], None] | None:
-    """Check free space where dst will be; return the per-write progress tick (None without progress)."""
+def start_writing(layouts, dst: Path, disk: int, progress: Callable[[int, int], None] | None) -> tuple[Callable[[int], None] | None, list[str]]:
+    """Remove what killed runs left beside dst (their staging can hold full-size shards), check free space
+    where dst will be; return (the per-write progress tick or None, a note per stale directory removed)."""
+    notes = remove_stale_staging(dst)
     check_free_space(next(p for p in [dst.parent, *dst.parent.parents] if p.exists()), disk)
     total = sum(s.data_bytes for _, shards in layouts for s in shards)
-    return (lambda n: progress(n, total)) if progress else None
+    return ((lambda n: progress(n, total)) if progress else None), notes
 
 
 def output_entries(dst: Path, outputs: list[Path]) -> list[dict[str, Any]]:

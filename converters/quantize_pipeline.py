@@ -189,7 +189,7 @@ def quantize_checkpoint(
             cal = calibrate(src, calib, max_tokens=calib_tokens, progress=calib_progress)
             settings["calibration"] = cal.summary(Path(calib).name)  # into config.json's moge_quantization too
             peak.sample()
-        tick = start_writing(layouts, dst, disk, progress)
+        tick, cleanup_notes = start_writing(layouts, dst, disk, progress)
         emitter = QuantEmitter(source, peak, cal and cal.importance)
         outputs: list[Path] = []
         try:
@@ -219,7 +219,7 @@ def quantize_checkpoint(
             "outputs": output_entries(dst, outputs),
             "quality": quality_report(emitter.errors),
             "verified": verify,
-            "notes": list(source.notes) + notes,
+            "notes": list(source.notes) + notes + cleanup_notes,
         }
     finally:
         source.close()

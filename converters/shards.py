@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import functools
 import json
 import os
@@ -28,6 +29,7 @@ from moge_cli.safetensors_format import build_header
 from moge_converters.plan import OutTensor
 
 INDEX_NAME = "model.safetensors.index.json"
+LOCK_NAME = ".moge-staging.lock"  # in a staging directory, flocked by the run writing it
 PAGE = 4096
 METADATA = {"format": "pt"}
 SEND_BYTES = 64 * 1024 * 1024  # one sendfile call: bounded so progress and Ctrl-C stay responsive
@@ -312,19 +314,46 @@ def check_free_space(where: Path, need: int) -> None:
         raise UsageError(f"{where}: not enough free disk space: the output needs {need:,} bytes, {free:,} are free")
 
 
-def remove_stale_staging(dst: Path) -> list[Path]:
-    """Delete `.DST.moge-tmp-PID` directories beside dst whose process no longer runs; returns them.
+def remove_stale_staging(dst: Path) -> list[str]:
+    """Delete the staging directories (`.NAME.moge-tmp-PID`) beside dst that no running conversion owns;
+    one line per directory removed, saying what it was and how much disk it held.
 
-    Only staging directories: a `.moge-old-PID` may hold the previous output of a run killed
-    between its two renames, so it is left for the user.
+    A run holds an flock on the LOCK_NAME file in its staging directory until it renames it into
+    place; the kernel drops the lock when the process dies, SIGKILL included, so a lock that can
+    be taken means a dead owner, whatever process now has its PID. A staging directory without
+    that file (an older moge, or the instant between mkdir and lock) is stale only when its PID is
+    not running. `.moge-old-PID` directories may hold the previous output of a run killed between
+    its two renames: they are left for the user.
     """
     removed = []
-    for tmp in dst.parent.glob(f".{dst.name}.moge-tmp-*") if dst.parent.is_dir() else ():
+    for tmp in sorted(dst.parent.glob(".*.moge-tmp-*")) if dst.parent.is_dir() else ():
         pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)) and tmp.is_dir() and not tmp.is_symlink():
+        if pid.isdigit() and tmp.is_dir() and not tmp.is_symlink() and _owner_gone(tmp, int(pid)):
+            size = _tree_bytes(tmp)
             shutil.rmtree(tmp, ignore_errors=True)
-            removed.append(tmp)
+            if not os.path.lexists(tmp):
+                removed.append(f"removed {tmp}: staging left by a conversion that was killed (process {pid}), {size:,} bytes")
     return removed
+
+
+def _owner_gone(tmp: Path, pid: int) -> bool:
+    try:
+        fd = os.open(tmp / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return not _alive(pid)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True  # nobody holds it: its owner is dead
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(root) for f in files)
 
 
 def _alive(pid: int) -> bool:
@@ -337,12 +366,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _lock(tmp: Path) -> int:
+    """An fd holding an exclusive flock on tmp / LOCK_NAME: this staging directory has a live owner."""
+    fd = os.open(tmp / LOCK_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 @contextmanager
 def staging_dir(dst: Path) -> Iterator[Path]:
     """A temporary directory beside dst, renamed to dst on success and removed on any error or Ctrl-C.
 
     An existing dst (only reached with --force) is moved aside first and deleted after the rename.
-    Staging directories that a killed run (SIGKILL, power loss) left beside dst are removed first.
+    Staging directories that a killed run (SIGKILL, power loss) left beside dst are removed first
+    (convert and quantize call remove_stale_staging earlier still, before the free-space check, to report them).
     """
     created = [p for p in reversed(dst.parents) if not p.exists()]
     remove_stale_staging(dst)
@@ -352,10 +390,12 @@ def staging_dir(dst: Path) -> Iterator[Path]:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
+        lock = _lock(tmp)
     except PermissionError as e:
         raise UsageError(f"{dst}: cannot create the output here ({e.strerror}); is the directory writable?") from None
     try:
         yield tmp
+        os.unlink(tmp / LOCK_NAME)  # not part of the output; the flock stays held on the open file until the rename
         old = dst.parent / f".{dst.name}.moge-old-{os.getpid()}"
         if os.path.lexists(dst):
             os.replace(dst, old)
@@ -380,3 +420,5 @@ def staging_dir(dst: Path) -> Iterator[Path]:
             )
             raise WriteError(f"{dst}: writing the output failed ({why}); the partial output was removed") from e
         raise
+    finally:
+        os.close(lock)
