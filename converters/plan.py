@@ -142,6 +142,12 @@ def build_plan(
         if src_layout == "mixed":
             raise UsageError("the source mixes per-expert and stacked expert tensors; choose the output with --layout")
         layout = src_layout if src_layout in LAYOUTS else PER_EXPERT
+    if layout == STACKED and (packed := sorted(n for n in tensors if EXPERT_EXTRA_RE.match(n) and n.endswith(".weight_packed"))):
+        raise UsageError(
+            f"--layout stacked: the source's experts are quantized ({len(packed)} such as {packed[0]}); quantized experts are "
+            "stored one per expert, as vLLM loads them, and moge does not stack them. Convert the float checkpoint to stacked, "
+            "or keep the per-expert layout"
+        )
     if isinstance(layers, str):
         layers = parse_layers(layers, cfg.num_hidden_layers)
     keep = list(range(cfg.num_hidden_layers)) if layers is None else list(layers)
