@@ -390,7 +390,11 @@ def staging_dir(dst: Path) -> Iterator[Path]:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        lock = _lock(tmp)
+        try:
+            lock = _lock(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     except PermissionError as e:
         raise UsageError(f"{dst}: cannot create the output here ({e.strerror}); is the directory writable?") from None
     try:
