@@ -332,7 +332,7 @@ def remove_stale_staging(dst: Path) -> list[str]:
             size = _tree_bytes(tmp)
             shutil.rmtree(tmp, ignore_errors=True)
             if not os.path.lexists(tmp):
-                removed.append(f"removed {tmp}: staging left by a conversion that was killed (process {pid}), {size:,} bytes")
+                removed.append(f"removed {tmp}: the staging directory of a killed run (process {pid}), {size:,} bytes freed")
     return removed
 
 

@@ -20,17 +20,16 @@ import torch
 
 from moge_cli.errors import CheckpointError, ConfigError
 from moge_cli.files import checked_file, checked_named_file, optional_file, present, read_json
-from moge_cli.safetensors_format import FROM_TORCH_NAME, TensorInfo
+from moge_cli.safetensors_format import FROM_TORCH_NAME, TORCH_SUFFIXES, TensorInfo
 
 BIN_INDEX = "pytorch_model.bin.index.json"
-SUFFIXES = (".bin", ".pt", ".pth")
 
 
 def torch_files(path: Path) -> tuple[Path, list[Path], dict[str, str] | None] | None:
     """(root, weight files, index weight_map or None) for a PyTorch checkpoint (file, or directory without
     safetensors), else None. Every file is checked by moge_cli.files."""
     if not path.is_dir():
-        return (path.parent, [checked_named_file(path)], None) if path.suffix in SUFFIXES else None
+        return (path.parent, [checked_named_file(path)], None) if path.suffix in TORCH_SUFFIXES else None
     if list(path.glob("*.safetensors")):
         return None
     if present(path, BIN_INDEX):

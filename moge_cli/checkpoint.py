@@ -21,7 +21,7 @@ from moge_cli.safetensors_format import TORCH_NAMES, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-TORCH_SUFFIXES = (".bin", ".pt", ".pth")  # what `moge convert` reads as PyTorch state dicts
+TORCH_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth")  # the PyTorch files `moge convert DIR` reads
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -158,7 +158,7 @@ def _resolve(path: str | os.PathLike, revision: str | None) -> tuple[Path, list[
     shards = sorted(p.glob("*.safetensors"))
     if shards:
         return p, [checked_file(p, f) for f in shards], None
-    if torch_files := sorted(f.name for s in TORCH_SUFFIXES for f in p.glob(f"*{s}")):
+    if torch_files := sorted(f.name for pattern in TORCH_PATTERNS for f in p.glob(pattern)):
         raise CheckpointError(f"{p}: holds PyTorch weights ({', '.join(torch_files[:3])}{', ...' if len(torch_files) > 3 else ''}), not safetensors; convert them first: moge convert {p} OUT")
     raise CheckpointError(f"{p}: no {INDEX_NAME}, {SINGLE_NAME} or *.safetensors file here")
 

@@ -34,6 +34,7 @@ FROM_TORCH_NAME = {v: k for k, v in TORCH_NAMES.items()}
 # Dtypes the safetensors library knows and moge does not compute with (refused with that reason).
 SAFETENSORS_ONLY_DTYPES = {"F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "C64", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
 
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")  # what `moge convert` reads as PyTorch state dicts
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's cap (MAX_HEADER_SIZE)
 HEADER_MAX_DEPTH = 127  # serde_json's recursion limit, which the safetensors library parses headers with
 U64 = 1 << 64
@@ -82,7 +83,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                 raise CheckpointError(f"{path}: {size} bytes, too short to be a safetensors file")
             (n,) = struct.unpack("<Q", head)
             if (n > MAX_HEADER_BYTES or 8 + n > size) and _looks_like_pytorch(path, head):
-                raise CheckpointError(f"{path}: a PyTorch file (torch.save), not safetensors; convert it first: moge convert {path} OUT")
+                how = f"moge convert {path} OUT" if path.suffix in TORCH_SUFFIXES else f"name it {path.stem}.pt, then moge convert {path.stem}.pt OUT"
+                raise CheckpointError(f"{path}: a PyTorch file (torch.save), not safetensors; convert it first: {how}")
             if n > MAX_HEADER_BYTES:
                 raise CheckpointError(f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte cap; not a safetensors file")
             if 8 + n > size:
@@ -122,8 +124,8 @@ def _check_coverage(path: Path, tensors: dict[str, TensorInfo], data_start: int,
 
 
 def _looks_like_pytorch(path: Path, head: bytes) -> bool:
-    """A torch.save file: a zip (its default since 1.6) or a pickle, or named like one."""
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or path.suffix in (".bin", ".pt", ".pth")
+    """A torch.save file: a zip (its default since 1.6) or a pickle (PROTO 2-5: the legacy format), or named like one."""
+    return head.startswith((b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")) or path.suffix in TORCH_SUFFIXES
 
 
 def _entry(path: Path, name: str, e: object, data_start: int, data_size: int) -> TensorInfo:
