@@ -241,12 +241,14 @@ def test_staging_of_a_killed_run_is_removed_and_reported_even_when_its_pid_is_re
 
     proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(ck), str(tmp_path / "first")])
     staging = tmp_path / f".first.moge-tmp-{proc.pid}"
-    deadline = time.monotonic() + 120
-    while not list(staging.glob("*.safetensors")):  # the first shard is being written, then progress sleeps
-        assert proc.poll() is None and time.monotonic() < deadline, "the conversion ended before it could be killed"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        deadline = time.monotonic() + 120
+        while not list(staging.glob("*.safetensors")):  # the first shard is being written, then progress sleeps
+            assert proc.poll() is None and time.monotonic() < deadline, "the conversion ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     reused = tmp_path / f".first.moge-tmp-{os.getpid()}"  # as if the dead run's PID now belonged to a live process
     staging.rename(reused)
     result = convert(ck, tmp_path / "second")  # another destination in the same directory
