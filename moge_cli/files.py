@@ -137,6 +137,7 @@ def _require_regular(path: Path, st: os.stat_result, target: Path) -> None:
 
 # A \uD800-\uDFFF escape: maybe half of a valid pair, maybe a lone surrogate (which no UTF-8 text holds).
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_NEGATIVE_ZERO = re.compile(r"-0(?![0-9.eE])")
 _NOT_UTF8 = {b"\xef\xbb\xbf": "a UTF-8 byte-order mark", b"\xff\xfe": "a UTF-16 byte-order mark", b"\xfe\xff": "a UTF-16 byte-order mark"}
 
 
@@ -146,8 +147,8 @@ def parse_json(raw: bytes, where: str | os.PathLike, *, error: type[MogeError] =
     Accepted: UTF-8 text without a byte-order mark (RFC 8259; UTF-16 and BOMs are refused, as by the
     safetensors library and Hugging Face's readers), no lone surrogate escapes (they cannot become file
     names or UTF-8 output). Nesting too deep for Python's parser, NaN/Infinity, and integers over Python's
-    4300-digit limit are errors, not exceptions. strict_numbers: also refuse numbers that overflow a
-    float (1e400), as serde_json does for safetensors headers.
+    4300-digit limit are errors, not exceptions. strict_numbers: read numbers as serde_json does for
+    safetensors headers: one that overflows a float (1e400) is an error, and `-0` is a float, not the integer 0.
     """
     for mark, what in _NOT_UTF8.items():
         if raw.startswith(mark):
@@ -158,8 +159,13 @@ def parse_json(raw: bytes, where: str | os.PathLike, *, error: type[MogeError] =
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise error(f"{where}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    # serde_json reads `-0` as a signed integer, which no size or offset takes: keep it apart from 0 (one memchr first)
+    negative_zero = strict_numbers and "-" in text and _NEGATIVE_ZERO.search(text) is not None
     try:
-        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float if strict_numbers else None)
+        value = json.loads(
+            text, parse_constant=_no_constant, parse_float=_finite_float if strict_numbers else None,
+            parse_int=_int_not_negative_zero if negative_zero else None,
+        )  # fmt: skip
     except RecursionError:
         raise error(f"{where}: JSON nested too deeply for a checkpoint file") from None
     except ValueError as e:  # JSONDecodeError, NaN, or int() refusing a number of over 4300 digits
@@ -179,6 +185,10 @@ def read_json(path: str | os.PathLike, *, error: type[MogeError] = CheckpointErr
     except OSError as e:
         raise error(f"{path}: cannot read ({e.strerror or e})") from None
     return parse_json(raw, path, error=error)
+
+
+def _int_not_negative_zero(s: str) -> int | float:
+    return -0.0 if s == "-0" else int(s)
 
 
 def _no_constant(name: str) -> Any:

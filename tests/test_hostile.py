@@ -100,6 +100,8 @@ CASES = {
     "shape_overflows_u64": (st_file({"a": {"dtype": "F32", "shape": [0, 2**64], "data_offsets": [0, 0]}}), "refused", "64-bit"),
     "nested_2000_deep": (st_file(b'{"__metadata__": ' + nested(2000) + b"}"), "refused", "nested too deeply"),
     "number_5000_digits": (st_file(b'{"__metadata__": {"k": "v"}, "a": ' + b"9" * 5000 + b"}"), "refused", "digits"),
+    "negative_zero_offset": (st_file(b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [-0, 8]}}', bytes(8)), "refused", "data_offsets"),
+    "negative_zero_extra": (st_file(b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": -0}, "__metadata__": {"k": "a-0"}}', bytes(8)), "ok", None),
     "leading_whitespace": (st_file(b" \n" + json.dumps({"a": F32x2}).encode() + b"   ", bytes(8)), "ok", None),
     "header_over_cap": (struct.pack("<Q", 100_000_001) + b"{}", "refused", "100000000-byte cap"),
 }  # fmt: skip
