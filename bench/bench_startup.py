@@ -1,18 +1,20 @@
-"""Start-up cost of `moge --help` and `moge load --json` on the 72B skeleton, as ratios to `python -c "import json"`.
+"""Start-up cost of `moge --help`, `moge load --json` on the 72B skeleton and `moge convert` of the tiny
+fixture (bytes only: nothing cast), as ratios to `python -c "import json"`.
 
-    python bench/bench_startup.py [--repeat 15]
+    python bench/bench_startup.py [--repeat 15] [--before PYTHONPATH]
 
-Each command runs as a fresh process; we keep the best wall time and the best CPU time (user+sys,
-which is steadier on a shared machine) of --repeat runs. Also checks that neither imports torch.
-Bytecode caching is left on (PYTHONDONTWRITEBYTECODE is dropped from the children's environment)
-and every command runs once before timing, as on a user's machine after the first call.
+Each command runs as a fresh process; we keep the best wall time, the best CPU time (user+sys,
+which is steadier on a shared machine) and the peak RSS of --repeat runs. Also checks that neither
+`load --json` nor a layout change imports torch. Bytecode caching is left on (PYTHONDONTWRITEBYTECODE
+is dropped from the children's environment) and every command runs once before timing, as on a user's
+machine after the first call. --before times the convert rows again with PYTHONPATH set to a directory
+holding another checkout's packages (moge_cli, moge_converters, moge_kernels links), in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -23,28 +25,34 @@ from pathlib import Path
 from moge_cli.synthetic import write_skeleton
 from moge_cli.config import MoGEConfig
 
-
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-moge"
+TORCH_PROBE = "import sys, runpy; sys.argv=['moge', *sys.argv[1:]]\ntry: runpy.run_module('moge_cli', run_name='__main__')\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
 
 
-def run_best(cmd: list[str], repeat: int) -> tuple[float, float]:
-    """(best wall seconds, best CPU seconds) of `repeat` runs of cmd, after one warm-up run."""
-    subprocess.run(cmd, stdout=subprocess.DEVNULL, env=ENV)
-    best_wall = best_cpu = float("inf")
-    for _ in range(repeat):
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        t0 = time.perf_counter()
-        subprocess.run(cmd, stdout=subprocess.DEVNULL, env=ENV, check=True)
-        wall = time.perf_counter() - t0
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-        best_wall, best_cpu = min(best_wall, wall), min(best_cpu, cpu)
-    return best_wall, best_cpu
+def run_once(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, peak RSS bytes) of one run of cmd."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
+    _, status, usage = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode:
+        raise subprocess.CalledProcessError(p.returncode, cmd)
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
+
+
+def run_best(cmd: list[str], repeat: int, env: dict[str, str] = ENV) -> tuple[float, float, int]:
+    """(best wall seconds, best CPU seconds, lowest peak RSS bytes) of `repeat` runs of cmd, after one warm-up run."""
+    run_once(cmd, env)
+    runs = [run_once(cmd, env) for _ in range(repeat)]
+    return min(r[0] for r in runs), min(r[1] for r in runs), min(r[2] for r in runs)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--before", help="PYTHONPATH of another checkout: its convert rows are timed too")
     args = ap.parse_args()
     py = sys.executable
     tmp = Path(tempfile.mkdtemp(prefix="moge-skel-"))
@@ -52,20 +60,29 @@ def main() -> None:
         skel = write_skeleton(MoGEConfig.from_name("pangu-pro-moe-72b"), tmp / "72b")
         script = Path(py).parent / "moge"  # the console script users run; `python -m moge_cli` where it is not installed
         moge = [str(script)] if script.exists() else [py, "-m", "moge_cli"]
+        stacked = ["convert", str(FIXTURE), str(tmp / "out"), "--layout", "stacked", "--force", "-q"]
+        dry = ["convert", str(FIXTURE), str(tmp / "dry"), "--layout", "stacked", "--dry-run"]
         cases = {
-            "python -c 'import json' (baseline)": [py, "-c", "import json"],
-            "moge --help": [*moge, "--help"],
-            "moge load 72B-skeleton --json": [*moge, "load", str(skel), "--json"],
-            "moge load 72B-skeleton (rich summary)": [*moge, "load", str(skel)],
+            "python -c 'import json' (baseline)": ([py, "-c", "import json"], ENV),
+            "moge --help": ([*moge, "--help"], ENV),
+            "moge load 72B-skeleton --json": ([*moge, "load", str(skel), "--json"], ENV),
+            "moge load 72B-skeleton (rich summary)": ([*moge, "load", str(skel)], ENV),
+            "moge convert tiny-moge --layout stacked": ([*moge, *stacked], ENV),
+            "moge convert tiny-moge --layout stacked --dry-run": ([*moge, *dry], ENV),
         }
-        probe = "import sys, runpy; sys.argv=['moge','load',sys.argv[1],'--json']\ntry: runpy.run_module('moge_cli', run_name='__main__')\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
-        torch_loaded = subprocess.run([py, "-c", probe, str(skel)], capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        results = {name: run_best(cmd, args.repeat) for name, cmd in cases.items()}
-        base_wall, base_cpu = next(iter(results.values()))
-        print(f"| command | best wall | x baseline | best CPU | x baseline |\n|---|---|---|---|---|")
-        for name, (wall, cpu) in results.items():
-            print(f"| {name} | {wall * 1000:.0f} ms | {wall / base_wall:.1f}x | {cpu * 1000:.0f} ms | {cpu / max(base_cpu, 1e-3):.1f}x |")
-        print(f"\ntorch imported by `moge load`: {torch_loaded}; cpus: {os.cpu_count()}; target: load under 5x baseline")
+        if args.before:
+            before = {**ENV, "PYTHONPATH": args.before}
+            cases["moge convert tiny-moge --layout stacked (--before)"] = ([*moge, *stacked], before)
+            cases["moge convert tiny-moge --layout stacked --dry-run (--before)"] = ([*moge, *dry], before)
+        probes = {"load --json": ["load", str(skel), "--json"], "convert --layout stacked": stacked}
+        torch_loaded = {k: subprocess.run([py, "-c", TORCH_PROBE, *a], capture_output=True, text=True).stdout.strip().splitlines()[-1] for k, a in probes.items()}
+        results = {name: run_best(cmd, args.repeat, env) for name, (cmd, env) in cases.items()}
+        base_wall, base_cpu, _ = next(iter(results.values()))
+        print("| command | best wall | x baseline | best CPU | x baseline | peak RSS |\n|---|---|---|---|---|---|")
+        for name, (wall, cpu, rss) in results.items():
+            print(f"| {name} | {wall * 1000:.0f} ms | {wall / base_wall:.1f}x | {cpu * 1000:.0f} ms | {cpu / max(base_cpu, 1e-3):.1f}x | {rss / 2**20:.0f} MiB |")
+        imported = "; ".join(f"`moge {k}`: {v}" for k, v in torch_loaded.items())
+        print(f"\ntorch imported by {imported}; cpus: {os.cpu_count()}; target: load under 5x baseline")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,4 +1,6 @@
-"""dtype casts in bounded chunks, with float16 overflow accounting (count, refuse or clamp).
+"""dtype casts in bounded chunks, counting float16 overflows (converters/overflow.py refuses or reports them).
+
+The one converter module that computes on tensors: convert imports it only for a plan that casts.
 
 The cast is torch's round-to-nearest-even `.to(dtype)`. A value overflows float16 when it is
 finite and its magnitude exceeds 65504 (the largest float16). Without clamp such values would
@@ -9,22 +11,39 @@ and pass through unchanged either way.
 from __future__ import annotations
 
 import os
-from collections import Counter
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
 from moge_kernels import native
-from moge_cli.errors import CheckpointError, UsageError
+from moge_cli.errors import CheckpointError
 from moge_cli.safetensors_format import TORCH_NAMES
 
-FP16_MAX = 65504.0
+from moge_converters.overflow import FP16_MAX
+
 CHUNK_ELEMS = 1 << 18  # elements cast at a time: 512 KB of bf16 in, 1 MB of float32, 512 KB out: stays in L2
 BLOCK_ELEMS = 1 << 20  # elements per task of the caster pool: cast, then written with one pwrite
 
 
 def torch_dtype(code: str) -> torch.dtype:
     return getattr(torch, TORCH_NAMES[code])
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of t (a copy only if t is not contiguous)."""
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch ops on one thread meanwhile: casts are memory-bound, in cache-sized chunks, and a thread pool costs more than it gains."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class Caster:
@@ -44,6 +63,16 @@ class Caster:
         self.mid = torch.empty(CHUNK_ELEMS, dtype=torch.float32) if (src, dst) == (torch.bfloat16, torch.float16) else None
         self.checks = dst == torch.float16 and src != torch.float16 and src.is_floating_point
         self.raw: torch.Tensor | None = None  # read buffer of cast_file_into
+
+    def cast_block(self, src, a: int, k: int) -> tuple[int, memoryview]:
+        """Cast k source elements from element a into this caster's block: (overflows, the bytes of the block's first k).
+        src: (fd, byte offset of the tensor) of a safetensors file, or the tensor as a 1-D tensor."""
+        y = self.block[:k]
+        if isinstance(src, tuple):
+            n = self.cast_file_into(src[0], src[1] + a * self.src.itemsize, y)
+        else:
+            n = self.cast_into(src[a : a + k], y)
+        return n, byte_view(y)
 
     def cast_into(self, x: torch.Tensor, y: torch.Tensor) -> int:
         """y[:] = x cast (clamped when clamp=True); returns the number of finite values beyond +-65504."""
@@ -107,38 +136,3 @@ def cast_exact(x: torch.Tensor, dtype: torch.dtype, clamp: bool) -> torch.Tensor
 def _wide(x: torch.Tensor) -> torch.Tensor:
     """x in a dtype that holds 65504 exactly and every value of x (bf16 -> fp32; fp32/fp64 as they are)."""
     return x if x.element_size() >= 4 else x.float()
-
-
-@dataclass
-class CastStats:
-    """Overflow counts per output tensor, and how many values were cast."""
-
-    overflow: Counter = field(default_factory=Counter)
-    values_cast: int = 0
-
-    def add(self, name: str, n_values: int, n_overflow: int) -> None:
-        self.values_cast += n_values
-        if n_overflow:
-            self.overflow[name] += n_overflow
-
-    @property
-    def total_overflow(self) -> int:
-        return sum(self.overflow.values())
-
-    def worst(self, k: int = 5) -> list[tuple[str, int]]:
-        return self.overflow.most_common(k)
-
-    def report(self, k: int = 5) -> str:
-        worst = ", ".join(f"{name} ({n})" for name, n in self.worst(k))
-        more = len(self.overflow) - min(k, len(self.overflow))
-        return f"{self.total_overflow} value(s) in {len(self.overflow)} tensor(s) exceed float16's +-65504; worst: {worst}" + (
-            f" and {more} more" if more else ""
-        )
-
-
-class Fp16OverflowError(UsageError):
-    """Casting to float16 would turn finite values into inf; raised unless clamp=True."""
-
-    def __init__(self, stats: CastStats):
-        self.stats = stats
-        super().__init__(f"{stats.report()}. Refusing to write inf; pass --clamp to clamp them to +-65504 (counts are reported), or keep bfloat16")

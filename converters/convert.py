@@ -1,5 +1,8 @@
 """`convert()`: plan from the source headers, stream every output shard into a staging directory, verify, rename.
 
+torch is imported only for a plan that casts (converters/cast.py): a layout change, re-shard,
+--layers or --ep split of a safetensors checkpoint only moves bytes, and starts without it.
+
 Memory: a tensor that keeps its dtype is copied file-to-file with sendfile (safetensors input) or
 from its memory map (PyTorch input) and never enters anonymous memory; a cast goes through fixed
 buffers (per cast thread: one block of BLOCK_ELEMS outputs and a float32 chunk). Nothing scales with
@@ -17,14 +20,13 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from moge_cli.safetensors_format import DTYPE_SIZES, TORCH_NAMES
 
-from moge_converters.cast import BLOCK_ELEMS, CHUNK_ELEMS, Caster, CastStats, Fp16OverflowError, torch_dtype
+from moge_converters.overflow import CastStats, Fp16OverflowError
 from moge_converters.plan import OutTensor, Plan, RankPlan, build_plan
 from moge_converters.shards import INDEX_NAME, Shard, ShardFile, check_destination, check_free_space, parse_size, plan_shards, remove_stale_staging, staging_dir, write_shards
 from moge_converters.sources import files_to_copy, open_source
@@ -100,9 +102,11 @@ class Emitter:
         waits only at the shard's barrier (before a sequential write or the close) or when
         MAX_IN_FLIGHT blocks are queued.
         """
+        from moge_converters.cast import BLOCK_ELEMS  # torch: only a plan that casts gets here
+
         count = t.parts not in self._counted  # replicated tensors of --ep are counted once
         self._counted.add(t.parts)
-        key, in_size, out_size = (t.src_dtype, t.dtype), DTYPE_SIZES[t.src_dtype], DTYPE_SIZES[t.dtype]
+        key, out_size = (t.src_dtype, t.dtype), DTYPE_SIZES[t.dtype]
         pieces = []  # (source: (fd, byte offset) or 1-D tensor, first element, elements, byte offset in the output)
         done = 0
         for part in t.parts:
@@ -117,11 +121,11 @@ class Emitter:
                 done += k
         if sf is None:  # the overflow scan: no writes, in this thread
             for src, a, k, _ in pieces:
-                self.stats.add(label, k, self._cast_piece(key, src, a, k, in_size)[0])
+                self.stats.add(label, k, self._caster(key).cast_block(src, a, k)[0])
             return
         base = sf.reserve(t.nbytes)
         for src, a, k, off in pieces:
-            future = self._pool().submit(self._piece, key, src, a, k, in_size, sf, base + off)
+            future = self._pool().submit(self._piece, key, src, a, k, sf, base + off)
             self._pending.append((future, label if count else None, k, k * out_size, sf))
         sf.barrier, sf.on_abort = self._drain, self._cancel
         while len(self._pending) > MAX_IN_FLIGHT:
@@ -156,23 +160,17 @@ class Emitter:
             f.cancel()
         wait(futures)
 
-    def _piece(self, key: tuple[str, str], src, a: int, k: int, in_size: int, sf: ShardFile, offset: int) -> int:
-        over, y = self._cast_piece(key, src, a, k, in_size)
-        sf.write_at(y.view(torch.uint8).numpy(), offset)
+    def _piece(self, key: tuple[str, str], src, a: int, k: int, sf: ShardFile, offset: int) -> int:
+        over, data = self._caster(key).cast_block(src, a, k)
+        sf.write_at(data, offset)
         return over
 
-    def _cast_piece(self, key: tuple[str, str], src, a: int, k: int, in_size: int) -> tuple[int, torch.Tensor]:
-        """Cast k source elements from element a into this thread's block: (overflows, the block's first k)."""
-        caster = self._caster(key)
-        y = caster.block[:k]
-        if isinstance(src, tuple):  # (fd, byte offset of the tensor) of a safetensors file
-            return caster.cast_file_into(src[0], src[1] + a * in_size, y), y
-        return caster.cast_into(src[a : a + k], y), y
-
-    def _caster(self, key: tuple[str, str]) -> Caster:
+    def _caster(self, key: tuple[str, str]):
         """This thread's Caster for (source dtype, output dtype): its buffers are its own."""
         casters = self._local.__dict__.setdefault("casters", {})
         if key not in casters:
+            from moge_converters.cast import Caster, torch_dtype
+
             casters[key] = Caster(torch_dtype(key[0]), torch_dtype(key[1]), self.clamp)
         return casters[key]
 
@@ -235,10 +233,13 @@ def convert(
     peak = PeakRss()
     max_bytes = parse_size(max_shard_size)
     source = open_source(src, revision=revision)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # casts are memory-bound, in cache-sized chunks: a thread pool costs more than it gains
-    try:
+    with ExitStack() as cleanup:
+        cleanup.callback(source.close)
         plan = build_plan(source.tensors, source.config_dict, layout=layout, dtype=dtype, layers=layers, ep=ep)
+        if computes(plan, source):
+            from moge_converters.cast import one_torch_thread  # torch: imported only when it computes
+
+            cleanup.enter_context(one_torch_thread())
         layouts, copies, disk, bytes_in, dst = prepare(plan, source, dst, force, max_bytes)
         if dry_run:
             return describe(plan, layouts, source, dst, copies, disk, bytes_in, peak)
@@ -289,9 +290,11 @@ def convert(
             "ep": plan.ep_plan is not None and {"world_size": len(plan.ranks), "plan": EP_PLAN_NAME},
             "notes": list(source.notes) + cleanup_notes,
         }
-    finally:
-        torch.set_num_threads(threads)
-        source.close()
+
+
+def computes(plan: Plan, source) -> bool:
+    """Whether writing `plan` runs torch ops: casts, or PyTorch tensors laid out. Anything else only moves bytes."""
+    return not source.direct or any(t.cast for t in plan.tensors)
 
 
 def prepare(plan: Plan, source, dst, force: bool, max_bytes: int) -> tuple[list[tuple[RankPlan, list[Shard]]], list[Path], int, int, Path]:
@@ -334,6 +337,8 @@ def estimated_peak(plan: Plan, source, base: int) -> int:
     """A conservative RssAnon estimate: now (interpreter, torch, plan) + cast buffers + what must be laid out."""
     n = base
     if any(t.cast for t in plan.tensors):
+        from moge_converters.cast import BLOCK_ELEMS, CHUNK_ELEMS  # loaded already: the plan casts
+
         n += (CAST_THREADS + 1) * (BLOCK_ELEMS * 4 + CHUNK_ELEMS * 28)  # per casting thread: block, read and float32 buffers, temporaries
     if not source.direct:  # a PyTorch tensor that is not contiguous is copied once
         n += max((source.tensors[s].nbytes for s in plan.sources_used), default=0)

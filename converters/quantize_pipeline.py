@@ -22,7 +22,7 @@ from moge_cli.errors import UsageError
 from moge_cli.names import component_of
 
 from moge_converters.calibrate import calibrate
-from moge_converters.cast import torch_dtype
+from moge_converters.cast import byte_view, torch_dtype
 from moge_converters.convert import Emitter, PeakRss, describe, output_entries, prepare, start_writing
 from moge_converters.quantize import dequantize, error_sums, error_stats, pack_int32, quantize
 from moge_converters.quantize_plan import SCALE_CODES, QuantOptions, QuantOut, build_quant_plan
@@ -57,7 +57,7 @@ class QuantEmitter:
             if t.role == "weight_packed":
                 return
         data = self.pending.pop(t.name)
-        sf.write(_bytes(data))
+        sf.write(byte_view(data))
 
     def run(self, t: QuantOut, sink) -> dict[str, torch.Tensor]:
         """Quantize t's module, streaming weight_packed into sink.write() block by block; keep and return
@@ -75,7 +75,7 @@ class QuantEmitter:
             qt = quantize(w, s, scale_dtype, importance)
             e, f = error_sums(w, dequantize(qt))
             err2, ref2 = err2 + e, ref2 + f
-            sink.write(_bytes(pack_int32(qt.q, s.bits)))
+            sink.write(byte_view(pack_int32(qt.q, s.bits)))
             scales.append(qt.scale)
             if qt.zero is not None:
                 zeros.append(qt.zero)
@@ -91,10 +91,6 @@ class QuantEmitter:
 
     def close(self) -> None:
         self.base.close()
-
-
-def _bytes(t: torch.Tensor):
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 class _Discard:
@@ -279,7 +275,7 @@ def verify_quantized(source, shards, out_dir: Path, config: dict[str, Any], impo
                 else:
                     if name not in fresh.pending:
                         fresh.run(planned[f"{t.module}.weight_packed"], _Discard())
-                    same = same_bytes(memoryview(_bytes(fresh.pending.pop(name))).cast("B"), ck.raw(name))
+                    same = same_bytes(byte_view(fresh.pending.pop(name)), ck.raw(name))
                 if not same:
                     bad.append(f"{name}: differs from a fresh {t.scheme.label} {t.scheme.method} quantization of {t.base.name}")
     finally:
@@ -293,7 +289,7 @@ def verify_quantized(source, shards, out_dir: Path, config: dict[str, Any], impo
 def evaluate(src, dst, text_file, *, window: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Perplexity of the source and of the quantized checkpoint on a text file (the source's tokenizer)."""
     from moge_cli.errors import UsageError
-    from moge_cli.model import load_model
+    from moge_cli.loader import load_model
     from moge_cli.perplexity import perplexity
     from moge_cli.tokenizer import has_tokenizer, load_tokenizer
 

@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from moge_cli.checkpoint import Checkpoint, open_checkpoint, resolve_location
-from moge_cli.errors import ConfigError
-from moge_cli.files import checked_file, read_json
+from moge_cli.errors import CheckpointError, ConfigError
+from moge_cli.files import checked_file, checked_named_file, present, read_json
+from moge_cli.safetensors_format import TORCH_SUFFIXES
+
+BIN_INDEX = "pytorch_model.bin.index.json"
 
 # Non-weight files copied unchanged (config.json is rewritten, weights and indexes are regenerated).
 COPY_PATTERNS = (
@@ -52,13 +55,48 @@ class SafetensorsSource:
 def open_source(path: str | os.PathLike, *, revision: str | None = None):
     """A safetensors or PyTorch checkpoint at `path` (directory, file, or cached Hugging Face repo id at
     `revision`), validated."""
-    from moge_converters.torch_input import TorchSource, torch_files
-
     p = resolve_location(path, revision)
     found = torch_files(p)
     if found is not None:
+        from moge_converters.torch_input import TorchSource  # torch reads PyTorch files: imported only for them
+
         return TorchSource(*found, source=p)
     return SafetensorsSource(open_checkpoint(p))
+
+
+def torch_files(path: Path) -> tuple[Path, list[Path], tuple[Path, dict[str, str]] | None] | None:
+    """(root, weight files, (index file, its weight_map) or None) for a PyTorch checkpoint (file, or directory
+    without safetensors), else None. Every file is checked by moge_cli.files."""
+    if not path.is_dir():
+        return (path.parent, [checked_named_file(path)], None) if path.suffix in TORCH_SUFFIXES else None
+    if list(path.glob("*.safetensors")):
+        return None
+    if present(path, BIN_INDEX):
+        index = checked_file(path, path / BIN_INDEX)
+        files, weight_map = _indexed_files(path, index)
+        return path, files, (index, weight_map)
+    files = sorted(path.glob("pytorch_model*.bin")) or sorted(p for s in (".pt", ".pth") for p in path.glob(f"*{s}"))
+    return (path, [checked_file(path, f) for f in files], None) if files else None
+
+
+def _indexed_files(root: Path, index: Path) -> tuple[list[Path], dict[str, str]]:
+    """The .bin files a pytorch_model.bin.index.json names: regular files inside root (moge_cli.files)."""
+    try:
+        weight_map = read_json(index)["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a valid index ({e})") from None
+    files = []
+    for name in names:
+        f = root / str(name)
+        if not isinstance(name, str) or "\x00" in name or not name:
+            raise CheckpointError(f"{index}: file name {name!r} is empty or holds a NUL byte; no file can have that name")
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"{index}: file {name!r} points outside the checkpoint directory")
+        if not os.path.lexists(f):
+            raise CheckpointError(f"{index}: names {name!r}, which does not exist in {root}")
+        files.append(checked_file(root, f))
+    return files, weight_map
 
 
 def files_to_copy(root: Path) -> list[Path]:

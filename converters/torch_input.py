@@ -1,5 +1,7 @@
 """PyTorch `pytorch_model*.bin` / `.pt` state dicts as a conversion source, loaded with weights_only=True only.
 
+Found by sources.torch_files (no torch); this module, which needs torch to read them, is imported only then.
+
 weights_only=True means torch's restricted unpickler: tensors, plain containers and numbers, never
 an arbitrary class or function, so no pickled code runs; a file that needs more is refused.
 Files in the zip format (torch.save's default since 1.6) load with mmap=True: tensor data stays in
@@ -10,7 +12,6 @@ be memory-mapped and is read into memory whole, one file at a time; the converte
 from __future__ import annotations
 
 import math
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -19,43 +20,8 @@ from typing import Any
 import torch
 
 from moge_cli.errors import CheckpointError, ConfigError
-from moge_cli.files import checked_file, checked_named_file, optional_file, present, read_json
-from moge_cli.safetensors_format import FROM_TORCH_NAME, TORCH_SUFFIXES, TensorInfo
-
-BIN_INDEX = "pytorch_model.bin.index.json"
-
-
-def torch_files(path: Path) -> tuple[Path, list[Path], dict[str, str] | None] | None:
-    """(root, weight files, index weight_map or None) for a PyTorch checkpoint (file, or directory without
-    safetensors), else None. Every file is checked by moge_cli.files."""
-    if not path.is_dir():
-        return (path.parent, [checked_named_file(path)], None) if path.suffix in TORCH_SUFFIXES else None
-    if list(path.glob("*.safetensors")):
-        return None
-    if present(path, BIN_INDEX):
-        return (path, *_indexed_files(path, checked_file(path, path / BIN_INDEX)))
-    files = sorted(path.glob("pytorch_model*.bin")) or sorted(p for s in (".pt", ".pth") for p in path.glob(f"*{s}"))
-    return (path, [checked_file(path, f) for f in files], None) if files else None
-
-
-def _indexed_files(root: Path, index: Path) -> tuple[list[Path], dict[str, str]]:
-    """The .bin files a pytorch_model.bin.index.json names: regular files inside root (moge_cli.files)."""
-    try:
-        weight_map = read_json(index)["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{index}: not a valid index ({e})") from None
-    files = []
-    for name in names:
-        f = root / str(name)
-        if not isinstance(name, str) or "\x00" in name or not name:
-            raise CheckpointError(f"{index}: file name {name!r} is empty or holds a NUL byte; no file can have that name")
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise CheckpointError(f"{index}: file {name!r} points outside the checkpoint directory")
-        if not os.path.lexists(f):
-            raise CheckpointError(f"{index}: names {name!r}, which does not exist in {root}")
-        files.append(checked_file(root, f))
-    return files, weight_map
+from moge_cli.files import optional_file, read_json
+from moge_cli.safetensors_format import FROM_TORCH_NAME, TensorInfo
 
 
 def load_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
@@ -85,7 +51,8 @@ class TorchSource:
 
     direct = False  # no byte ranges in a file to sendfile from
 
-    def __init__(self, root: Path, files: list[Path], weight_map: dict[str, str] | None = None, source: Path | None = None):
+    def __init__(self, root: Path, files: list[Path], index: tuple[Path, dict[str, str]] | None = None, source: Path | None = None):
+        """index: (pytorch_model.bin.index.json, its weight_map), checked against the files."""
         self.root, self.files, self.source = root, files, source or root
         cfg_path = optional_file(root, "config.json") or root / "config.json"
         if not cfg_path.is_file():
@@ -107,9 +74,10 @@ class TorchSource:
                 self._tensors[name] = t
                 nbytes = math.prod(t.shape) * t.element_size()
                 self.tensors[name] = TensorInfo(name, code, tuple(t.shape), f, 0, nbytes)
-        for name, fname in (weight_map or {}).items():
+        index_file, weight_map = index or (None, {})
+        for name, fname in weight_map.items():
             if name not in self.tensors or self.tensors[name].file.name != Path(fname).name:
-                raise CheckpointError(f"{root / BIN_INDEX}: tensor {name!r} is indexed in {fname} but that file does not hold it")
+                raise CheckpointError(f"{index_file}: tensor {name!r} is indexed in {fname} but that file does not hold it")
 
     def flat(self, name: str) -> torch.Tensor:
         """The tensor as 1-D, still backed by the mapped file when it is contiguous (a copy otherwise)."""

@@ -2,7 +2,8 @@
 
 Every output tensor must have the planned dtype and shape, and its bytes must equal its recipe
 applied to the source: the same bytes for a copy / stack / split, or `cast_exact` of the source
-values for a cast. Compared in fixed-size chunks, so memory stays flat.
+values for a cast. Compared in fixed-size chunks, so memory stays flat. Copies are compared as bytes;
+torch is imported only to recompute casts.
 """
 
 from __future__ import annotations
@@ -11,13 +12,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from moge_cli.checkpoint import open_checkpoint
 from moge_cli.errors import MogeError
 from moge_cli.safetensors_format import DTYPE_SIZES
 
-from moge_converters.cast import CHUNK_ELEMS, cast_exact, torch_dtype
 from moge_converters.plan import OutTensor
 from moge_converters.shards import METADATA
 
@@ -47,25 +46,27 @@ def tensor_matches(source, t: OutTensor, out: memoryview, clamp: bool) -> bool:
     in_size, out_size = DTYPE_SIZES[t.src_dtype], DTYPE_SIZES[t.dtype]
     pos = 0
     for part in t.parts:
-        if not t.cast:
-            n = part.count * in_size
-            if not same_bytes(source.raw(part.source)[part.start * in_size : part.start * in_size + n], out[pos : pos + n]):
-                return False
-            pos += n
-            continue
-        flat, dtype = source.flat(part.source), torch_dtype(t.dtype)
-        for a in range(part.start, part.start + part.count, CHUNK_ELEMS):
-            x = flat[a : min(part.start + part.count, a + CHUNK_ELEMS)]
-            want = _bytes_of(cast_exact(x, dtype, clamp))
-            n = x.numel() * out_size
-            if not same_bytes(want, out[pos : pos + n]):
-                return False
-            pos += n
+        n = part.count * out_size
+        if t.cast:
+            ok = _cast_matches(source.flat(part.source)[part.start : part.start + part.count], t.dtype, clamp, out[pos : pos + n])
+        else:
+            ok = same_bytes(source.raw(part.source)[part.start * in_size : part.start * in_size + n], out[pos : pos + n])
+        if not ok:
+            return False
+        pos += n
     return pos == len(out)
 
 
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
+def _cast_matches(x, code: str, clamp: bool, out: memoryview) -> bool:
+    """Whether `out` holds cast_exact of the 1-D source tensor x to dtype `code`, compared CHUNK_ELEMS at a time."""
+    from moge_converters.cast import CHUNK_ELEMS, byte_view, cast_exact, torch_dtype  # torch: casts are recomputed
+
+    dtype, size = torch_dtype(code), DTYPE_SIZES[code]
+    for a in range(0, x.numel(), CHUNK_ELEMS):
+        want = byte_view(cast_exact(x[a : a + CHUNK_ELEMS], dtype, clamp))
+        if not same_bytes(want, out[a * size : a * size + len(want)]):
+            return False
+    return True
 
 
 def verify_output(source, layouts, tmp: Path, clamp: bool) -> None:

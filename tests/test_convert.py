@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from moge_converters.convert import convert
 from moge_converters.shards import parse_size
-from moge_converters.cast import Fp16OverflowError
+from moge_converters.overflow import Fp16OverflowError
 from moge_converters.verify import VerifyError
 from moge_cli.synthetic import random_tensors, write_checkpoint
 from moge_cli.checkpoint import open_checkpoint
