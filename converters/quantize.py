@@ -1,4 +1,4 @@
-"""Weight-only integer quantization math: round-to-nearest, an MSE search, int32 packing, dequantization.
+"""Weight-only integer quantization math: round-to-nearest, an MSE search, dequantization, error statistics.
 
 Pure functions on tensors; no files. The stored form is compressed-tensors' "pack-quantized":
 signed integers q in [-2^(b-1), 2^(b-1)-1], a scale per output channel ([N, 1]) or per group of
@@ -7,8 +7,7 @@ same signed range. Dequantization, exactly as compressed-tensors does it, in the
 
     w = (q.to(s.dtype) - z.to(s.dtype)) * s        (symmetric: w = q.to(s.dtype) * s)
 
-Packing (compressed-tensors `pack_to_int32`): q + 2^(b-1) as an unsigned b-bit value, 32/b values
-per int32 along the packed dim, value j of a word in bits b*j .. b*j+b-1 (little end first).
+Packing into int32 words (pack_int32 / unpack_int32) is part of the stored format: moge_cli.quant_format.
 Weights are packed along dim 1 ([N, ceil(K*b/32)]), zero points along dim 0 ([ceil(N*b/32), G]).
 N output channels (rows), K input columns, G groups per row, gs group size.
 """
@@ -16,14 +15,12 @@ N output channels (rows), K input columns, G groups per row, gs group size.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
 
-from moge_cli.quant_format import Scheme
+from moge_cli.quant_format import BITS, Scheme, pack_int32, unpack_int32  # noqa: F401  (packing: the format's, used from here too)
 
-BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 METHODS = ("rtn", "mse")
 # The MSE search: clipping ratios tried for every group / channel, then alternating refinement.
@@ -163,60 +160,6 @@ def _mse_params(x: torch.Tensor, scheme: Scheme, scale_dtype, a: torch.Tensor | 
             best_z = torch.where(better, z, best_z)
         s, z = best_s, best_z
     return best_s, best_z
-
-
-# ---- packing -----------------------------------------------------------------------------------
-def pack_int32(q: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
-    """Signed b-bit integers q [R, C] (int8) -> int32, 32/b per word along `dim` (compressed-tensors order)."""
-    if bits not in BITS:
-        raise ValueError(f"packing supports {BITS} bits, got {bits}")
-    if dim == 0:
-        return pack_int32(q.t(), bits, 1).t().contiguous()
-    rows, cols = q.shape
-    if sys.byteorder == "little":  # the words' bytes in memory order are the packed bytes: build them directly
-        if bits == 8:
-            b = q.contiguous().view(torch.uint8) ^ 0x80  # + 128 as a byte: offset binary
-        else:
-            u = (q.contiguous().view(torch.uint8) + 8) & 0xF  # + 8, as 4 bits
-            if cols % 2:
-                u = torch.nn.functional.pad(u, (0, 1))
-            b = u[:, 0::2] | (u[:, 1::2] << 4)  # value 2j in the low half of byte j
-        pad = -b.shape[1] % 4
-        if pad:
-            b = torch.nn.functional.pad(b, (0, pad))
-        words = b.contiguous().view(-1).view(torch.int32).view(rows, -1)  # via 1-D: a [1, C] view may have any row stride
-        return words[:, : packed_cols(cols, bits)].contiguous()
-    per = 32 // bits
-    u = q.to(torch.int64) + (1 << (bits - 1))  # unsigned
-    pad = -cols % per
-    if pad:
-        u = torch.nn.functional.pad(u, (0, pad))
-    u = u.reshape(rows, -1, per)  # [R, words, per]
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
-    word = (u << shifts).sum(-1)  # < 2^32: the bit fields do not overlap
-    word = torch.where(word >= 1 << 31, word - (1 << 32), word)  # two's complement int32
-    return word.to(torch.int32).contiguous()
-
-
-def unpack_int32(packed: torch.Tensor, bits: int, shape: tuple[int, int], dim: int = 1) -> torch.Tensor:
-    """Inverse of pack_int32: int32 words -> signed int8 [shape]."""
-    if dim == 0:
-        return unpack_int32(packed.t(), bits, (shape[1], shape[0]), 1).t().contiguous()
-    rows, cols = shape
-    if sys.byteorder == "little":
-        b = packed.contiguous().view(-1).view(torch.uint8).view(rows, -1)  # [R, 4 * words]
-        if bits == 8:
-            return (b[:, :cols] ^ 0x80).view(torch.int8)
-        u = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(rows, -1)[:, :cols]
-        return u.view(torch.int8) - 8
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
-    u = (packed.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [R, words, per]
-    u = u.reshape(rows, -1)[:, :cols]
-    return (u - (1 << (bits - 1))).to(torch.int8)
-
-
-def packed_cols(cols: int, bits: int) -> int:
-    return math.ceil(cols * bits / 32)
 
 
 # ---- error -------------------------------------------------------------------------------------

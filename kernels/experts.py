@@ -11,6 +11,9 @@
 # Determinism: both paths compute each expert on its pairs in ascending (token, slot)
 # order, place the results at their pair positions (a permutation, no atomics) and
 # sum the k slots with one reduction of the same shape. Same inputs, same bits.
+#
+# Bad arguments raise plain ValueError (shapes, ids) or TypeError (dtypes): the kernels import nothing
+# of ours. The model checks config, shapes and dtypes at load time, so one escaping from a run is a bug.
 
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from moge_kernels import native
-from moge_cli.errors import UsageError
 
 # moe_experts takes the decode path while T*k is at most this. Measured on CPU (E=64,
 # H=1024, I=256, k=8, fp32 and bf16): decode is 5-15% faster at T=1, even at T=2, and
@@ -92,7 +94,7 @@ def moe_prefill(
     # and per-expert counts in one host sync.
     counts = torch.bincount(flat.clamp(-1, E) + 1, minlength=E + 2).tolist()
     if counts[0] or counts[-1]:
-        raise UsageError(f"moe: expert_ids has values outside 0..{E - 1}")
+        raise ValueError(f"moe: expert_ids has values outside 0..{E - 1}")
     counts = counts[1:-1]  # [E]
     xs = x[order // k]  # [P, H], each expert's tokens contiguous
     ys = torch.empty_like(xs)  # [P, H], grouped by expert
@@ -153,22 +155,22 @@ def combine_f32(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 def _check(x, expert_ids, weights, gate_up, down) -> tuple[int, int]:
     if x.dim() != 2:
-        raise UsageError(f"moe: x must be [T, H], got {tuple(x.shape)}")
+        raise ValueError(f"moe: x must be [T, H], got {tuple(x.shape)}")
     T, H = x.shape
     if expert_ids.dim() != 2 or expert_ids.shape[0] != T or weights.shape != expert_ids.shape:
-        raise UsageError(
+        raise ValueError(
             f"moe: expert_ids and weights must both be [T, k] with T = {T}, "
             f"got {tuple(expert_ids.shape)} and {tuple(weights.shape)}"
         )
     if expert_ids.dtype.is_floating_point or expert_ids.dtype == torch.bool:
-        raise UsageError(f"moe: expert_ids must be an integer tensor, got {expert_ids.dtype}")
+        raise TypeError(f"moe: expert_ids must be an integer tensor, got {expert_ids.dtype}")
     if expert_ids.shape[1] == 0:
-        raise UsageError("moe: k (picks per token) must be at least 1")
+        raise ValueError("moe: k (picks per token) must be at least 1")
     if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[2] != H or gate_up.shape[1] % 2:
-        raise UsageError(f"moe: gate_up must be [E, 2I, H] with H = {H}, got {tuple(gate_up.shape)}")
+        raise ValueError(f"moe: gate_up must be [E, 2I, H] with H = {H}, got {tuple(gate_up.shape)}")
     E, I = gate_up.shape[0], gate_up.shape[1] // 2
     if tuple(down.shape) != (E, H, I):
-        raise UsageError(f"moe: down must be [E, H, I] = {(E, H, I)} to match gate_up, got {tuple(down.shape)}")
+        raise ValueError(f"moe: down must be [E, H, I] = {(E, H, I)} to match gate_up, got {tuple(down.shape)}")
     _check_dtypes(x, gate_up, down)
     return T, expert_ids.shape[1]
 
@@ -176,7 +178,7 @@ def _check(x, expert_ids, weights, gate_up, down) -> tuple[int, int]:
 def _check_dtypes(x: torch.Tensor, *ws: torch.Tensor) -> None:
     bad = [w.dtype for w in ws if w.dtype != x.dtype]
     if bad:
-        raise UsageError(
+        raise TypeError(
             f"moe: x is {x.dtype} but weights are {bad[0]}; cast the weights once at load time "
             f"(or x) so that both have the same dtype"
         )
@@ -185,4 +187,4 @@ def _check_dtypes(x: torch.Tensor, *ws: torch.Tensor) -> None:
 def _check_ids_in_range(ids, E: int) -> None:
     bad = sorted(e for e in ids if not 0 <= e < E)
     if bad:
-        raise UsageError(f"moe: expert_ids {bad[:8]} are outside 0..{E - 1}")
+        raise ValueError(f"moe: expert_ids {bad[:8]} are outside 0..{E - 1}")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 
 from moge_kernels import native
-from moge_cli.errors import UsageError
 
 
 def route(
@@ -39,15 +38,17 @@ def route(
 
 
 def _check(logits: torch.Tensor, n_groups: int, picks_per_group: int, router_scale: torch.Tensor) -> tuple[int, int]:
-    if logits.dim() != 2 or not logits.is_floating_point():
-        raise UsageError(f"route: logits must be a float tensor [T, E], got {tuple(logits.shape)} {logits.dtype}")
+    if not logits.is_floating_point():
+        raise TypeError(f"route: logits must be a float tensor [T, E], got {tuple(logits.shape)} {logits.dtype}")
+    if logits.dim() != 2:
+        raise ValueError(f"route: logits must be a float tensor [T, E], got {tuple(logits.shape)} {logits.dtype}")
     T, E = logits.shape
     if n_groups <= 0 or E % n_groups:
-        raise UsageError(f"route: n_groups ({n_groups}) must be a positive divisor of the expert count ({E})")
+        raise ValueError(f"route: n_groups ({n_groups}) must be a positive divisor of the expert count ({E})")
     if not 0 < picks_per_group <= E // n_groups:
-        raise UsageError(
+        raise ValueError(
             f"route: picks_per_group ({picks_per_group}) must be in 1..{E // n_groups} (experts per group)"
         )
     if router_scale.numel() != E or router_scale.dim() > 2:
-        raise UsageError(f"route: router_scale must hold E = {E} values ([E] or [1, E]), got {tuple(router_scale.shape)}")
+        raise ValueError(f"route: router_scale must hold E = {E} values ([E] or [1, E]), got {tuple(router_scale.shape)}")
     return T, E

@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from moge_cli.commands import convert, fixture, generate, load, profile, quantize
+from moge_cli.version import version_line
 
 app = typer.Typer(
     name="moge",
@@ -21,8 +22,6 @@ app = typer.Typer(
 
 def _print_version(value: bool) -> None:
     if value:
-        from moge_cli.main import version_line
-
         print(version_line())
         raise typer.Exit()
 

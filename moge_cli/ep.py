@@ -18,6 +18,7 @@ from moge_cli.config import MoGEConfig
 from moge_cli.errors import CheckpointError, ConfigError, UsageError
 from moge_cli.files import checked_dir, checked_file, present, read_json
 from moge_cli.names import PER_EXPERT_RE, STACKED_RE
+from moge_cli.problems import Problem
 
 EP_PLAN_NAME = "ep_plan.json"
 
@@ -127,6 +128,4 @@ def inspect_ep_dir(root: Path, inspect_one: Callable[..., dict[str, Any]], **opt
 
 
 def asdict_problem(kind: str, tensor: str, detail: str) -> dict[str, str]:
-    from moge_cli.inspect import Problem
-
     return asdict(Problem(kind, tensor, detail))

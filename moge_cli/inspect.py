@@ -6,7 +6,7 @@ import fnmatch
 import math
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,23 +15,12 @@ from moge_cli.config import MODEL_TYPE, MoGEConfig
 from moge_cli.ep import ep_info, inspect_ep_dir, is_ep_dir, local_expected
 from moge_cli.errors import CheckpointError
 from moge_cli.names import LAYOUTS, PER_EXPERT, STACKED, component_of, expected_tensors, skipped_notes
+from moge_cli.problems import Problem
 from moge_cli.quant_format import expected_quantized, read_quantization
 from moge_cli.safetensors_format import TORCH_NAMES
 
 COMPONENTS = ("embeddings", "attention", "router", "routed_experts", "shared_experts", "dense_mlp", "norms", "lm_head")
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a readable checkpoint.
-
-    kind: missing, unexpected, shape, dtype, layout, index, config, nonfinite, zero, hash.
-    """
-
-    kind: str
-    tensor: str
-    detail: str
 
 
 def count_params(cfg: MoGEConfig) -> dict[str, int]:
@@ -129,7 +118,7 @@ def inspect_checkpoint(
         if tensors is not None:
             report["tensors"] = tensor_rows(ckpt, tensors)
         if verify or manifest or check:
-            from moge_cli.verify import check_manifest, verify_checkpoint, write_manifest
+            from moge_cli.shard_scan import check_manifest, verify_checkpoint, write_manifest
 
             result = verify_checkpoint(ckpt, progress=progress)
             report["verify"] = result.summary()

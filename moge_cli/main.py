@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-DISTRIBUTION = "moge-toolkit"
+from moge_cli.version import version_line
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,16 +21,6 @@ def main(argv: list[str] | None = None) -> None:
         return
     path = plain_load_json(argv)
     sys.exit(load_json(path) if path is not None else run_app(argv))
-
-
-def version_line() -> str:
-    """`moge 0.1.0` (the installed moge-toolkit distribution's version)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"moge {version(DISTRIBUTION)}"
-    except PackageNotFoundError:
-        return f"moge (unknown version: {DISTRIBUTION} is not installed)"
 
 
 def run_app(argv: list[str]) -> int:

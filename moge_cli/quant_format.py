@@ -1,4 +1,4 @@
-"""The compressed-tensors "pack-quantized" checkpoint format as moge writes and reads it (no torch).
+"""The compressed-tensors "pack-quantized" checkpoint format as moge writes and reads it (torch only to pack).
 
 A quantized module X (e.g. model.layers.0.mlp.experts.3.down_proj) stores, instead of X.weight [N, K]:
     X.weight_packed      int32 [N, ceil(K*b/32)]   b-bit integers + 2^(b-1), 32/b per word, low bits first
@@ -9,17 +9,25 @@ config.json gets `quantization_config` (quant_method compressed-tensors, format 
 config_groups with targets, ignore) and moge's own `moge_quantization` (method, what was quantized).
 Which scheme a module has is told by matching its name against the config groups' targets, as
 vLLM does: an exact name first, then "re:" regular expressions, then a class name (Linear, Embedding).
+Packing (compressed-tensors `pack_to_int32`): q + 2^(b-1) as an unsigned b-bit value, 32/b values per
+int32 along the packed dim, value j of a word in bits b*j .. b*j+b-1. pack_int32 / unpack_int32 import
+torch when called; reading the format (`moge load`) does not.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moge_cli.errors import CheckpointError
 
+if TYPE_CHECKING:
+    import torch
+
+BITS = (4, 8)  # integer widths moge writes and reads
 QUANT_METHOD = "compressed-tensors"
 FORMAT = "pack-quantized"
 SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
@@ -55,9 +63,9 @@ class Scheme:
     def tensor_shapes(self, n: int, k: int) -> dict[str, tuple[int, ...]]:
         """Suffix -> shape of the stored tensors of an [n, k] weight."""
         g = self.groups(k)
-        out = {"weight_packed": (n, math.ceil(k * self.bits / 32)), "weight_scale": (n, g), "weight_shape": (2,)}
+        out = {"weight_packed": (n, packed_cols(k, self.bits)), "weight_scale": (n, g), "weight_shape": (2,)}
         if not self.symmetric:
-            out["weight_zero_point"] = (math.ceil(n * self.bits / 32), g)
+            out["weight_zero_point"] = (packed_cols(n, self.bits), g)
         return out
 
     @property
@@ -196,7 +204,7 @@ def read_quantization(config: dict[str, Any], shapes: dict[str, tuple[int, ...]]
         s = scheme_of(m, qc)
         if s is None:
             raise CheckpointError(f"{m}.weight_packed: no quantization_config group targets this module")
-        if s.bits not in (4, 8):
+        if s.bits not in BITS:
             raise CheckpointError(f"{m}: {s.bits}-bit weights are not supported (4 or 8)")
         shape_t = shapes.get(f"{m}.weight_shape")
         if shape_t != (2,):
@@ -216,3 +224,62 @@ def expected_quantized(expected: dict[str, tuple[int, ...]], modules: dict[str, 
         else:
             out[name] = shape
     return out
+
+
+# ---- packing -----------------------------------------------------------------------------------
+def pack_int32(q: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
+    """Signed b-bit integers q [R, C] (int8) -> int32, 32/b per word along `dim` (compressed-tensors order)."""
+    import torch
+
+    if bits not in BITS:
+        raise ValueError(f"packing supports {BITS} bits, got {bits}")
+    if dim == 0:
+        return pack_int32(q.t(), bits, 1).t().contiguous()
+    rows, cols = q.shape
+    if sys.byteorder == "little":  # the words' bytes in memory order are the packed bytes: build them directly
+        if bits == 8:
+            b = q.contiguous().view(torch.uint8) ^ 0x80  # + 128 as a byte: offset binary
+        else:
+            u = (q.contiguous().view(torch.uint8) + 8) & 0xF  # + 8, as 4 bits
+            if cols % 2:
+                u = torch.nn.functional.pad(u, (0, 1))
+            b = u[:, 0::2] | (u[:, 1::2] << 4)  # value 2j in the low half of byte j
+        pad = -b.shape[1] % 4
+        if pad:
+            b = torch.nn.functional.pad(b, (0, pad))
+        words = b.contiguous().view(-1).view(torch.int32).view(rows, -1)  # via 1-D: a [1, C] view may have any row stride
+        return words[:, : packed_cols(cols, bits)].contiguous()
+    per = 32 // bits
+    u = q.to(torch.int64) + (1 << (bits - 1))  # unsigned
+    pad = -cols % per
+    if pad:
+        u = torch.nn.functional.pad(u, (0, pad))
+    u = u.reshape(rows, -1, per)  # [R, words, per]
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
+    word = (u << shifts).sum(-1)  # < 2^32: the bit fields do not overlap
+    word = torch.where(word >= 1 << 31, word - (1 << 32), word)  # two's complement int32
+    return word.to(torch.int32).contiguous()
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, shape: tuple[int, int], dim: int = 1) -> torch.Tensor:
+    """Inverse of pack_int32: int32 words -> signed int8 [shape]."""
+    import torch
+
+    if dim == 0:
+        return unpack_int32(packed.t(), bits, (shape[1], shape[0]), 1).t().contiguous()
+    rows, cols = shape
+    if sys.byteorder == "little":
+        b = packed.contiguous().view(-1).view(torch.uint8).view(rows, -1)  # [R, 4 * words]
+        if bits == 8:
+            return (b[:, :cols] ^ 0x80).view(torch.int8)
+        u = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(rows, -1)[:, :cols]
+        return u.view(torch.int8) - 8
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
+    u = (packed.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [R, words, per]
+    u = u.reshape(rows, -1)[:, :cols]
+    return (u - (1 << (bits - 1))).to(torch.int8)
+
+
+def packed_cols(cols: int, bits: int) -> int:
+    """int32 words holding `cols` b-bit values."""
+    return math.ceil(cols * bits / 32)

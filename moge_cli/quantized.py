@@ -52,7 +52,7 @@ LINEAR_PARAMS = ("qkv_weight", "o_weight", "lm_head", "gate_up", "down", "shared
 # ---- the stored integers -------------------------------------------------------------------------
 def unpack_rows(packed: torch.Tensor, bits: int, n: int, k: int, dim: int = 1) -> torch.Tensor:
     """compressed-tensors int32 words -> signed int8 [n, k] (dim=0: packed along rows, as zero points are)."""
-    from moge_converters.quantize import unpack_int32
+    from moge_cli.quant_format import unpack_int32
 
     return unpack_int32(packed, bits, (n, k), dim)
 
@@ -99,7 +99,7 @@ class QLinear(nn.Module):
             w = _stack([q for q, _, _ in parts])
             scales = torch.stack([s[:, 0] for _, s, _ in parts]).to(dtype)
         elif self.mode == "packed4":  # compressed-tensors words [E, N, K/8] int32, scale [E, N, G] float32, zero + 8 [E, N, G] uint8
-            from moge_converters.quantize import pack_int32
+            from moge_cli.quant_format import pack_int32
 
             w = _stack([pack_int32(q, 4) for q, _, _ in parts])
             scales = torch.stack([s.float() for _, s, _ in parts])

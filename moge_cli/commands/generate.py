@@ -10,7 +10,7 @@ import typer
 
 from moge_cli.commands.common import handle_errors, human_bytes, print_json
 from moge_cli.commands.options import (
-    DEVICE, DTYPE, JSON, MAX_NEW_TOKENS, PROMPT, PROMPT_FILE, PROMPT_IDS, QUIET, REVISION, THREADS, apply_threads,
+    DEVICE, DTYPE, JSON, MAX_NEW_TOKENS, PROMPT, PROMPT_FILE, PROMPT_IDS, QUIET, REVISION, THREADS, apply_threads, parse_ids,
 )  # fmt: skip
 from moge_cli.errors import UsageError
 
@@ -127,20 +127,6 @@ def read_prompt_file(path: Path) -> str:
     if not text.strip():
         raise UsageError(f"{path}: the prompt file is empty")
     return text
-
-
-def parse_ids(text: str) -> list[int]:
-    """`1,2,3` (spaces allowed) -> [1, 2, 3]."""
-    parts = [p.strip() for p in text.replace(" ", ",").split(",") if p.strip()]
-    try:
-        ids = [int(p) for p in parts]
-    except ValueError:
-        raise UsageError(f"--prompt-ids: {text!r} is not a comma-separated list of integer token ids") from None
-    if not ids:
-        raise UsageError("--prompt-ids: no token ids given")
-    if any(i < 0 for i in ids):
-        raise UsageError("--prompt-ids: token ids cannot be negative")
-    return ids
 
 
 def read_stdin() -> str:

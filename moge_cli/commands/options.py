@@ -12,6 +12,8 @@ from typing import Annotated, Optional, TypeVar
 
 import typer
 
+from moge_cli.errors import UsageError
+
 T = TypeVar("T")
 
 # what people type -> the torch name the library takes; the help lists them in this order
@@ -79,3 +81,16 @@ def apply_threads(threads: Optional[int]) -> None:
 
         torch.set_num_threads(threads)
 
+
+def parse_ids(text: str) -> list[int]:
+    """--prompt-ids: `1,2,3` (spaces allowed) -> [1, 2, 3]."""
+    parts = [p.strip() for p in text.replace(" ", ",").split(",") if p.strip()]
+    try:
+        ids = [int(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"--prompt-ids: {text!r} is not a comma-separated list of integer token ids") from None
+    if not ids:
+        raise UsageError("--prompt-ids: no token ids given")
+    if any(i < 0 for i in ids):
+        raise UsageError("--prompt-ids: token ids cannot be negative")
+    return ids

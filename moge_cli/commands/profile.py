@@ -10,7 +10,7 @@ import typer
 from moge_cli.commands.common import handle_errors, human_bytes, print_json, stderr_console, stdout_console
 from moge_cli.commands.options import (
     ALIAS_DECODE, ALIAS_TEXT_FILE, DEVICE, DTYPE, JSON, MAX_NEW_TOKENS, PERPLEXITY, PROMPT, PROMPT_FILE, PROMPT_IDS, QUIET, REVISION,
-    THREADS, apply_threads, either,
+    THREADS, apply_threads, either, parse_ids,
 )  # fmt: skip
 
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -42,7 +42,6 @@ def profile_command(
 
     Exit codes: 0 done, 2 error or bad usage (checked before the model loads: --device, --plot's matplotlib), 130 Ctrl-C, 141 output pipe closed.
     """
-    from moge_cli.commands.generate import parse_ids
     from moge_cli.profiling import profile
 
     if plot is not None:

@@ -8,11 +8,11 @@ from typing import Any, List, Optional
 import typer
 
 from moge_cli.commands.common import handle_errors, human_bytes, print_json, sigterm_as_interrupt, stderr_console, stdout_console
-from moge_cli.commands.convert import print_notes, render_plan
 from moge_cli.commands.options import (
     ALIAS_EVAL, ALIAS_EVAL_WINDOW, ALIAS_Q, DESTINATION, DRY_RUN, FORCE, JSON, MAX_SHARD_SIZE, PERPLEXITY, QUIET, REVISION, SOURCE,
     THREADS, VERBOSE, VERIFY_OUTPUT, apply_threads, either,
 )  # fmt: skip
+from moge_cli.commands.render import print_notes, render_plan
 
 
 @handle_errors

@@ -16,7 +16,7 @@ import numpy as np
 from moge_cli.checkpoint import Checkpoint
 from moge_cli.errors import UsageError
 from moge_cli.files import read_json
-from moge_cli.inspect import Problem
+from moge_cli.problems import Problem
 from moge_cli.safetensors_format import TensorInfo
 
 CHUNK = 16 * 1024 * 1024  # bytes read at a time; a multiple of every element size
