@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from moge_kernels import native
-    from moge_cli.model import load_model
+    from moge_cli.loader import load_model
 
     builds = [load_build(b) for b in args.builds]
     model = load_model(args.checkpoint, dtype=args.dtype)  # quantized checkpoints load with the native kernels

@@ -62,8 +62,8 @@ def run(path: Path, qdirs: dict[str, Path], args) -> list[dict]:
     import torch
 
     from moge_cli.checkpoint import open_checkpoint
-    from moge_cli.model import load_model
-    from moge_cli.quantized import load_quantized, quantization_of
+    from moge_cli.loader import load_model, load_quantized
+    from moge_cli.quantized import quantization_of
 
     cfg_vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     g = torch.Generator().manual_seed(0)

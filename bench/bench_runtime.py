@@ -101,7 +101,7 @@ def load_ours(path: str, dtype: str, max_len: int):
     """(step function, load and size facts, the model) for moge's model."""
     import torch
 
-    from moge_cli.model import load_model
+    from moge_cli.loader import load_model
 
     torch.empty(16, dtype=getattr(torch, dtype)).copy_(torch.ones(16, dtype=torch.bfloat16))  # code pages
     try:

@@ -43,7 +43,8 @@ def calibrate(src, text_file, *, max_tokens: int = 2048, dtype: torch.dtype | No
     max_tokens tokens (the checkpoint's tokenizer). progress(1, layers) is called after each layer."""
     from moge_cli.checkpoint import open_checkpoint
     from moge_cli.instrument import Recorder
-    from moge_cli.model import DecoderLayer, _checkpoint_dtype, _checked_sources, materialize, rms_norm
+    from moge_cli.loader import checked_sources, checkpoint_dtype, materialize
+    from moge_cli.model import DecoderLayer, rms_norm
     from moge_cli.rope import call_rows, rope_tables
     from moge_cli.tokenizer import has_tokenizer, load_tokenizer
 
@@ -55,8 +56,8 @@ def calibrate(src, text_file, *, max_tokens: int = 2048, dtype: torch.dtype | No
         raise UsageError(f"{text_file}: too little text to calibrate on ({len(ids)} tokens)")
     ckpt = open_checkpoint(root)
     try:
-        cfg, sources = ckpt.config, _checked_sources(ckpt)
-        dtype = dtype or _checkpoint_dtype(ckpt)
+        cfg, sources = ckpt.config, checked_sources(ckpt)
+        dtype = dtype or checkpoint_dtype(ckpt)
         embed = ckpt.tensor("model.embed_tokens.weight")
         xs = [embed[torch.tensor(ids[a : a + WINDOW])].to(dtype)[None] for a in range(0, len(ids), WINDOW)]  # [1, W, H] each
         cos, sin = rope_tables(cfg, min(len(ids), WINDOW), "cpu")

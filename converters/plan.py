@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moge_cli.config import MoGEConfig
+from moge_cli.dtypes import FLOAT_CODES, NAMES as DTYPES
 from moge_cli.errors import CheckpointError, UsageError
 from moge_cli.names import LAYOUTS, PER_EXPERT, PER_EXPERT_RE, STACKED, STACKED_RE, detect_layout, expected_tensors, layer_of
 from moge_cli.safetensors_format import DTYPE_SIZES, FROM_TORCH_NAME, TORCH_NAMES, TensorInfo
 
-DTYPES = ("bfloat16", "float16", "float32")
-FLOAT_CODES = {"F16", "BF16", "F32", "F64"}
 PROJS = ("gate_proj", "up_proj", "down_proj")
 EXPERT_EXTRA_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(.+)$")  # e.g. W8A8 scales
 LAYER_NAME_RE = re.compile(r"^model\.layers\.(\d+)\.")

@@ -18,7 +18,7 @@ _EXPORTS = {
     "ConfigError": "moge_cli.errors",
     "UsageError": "moge_cli.errors",
     "inspect_checkpoint": "moge_cli.inspect",
-    "load_model": "moge_cli.model",
+    "load_model": "moge_cli.loader",
     "profile": "moge_cli.profiling",
 }
 

@@ -6,8 +6,6 @@ Pure library: nothing here prints. `generate()` yields token ids as they are pro
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -15,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 
 from moge_cli.errors import UsageError
+from moge_cli.profiling import peak_memory_bytes
 
 if TYPE_CHECKING:
     from moge_cli.tokenizer import Tokenizer
@@ -190,15 +189,6 @@ class GenerationResult:
         d["prefill_tokens_per_s"] = self.prefill_tokens_per_s
         d["decode_tokens_per_s"] = self.decode_tokens_per_s
         return d | self.extra
-
-
-def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
-    """Process peak: CUDA max allocated on a CUDA device, else peak resident set size (ru_maxrss)."""
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated(device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
 
 
 def run_generation(

@@ -1,4 +1,4 @@
-"""The MoGE (Pangu Pro MoE) decoder as a torch module, with a preallocated KV cache and a loader."""
+"""The MoGE (Pangu Pro MoE) decoder as a torch module, with a preallocated KV cache (loading: moge_cli.loader)."""
 
 # B batch, T new tokens, S cache positions, N = B*T tokens, V vocab, H hidden, D head_dim,
 # nH heads, nKV kv heads, E experts, k picks per token, I expert width, Is shared width.
@@ -18,36 +18,20 @@ from torch import nn
 from moge_kernels import native
 from moge_kernels.experts import dense_mlp, moe_experts
 from moge_kernels.routing import route
-from moge_cli import decode_step, hugepages, instrument, rope
-from moge_cli.checkpoint import Checkpoint, open_checkpoint
+from moge_cli import decode_step, instrument, rope
 from moge_cli.config import MoGEConfig
-from moge_cli.errors import CheckpointError, UsageError
+from moge_cli.dtypes import resolve_dtype
+from moge_cli.errors import UsageError
 from moge_cli.instrument import inputs as record_inputs
 from moge_cli.instrument import routing as record_routing
 from moge_cli.instrument import section
-from moge_cli.names import PER_EXPERT, STACKED, expected_tensors, skipped_reason
-from moge_cli.safetensors_format import TORCH_NAMES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_LEN = 4096  # new_cache's default cap; config.max_position_embeddings may be 131072
 # bf16/fp16 GEMMs are slow on CPUs without native support (fp32 is ~7x faster on AVX2), so there
 # prefill chunks of at least this many tokens run their matmuls on float32 copies of the weights.
 # CPUs with AVX512-BF16 (or AMX) run bfloat16 GEMMs natively, 2.6x faster than float32 on the
 # Zen 4 this was measured on: there bfloat16 stays bfloat16 (see gemm_dtype).
 UPCAST_MIN_TOKENS = 16
-
-LOAD_CHUNK_BYTES = 1 << 20  # file bytes mapped at a time while loading
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.bfloat16) -> torch.dtype:
-    """torch dtype for a dtype name / torch dtype / None (-> default); only float32, bfloat16, float16."""
-    if dtype is None:
-        return default
-    if isinstance(dtype, str):
-        dtype = DTYPES.get(dtype.removeprefix("torch."), dtype)  # type: ignore[arg-type]
-    if dtype not in DTYPES.values():
-        raise UsageError(f"unsupported dtype {dtype!s}; use one of {', '.join(DTYPES)}")
-    return dtype  # type: ignore[return-value]
 
 
 def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
@@ -245,7 +229,7 @@ class MoGEForCausalLM(nn.Module):
         self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else _param((V, H), dtype, device)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rope_len = 0
-        self.quantization = None  # set by moge_cli.quantized.load_quantized
+        self.quantization = None  # set by moge_cli.loader.load_quantized
         self.native_decode = True  # one-token steps on kernels/cpu.c's threads (false where torch's int4 kernels run)
         self._plan: decode_step.DecodePlan | None | bool = False  # built at the first decode step (None: cannot run)
         self.eval()
@@ -362,154 +346,3 @@ def _check_ids(input_ids: torch.Tensor, vocab: int) -> tuple[int, int]:
     if lo < 0 or hi >= vocab:
         raise UsageError(f"token id {hi if hi >= vocab else lo} is outside the vocabulary 0..{vocab - 1}")
     return B, T
-
-
-# ---- loading ------------------------------------------------------------------------------------
-# model parameter -> checkpoint tensors whose flattened contents, concatenated in order, fill it.
-GLOBAL_SOURCES = {
-    "embed_tokens": ["model.embed_tokens.weight"],
-    "norm": ["model.norm.weight"],
-    "lm_head": ["lm_head.weight"],
-}
-LAYER_SOURCES = {  # "layers.{L}." + key <- "model.layers.{L}." + each value
-    "input_layernorm": ["input_layernorm.weight"],
-    "post_attention_layernorm": ["post_attention_layernorm.weight"],
-    "self_attn.qkv_weight": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
-    "self_attn.qkv_bias": ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"],
-    "self_attn.o_weight": ["self_attn.o_proj.weight"],
-    "self_attn.o_bias": ["self_attn.o_proj.bias"],
-}
-MOE_SOURCES = {
-    "mlp.gate": ["mlp.gate.weight"],
-    "mlp.router_scale": ["mlp.router_scale"],
-    "mlp.shared_w13": ["mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight"],
-    "mlp.shared_w2": ["mlp.shared_expert.down_proj.weight"],
-}
-STACKED_SOURCES = {"mlp.gate_up": ["mlp.experts.gate_up_proj"], "mlp.down": ["mlp.experts.down_proj"]}
-PER_EXPERT_SOURCES = {  # expanded for e = 0..E-1 in order: stacking happens in the fill
-    "mlp.gate_up": ["mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"],
-    "mlp.down": ["mlp.experts.{e}.down_proj.weight"],
-}
-DENSE_SOURCES = {"mlp.w13": ["mlp.gate_proj.weight", "mlp.up_proj.weight"], "mlp.w2": ["mlp.down_proj.weight"]}
-
-
-def parameter_sources(cfg: MoGEConfig, layout: str) -> dict[str, list[str]]:
-    """Every model parameter -> the checkpoint tensors (in `layout`) it is built from."""
-    out = dict(GLOBAL_SOURCES)
-    if cfg.tie_word_embeddings:
-        del out["lm_head"]  # the embedding's parameter
-    for L in range(cfg.num_hidden_layers):
-        table = dict(LAYER_SOURCES)
-        if cfg.is_dense(L):
-            table.update(DENSE_SOURCES)
-        else:
-            table.update(MOE_SOURCES)
-            if not cfg.has_shared_expert:
-                del table["mlp.shared_w13"], table["mlp.shared_w2"]
-            if layout == STACKED:
-                table.update(STACKED_SOURCES)
-            else:
-                for key, names in PER_EXPERT_SOURCES.items():
-                    table[key] = [n.format(e=e) for e in range(cfg.num_experts) for n in names]
-        out.update({f"layers.{L}.{key}": [f"model.layers.{L}.{n}" for n in names] for key, names in table.items()})
-    return out
-
-
-def load_model(path, *, dtype=None, device="cpu", revision=None) -> MoGEForCausalLM:
-    """Load a per-expert or stacked checkpoint (path, repo id or open Checkpoint) for inference.
-
-    dtype: "float32" / "bfloat16" / "float16" / torch dtype, or None for the checkpoint's dtype.
-    The model is built on the meta device and each parameter is then materialised from the
-    memory-mapped file (per-expert tensors stacked straight into [E, 2I, H] / [E, H, I]); the
-    mapped pages are released after every parameter, so file data never sits beside the model.
-    """
-    ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path, revision=revision)
-    try:
-        from moge_cli.quantized import load_quantized, quantization_of
-
-        if (quant := quantization_of(ckpt)) is not None:  # compressed-tensors weights: built by moge_cli.quantized
-            return load_quantized(ckpt, quant, dtype=dtype, device=device)
-        sources = _checked_sources(ckpt)
-        dtype = resolve_dtype(dtype, default=_checkpoint_dtype(ckpt))
-        check_tied_head(ckpt)
-        model = materialize(MoGEForCausalLM.from_config(ckpt.config, dtype, "meta"), ckpt, sources, device=device).tie_weights()
-    finally:
-        ckpt.close()
-    return model
-
-
-def materialize(module: nn.Module, ckpt, sources: dict[str, list[str]], prefix: str = "", device="cpu") -> nn.Module:
-    """module (built on the meta device) with each parameter filled from the checkpoint tensors
-    sources[prefix + name] (parameter_sources), one parameter at a time; returns module."""
-    for name, p in list(module.named_parameters()):
-        t = hugepages.empty(p.shape, p.dtype, device)
-        _fill(t, ckpt, sources[prefix + name])
-        owner, _, leaf = name.rpartition(".")
-        setattr(module.get_submodule(owner), leaf, nn.Parameter(t, requires_grad=False))
-    return module
-
-
-def _checked_sources(ckpt) -> dict[str, list[str]]:
-    """parameter_sources for the checkpoint's layout, after checking it holds exactly those tensors."""
-    layout = ckpt.layout
-    if layout == "mixed":
-        raise CheckpointError(f"{ckpt.root}: holds both per-expert and stacked expert tensors; convert it to one layout")
-    layout = PER_EXPERT if layout == "unknown" else layout
-    expected = expected_tensors(ckpt.config, layout)
-    missing = [n for n in expected if n not in ckpt.tensors]
-    unexpected = [n for n in ckpt.tensors if n not in expected and skipped_reason(n, ckpt.config) is None]
-    wrong = [f"{n} {list(i.shape)} (expected {list(expected[n])})" for n, i in ckpt.tensors.items()
-             if n in expected and tuple(i.shape) != expected[n]]  # fmt: skip
-    for what, names in (("is missing", missing), ("has unexpected", unexpected), ("has wrongly shaped", wrong)):
-        if names:
-            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-            raise CheckpointError(
-                f"{ckpt.root}: {what} tensor(s) for its config ({layout} layout): {', '.join(names[:3])}{more}; "
-                f"the model cannot run it (check config.json, or run moge load --check)"
-            )
-    return parameter_sources(ckpt.config, layout)
-
-
-def check_tied_head(ckpt) -> None:
-    """A tied checkpoint that also stores lm_head.weight: refuse it unless it equals the embedding it is tied to."""
-    if not ckpt.config.tie_word_embeddings or "lm_head.weight" not in ckpt.tensors:
-        return
-    head, embed = ckpt.tensors["lm_head.weight"], ckpt.tensors["model.embed_tokens.weight"]
-    same = head.shape == embed.shape and head.dtype == embed.dtype and torch.equal(ckpt.tensor("lm_head.weight"), ckpt.tensor("model.embed_tokens.weight"))
-    ckpt.close()
-    if not same:
-        raise CheckpointError(
-            f"{ckpt.root}: config.json sets tie_word_embeddings: true, but lm_head.weight differs from model.embed_tokens.weight; "
-            "set tie_word_embeddings to false to use the stored lm_head, or remove lm_head.weight"
-        )
-
-
-def _checkpoint_dtype(ckpt) -> torch.dtype:
-    """The dtype holding most of the checkpoint's bytes."""
-    bytes_by_code: dict[str, int] = {}
-    for info in ckpt.tensors.values():
-        bytes_by_code[info.dtype] = bytes_by_code.get(info.dtype, 0) + info.nbytes
-    code = max(bytes_by_code, key=bytes_by_code.get)
-    name = TORCH_NAMES.get(code, code)
-    if name not in DTYPES:
-        raise UsageError(f"{ckpt.root}: weights are {name}; pass dtype= one of {', '.join(DTYPES)} to load them")
-    return DTYPES[name]
-
-
-def _fill(dest: torch.Tensor, ckpt, names: list[str]) -> None:
-    """Copy (and cast) the named tensors, flattened and concatenated in order, into dest.
-
-    Reads go through the memory map in pieces of LOAD_CHUNK_BYTES, and the map is closed after
-    each piece, so at most one piece of file pages is ever resident beside the model.
-    """
-    flat, offset = dest.view(-1), 0
-    for name in names:
-        info = ckpt.tensors[name]
-        step = max(1, LOAD_CHUNK_BYTES * info.numel // max(info.nbytes, 1))  # elements per piece
-        for a in range(0, info.numel, step):
-            src = ckpt.tensor(name).view(-1)[a : a + step]  # memory-mapped, no copy
-            flat[offset + a : offset + a + src.numel()].copy_(src)
-            del src
-            ckpt.close()  # unmap: the pages just read leave this process's resident set
-        offset += info.numel
-    assert offset == flat.numel(), (names, offset, flat.numel())

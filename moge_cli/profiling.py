@@ -8,6 +8,7 @@ Imbalance Score against plain top-k on the same tokens. Optional perplexity and 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -49,14 +50,17 @@ def active_weight_bytes(model: Any) -> int:
     return total
 
 
-def peak_memory_bytes(device: Any) -> int:
+def peak_memory_bytes(device: Any = "cpu") -> int:
+    """Process peak: CUDA max allocated on a CUDA device, else peak resident set size (ru_maxrss)."""
     import resource
 
     import torch
 
-    if torch.device(device).type == "cuda":
-        return int(torch.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
 
 
 def _prompt_ids(model_path: Path, prompt: str | None, text_file: str | None, prompt_ids: list[int] | None) -> tuple[list[int], Any]:
@@ -190,7 +194,7 @@ def profile(
     """
     from moge_cli.checkpoint import open_checkpoint
     from moge_cli.devices import check_device
-    from moge_cli.model import load_model
+    from moge_cli.loader import load_model
 
     say = progress or (lambda msg: None)
     ckpt = open_checkpoint(model, revision=revision)

@@ -1,9 +1,9 @@
-"""Quantized (compressed-tensors pack-quantized) checkpoints at run time: weight-only int matmuls and the loader.
+"""Quantized (compressed-tensors pack-quantized) checkpoints at run time: weight-only int matmuls.
 
-load_model() hands a quantized checkpoint to `load_quantized`, which builds the usual model and puts
-a QLinear wherever a quantized weight was: attention (through model._linear), lm_head, the routed
-experts ([E, N, K] stacks, one expert picked per call), the shared expert and dense MLPs (QMoE /
-QDenseMLP). Embeddings, and any weight whose parts mix schemes, are dequantised once at load.
+moge_cli.loader.load_quantized builds the usual model and puts a QLinear wherever a quantized weight
+was: attention (through model._linear), lm_head, the routed experts ([E, N, K] stacks, one expert
+picked per call), the shared expert and dense MLPs (QMoE / QDenseMLP). Embeddings, and any weight
+whose parts mix schemes, are dequantised once at load.
 
 QLinear kernels (`kernel=`), for a bfloat16 / float16 model:
   "native"   (default) the stored integers as kernels/cpu.c reads them: int8 rows with a scale per
@@ -34,13 +34,12 @@ from moge_kernels import native
 from moge_kernels.routing import route
 from moge_kernels.experts import combine_f32
 from moge_cli import hugepages
-from moge_cli.config import MoGEConfig
 from moge_cli.errors import CheckpointError, UsageError
 from moge_cli.files import optional_file
 from moge_cli.instrument import routing as record_routing
 from moge_cli.instrument import section
-from moge_cli.names import PER_EXPERT, expected_tensors, skipped_reason
-from moge_cli.quant_format import QuantizedCheckpoint, Scheme, expected_quantized, module_of, read_quantization
+from moge_cli.model import gemm_dtype
+from moge_cli.quant_format import QuantizedCheckpoint, Scheme, read_quantization
 
 KERNELS = ("native", "torch", "dequant")
 DEFAULT_KERNEL = os.environ.get("MOGE_QUANT_KERNEL", "native")
@@ -169,7 +168,7 @@ class QLinear(nn.Module):
         elif self.mode == "int8" and x2.shape[0] < MANY_TOKENS:
             y = torch._weight_int8pack_mm(x2.to(self.dtype), self._w[e], self._s[e])
         else:  # dequantise this weight, one GEMM (float32, or bfloat16 where the CPU runs those natively)
-            g = _gemm_dtype(self.dtype)
+            g = gemm_dtype(self.dtype)
             y = F.linear(x2.to(g), self.dequantized(e, g))
         if bias is not None:
             y = y + bias
@@ -222,15 +221,9 @@ def mm(x: torch.Tensor, w, e: int | None = None) -> torch.Tensor:
     if isinstance(w, QLinear):
         return w.forward(x, None, e or 0)  # not w(...): nn.Module's call machinery costs more than a decode matmul
     w = w if e is None else w[e]
-    if x.shape[0] >= MANY_TOKENS and (g := _gemm_dtype(x.dtype)) != x.dtype:
+    if x.shape[0] >= MANY_TOKENS and (g := gemm_dtype(x.dtype)) != x.dtype:
         return F.linear(x.to(g), w.to(g)).to(x.dtype)
     return F.linear(x, w)
-
-
-def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
-    from moge_cli.model import gemm_dtype
-
-    return gemm_dtype(dtype)
 
 
 def swiglu(x: torch.Tensor, w13, w2, e: int | None = None) -> torch.Tensor:
@@ -322,7 +315,7 @@ def runs_natively(model) -> bool:
     return all(q.native_weight() is not None for q in model.modules() if isinstance(q, QLinear))
 
 
-# ---- loading ------------------------------------------------------------------------------------
+# ---- which checkpoints are quantized ------------------------------------------------------------
 def quantization_of(ckpt) -> QuantizedCheckpoint | None:
     """The checkpoint's quantization (read from config.json and the tensor names), or None."""
     path = optional_file(ckpt.root, "config.json")  # checked by moge_cli.files when the checkpoint opened; again, as read
@@ -331,88 +324,3 @@ def quantization_of(ckpt) -> QuantizedCheckpoint | None:
     except (OSError, ValueError):
         config = dict(ckpt.config.extra)
     return read_quantization(config, {n: i.shape for n, i in ckpt.tensors.items()})
-
-
-def load_quantized(ckpt, quant: QuantizedCheckpoint, *, dtype=None, device="cpu", kernel: str | None = None):
-    """A MoGEForCausalLM for a quantized checkpoint (open Checkpoint); see the module docstring."""
-    from moge_cli.model import MoE, DenseMLP, MoGEForCausalLM, _fill, check_tied_head, parameter_sources, resolve_dtype
-
-    if torch.device(device).type != "cpu":
-        raise UsageError(f"quantized checkpoints run on the CPU (torch's CPU weight-only kernels); got device {device}")
-    kernel = kernel or DEFAULT_KERNEL
-    cfg: MoGEConfig = ckpt.config
-    layout = PER_EXPERT if ckpt.layout == "unknown" else ckpt.layout
-    _check_tensors(ckpt, cfg, layout, quant)
-    check_tied_head(ckpt)
-    dtype = resolve_dtype(dtype, default=_float_dtype(ckpt))
-    model = MoGEForCausalLM.from_config(cfg, dtype, "meta")
-    sources = parameter_sources(cfg, layout)
-    for name, p in list(model.named_parameters()):
-        names = sources[name]
-        mods = [module_of(n) for n in names]
-        schemes = {quant.modules.get(m) for m in mods}
-        owner, _, leaf = name.rpartition(".")
-        module = model.get_submodule(owner)
-        if schemes == {None}:
-            t = hugepages.empty(p.shape, p.dtype, device)
-            _fill(t, ckpt, names)
-            value = nn.Parameter(t, requires_grad=False)
-        elif leaf in LINEAR_PARAMS and len(schemes) == 1:
-            value = _qlinear(ckpt, mods, quant, p.shape, dtype, kernel)
-        else:  # embeddings, or parts of one weight with different schemes: dequantise once
-            t = torch.cat([_dequantized(ckpt, m, n, quant) for m, n in zip(mods, names)]).reshape(p.shape)
-            value = nn.Parameter(t.to(p.dtype), requires_grad=False)
-        delattr(module, leaf)
-        setattr(module, leaf, value)
-    for layer in model.layers:
-        mlp = layer.mlp
-        if any(isinstance(v, QLinear) for v in mlp.children()):
-            mlp.__class__ = QMoE if isinstance(mlp, MoE) else QDenseMLP if isinstance(mlp, DenseMLP) else type(mlp)
-    model.tie_weights()
-    model.quantization = quant
-    model.native_decode = runs_natively(model)
-    return model
-
-
-def _qlinear(ckpt, mods: list[str], quant: QuantizedCheckpoint, shape: torch.Size, dtype, kernel: str) -> QLinear:
-    """One QLinear from the modules that make a model weight, in order (a stack of experts for 3-D weights)."""
-    scheme = quant.modules[mods[0]]
-    parts = [read_module(ckpt, m, scheme) for m in mods]
-    experts = shape[0] if len(shape) == 3 else 1
-    per = len(parts) // experts  # modules per expert: gate and up, or one
-    joined = []
-    for e in range(experts):
-        mine = parts[e * per : (e + 1) * per]
-        zero = None if mine[0][2] is None else torch.cat([z for _, _, z in mine])
-        joined.append((torch.cat([q for q, _, _ in mine]), torch.cat([s for _, s, _ in mine]), zero))
-        if tuple(joined[-1][0].shape) != tuple(shape[-2:]):
-            raise CheckpointError(f"{mods[e * per]}: weight_shape {list(joined[-1][0].shape)} does not fit the config's {list(shape[-2:])}")
-    ckpt.close()
-    return QLinear(joined, scheme, dtype, kernel)
-
-
-def _dequantized(ckpt, module: str, name: str, quant: QuantizedCheckpoint) -> torch.Tensor:
-    if module in quant.modules:
-        return dequantize(*read_module(ckpt, module, quant.modules[module])).float()
-    return ckpt.tensor(name).float()
-
-
-def _check_tensors(ckpt, cfg: MoGEConfig, layout: str, quant: QuantizedCheckpoint) -> None:
-    expected = expected_quantized(expected_tensors(cfg, layout), quant.modules)
-    missing = [n for n in expected if n not in ckpt.tensors]
-    unexpected = [n for n in ckpt.tensors if n not in expected and skipped_reason(n, cfg) is None]
-    wrong = [n for n, i in ckpt.tensors.items() if n in expected and tuple(i.shape) != expected[n]]
-    for what, names in (("is missing", missing), ("has unexpected", unexpected), ("has wrongly shaped", wrong)):
-        if names:
-            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-            raise CheckpointError(f"{ckpt.root}: quantized checkpoint {what} tensor(s): {', '.join(names[:3])}{more}")
-
-
-def _float_dtype(ckpt) -> torch.dtype:
-    """The float dtype of the checkpoint's scales and float weights (the most bytes)."""
-    by: dict[str, int] = {}
-    for info in ckpt.tensors.values():
-        if info.dtype in ("BF16", "F16", "F32"):
-            by[info.dtype] = by.get(info.dtype, 0) + info.nbytes
-    code = max(by, key=by.get) if by else "BF16"
-    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[code]

@@ -15,7 +15,8 @@ from moge_converters.quantize_pipeline import quantize_checkpoint
 from moge_cli.checkpoint import open_checkpoint
 from moge_cli.cli import app
 from moge_cli.instrument import Recorder
-from moge_cli.model import load_model, rms_norm
+from moge_cli.loader import load_model
+from moge_cli.model import rms_norm
 from moge_cli.quant_format import Scheme
 from moge_cli.tokenizer import load_tokenizer
 

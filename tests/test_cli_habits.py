@@ -106,12 +106,12 @@ def test_unknown_dtype_names_the_choices(tmp_path):
 
 
 def _refuse_loading(monkeypatch):
-    import moge_cli.model
+    import moge_cli.loader
 
     def load_model(*a, **k):
         raise AssertionError("the model was loaded before --device was checked")
 
-    monkeypatch.setattr(moge_cli.model, "load_model", load_model)
+    monkeypatch.setattr(moge_cli.loader, "load_model", load_model)
 
 
 def _bad_devices():

@@ -12,7 +12,8 @@ from moge_converters.quantize import pack_int32
 from moge_converters.quantize_pipeline import quantize_checkpoint
 from moge_kernels import native
 from moge_cli.config import MoGEConfig
-from moge_cli.model import MoGEForCausalLM, load_model
+from moge_cli.loader import load_model
+from moge_cli.model import MoGEForCausalLM
 from moge_cli.quant_format import Scheme
 from moge_cli.quantized import QLinear, dequantize
 

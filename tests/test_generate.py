@@ -22,7 +22,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def model():
-    from moge_cli.model import load_model
+    from moge_cli.loader import load_model
 
     return load_model(str(TINY_DIR), dtype="float32")
 

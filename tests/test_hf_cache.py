@@ -159,7 +159,7 @@ def test_generate(env, repo, rev, ref):
 
 
 def test_library_functions_take_a_revision(env, tmp_path):
-    from moge_cli.model import load_model
+    from moge_cli.loader import load_model
     from moge_cli.profiling import profile
     from moge_converters.convert import convert
     from moge_converters.quantize_pipeline import quantize_checkpoint

@@ -95,7 +95,7 @@ def test_installed_cli_runs_every_command(moge, tmp_path):
 def _greedy_in_process(prompt: str, n: int) -> list[int]:
     from moge_cli.chat import encode_prompt
     from moge_cli.generate import generate
-    from moge_cli.model import load_model
+    from moge_cli.loader import load_model
     from moge_cli.tokenizer import load_tokenizer
 
     ids = encode_prompt(load_tokenizer(TRAINED), prompt)

@@ -15,7 +15,8 @@ from moge_cli.synthetic import write_checkpoint
 from moge_cli.checkpoint import open_checkpoint
 from moge_cli.config import MoGEConfig
 from moge_cli.errors import CheckpointError, UsageError
-from moge_cli.model import MoGEForCausalLM, load_model
+from moge_cli.loader import load_model
+from moge_cli.model import MoGEForCausalLM
 from moge_cli.reference_model import reference_logits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +165,7 @@ def test_missing_or_unexpected_tensors_raise(tmp_path_factory, tmp_path):
 PEAK_RSS_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from moge_cli.checkpoint import open_checkpoint
-    from moge_cli.model import load_model
+    from moge_cli.loader import load_model
 
     def kib(key):
         for line in open("/proc/self/status"):

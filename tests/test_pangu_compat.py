@@ -16,7 +16,7 @@ from moge_cli.cli import app
 from moge_cli.config import PRESETS, MoGEConfig
 from moge_cli.errors import CheckpointError, ConfigError
 from moge_cli.inspect import count_params, inspect_checkpoint
-from moge_cli.model import load_model
+from moge_cli.loader import load_model
 from moge_cli.names import expected_tensors
 from moge_cli.reference_model import reference_logits
 from moge_cli.synthetic import write_checkpoint

@@ -45,7 +45,7 @@ def test_window_scores_each_token_once(window, stride):
 def test_real_model_window_covering_text_equals_one_forward():
     from pathlib import Path
 
-    from moge_cli.model import load_model
+    from moge_cli.loader import load_model
 
     model = load_model(Path(__file__).resolve().parents[1] / "fixtures" / "tiny-moge", dtype="float32")
     ids = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(2)).tolist()

@@ -16,9 +16,9 @@ from moge_cli.synthetic import write_checkpoint, write_tensors
 from moge_cli.checkpoint import open_checkpoint
 from moge_cli.cli import app
 from moge_cli.config import MoGEConfig
-from moge_cli.model import load_model
 from moge_cli.quant_format import Scheme
-from moge_cli.quantized import MANY_TOKENS, QLinear, QMoE, dequantize, load_quantized, quantization_of, read_module, routed_experts
+from moge_cli.loader import load_model, load_quantized
+from moge_cli.quantized import MANY_TOKENS, QLinear, QMoE, dequantize, quantization_of, read_module, routed_experts
 
 TINY = MoGEConfig.from_name("tiny-moge")
 runner = CliRunner()

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from moge_cli.config import MoGEConfig
-from moge_cli.model import load_model
+from moge_cli.loader import load_model
 from moge_cli.perplexity import perplexity
 from moge_cli.synthetic import write_checkpoint
 from moge_cli.tokenizer import load_tokenizer

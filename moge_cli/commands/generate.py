@@ -82,7 +82,7 @@ def generate_command(
     if stop and tokenizer is None:
         raise UsageError("--stop needs a tokenizer, and this checkpoint has none")
 
-    from moge_cli.model import load_model
+    from moge_cli.loader import load_model
 
     model = load_model(ckpt, dtype=dtype, device=device)
     if interactive:

@@ -12,17 +12,11 @@ from typing import Annotated, Optional, TypeVar
 
 import typer
 
+from moge_cli.dtypes import CHOICES as DTYPE_CHOICES
+from moge_cli.dtypes import SPELLINGS as DTYPE_NAMES  # what people type -> the torch name the library takes
 from moge_cli.errors import UsageError
 
 T = TypeVar("T")
-
-# what people type -> the torch name the library takes; the help lists them in this order
-DTYPE_NAMES = {
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "fp16": "float16", "f16": "float16",
-    "float32": "float32", "fp32": "float32", "f32": "float32",
-}  # fmt: skip
-DTYPE_CHOICES = "bfloat16 (bf16) | float16 (fp16, f16) | float32 (fp32, f32)"
 
 
 def canonical_dtype(name: Optional[str]) -> Optional[str]:

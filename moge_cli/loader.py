@@ -1,0 +1,248 @@
+"""Checkpoint -> model: which tensors fill which parameter, the checks before loading, the dtype, the fill.
+
+`load_model` builds a MoGEForCausalLM (moge_cli.model) on the meta device and materialises each
+parameter from the memory-mapped file; a compressed-tensors checkpoint goes through `load_quantized`,
+which puts moge_cli.quantized's QLinear wherever a quantized weight was. Calibration
+(converters/calibrate.py) loads one layer at a time with `checked_sources`, `checkpoint_dtype` and
+`materialize`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moge_cli import hugepages
+from moge_cli.checkpoint import Checkpoint, open_checkpoint
+from moge_cli.config import MoGEConfig
+from moge_cli.dtypes import FLOAT_DTYPES, NAME_OF_CODE, NAMES, resolve_dtype, torch_dtype
+from moge_cli.errors import CheckpointError, UsageError
+from moge_cli.model import DenseMLP, MoE, MoGEForCausalLM
+from moge_cli.names import PER_EXPERT, STACKED, expected_tensors, skipped_reason
+from moge_cli.quant_format import QuantizedCheckpoint, expected_quantized, module_of
+from moge_cli.quantized import (
+    DEFAULT_KERNEL, LINEAR_PARAMS, QDenseMLP, QLinear, QMoE, dequantize, quantization_of, read_module, runs_natively,
+)  # fmt: skip
+from moge_cli.safetensors_format import TORCH_NAMES
+
+LOAD_CHUNK_BYTES = 1 << 20  # file bytes mapped at a time while loading
+
+# model parameter -> checkpoint tensors whose flattened contents, concatenated in order, fill it.
+GLOBAL_SOURCES = {
+    "embed_tokens": ["model.embed_tokens.weight"],
+    "norm": ["model.norm.weight"],
+    "lm_head": ["lm_head.weight"],
+}
+LAYER_SOURCES = {  # "layers.{L}." + key <- "model.layers.{L}." + each value
+    "input_layernorm": ["input_layernorm.weight"],
+    "post_attention_layernorm": ["post_attention_layernorm.weight"],
+    "self_attn.qkv_weight": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+    "self_attn.qkv_bias": ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"],
+    "self_attn.o_weight": ["self_attn.o_proj.weight"],
+    "self_attn.o_bias": ["self_attn.o_proj.bias"],
+}
+MOE_SOURCES = {
+    "mlp.gate": ["mlp.gate.weight"],
+    "mlp.router_scale": ["mlp.router_scale"],
+    "mlp.shared_w13": ["mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight"],
+    "mlp.shared_w2": ["mlp.shared_expert.down_proj.weight"],
+}
+STACKED_SOURCES = {"mlp.gate_up": ["mlp.experts.gate_up_proj"], "mlp.down": ["mlp.experts.down_proj"]}
+PER_EXPERT_SOURCES = {  # expanded for e = 0..E-1 in order: stacking happens in the fill
+    "mlp.gate_up": ["mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"],
+    "mlp.down": ["mlp.experts.{e}.down_proj.weight"],
+}
+DENSE_SOURCES = {"mlp.w13": ["mlp.gate_proj.weight", "mlp.up_proj.weight"], "mlp.w2": ["mlp.down_proj.weight"]}
+
+
+def parameter_sources(cfg: MoGEConfig, layout: str) -> dict[str, list[str]]:
+    """Every model parameter -> the checkpoint tensors (in `layout`) it is built from."""
+    out = dict(GLOBAL_SOURCES)
+    if cfg.tie_word_embeddings:
+        del out["lm_head"]  # the embedding's parameter
+    for L in range(cfg.num_hidden_layers):
+        table = dict(LAYER_SOURCES)
+        if cfg.is_dense(L):
+            table.update(DENSE_SOURCES)
+        else:
+            table.update(MOE_SOURCES)
+            if not cfg.has_shared_expert:
+                del table["mlp.shared_w13"], table["mlp.shared_w2"]
+            if layout == STACKED:
+                table.update(STACKED_SOURCES)
+            else:
+                for key, names in PER_EXPERT_SOURCES.items():
+                    table[key] = [n.format(e=e) for e in range(cfg.num_experts) for n in names]
+        out.update({f"layers.{L}.{key}": [f"model.layers.{L}.{n}" for n in names] for key, names in table.items()})
+    return out
+
+
+# ---- float and quantized checkpoints ------------------------------------------------------------
+def load_model(path, *, dtype=None, device="cpu", revision=None) -> MoGEForCausalLM:
+    """Load a per-expert or stacked checkpoint (path, repo id or open Checkpoint) for inference.
+
+    dtype: "float32" / "bfloat16" / "float16" / torch dtype, or None for the checkpoint's dtype.
+    The model is built on the meta device and each parameter is then materialised from the
+    memory-mapped file (per-expert tensors stacked straight into [E, 2I, H] / [E, H, I]); the
+    mapped pages are released after every parameter, so file data never sits beside the model.
+    A quantized (compressed-tensors) checkpoint is loaded by `load_quantized`.
+    """
+    ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path, revision=revision)
+    try:
+        if (quant := quantization_of(ckpt)) is not None:
+            return load_quantized(ckpt, quant, dtype=dtype, device=device)
+        sources = checked_sources(ckpt)
+        dtype = resolve_dtype(dtype, default=checkpoint_dtype(ckpt))
+        check_tied_head(ckpt)
+        model = materialize(MoGEForCausalLM.from_config(ckpt.config, dtype, "meta"), ckpt, sources, device=device).tie_weights()
+    finally:
+        ckpt.close()
+    return model
+
+
+def load_quantized(ckpt, quant: QuantizedCheckpoint, *, dtype=None, device="cpu", kernel: str | None = None) -> MoGEForCausalLM:
+    """A MoGEForCausalLM for a quantized checkpoint (open Checkpoint): a QLinear (kernel: see
+    moge_cli.quantized) wherever a quantized weight was; embeddings, and weights whose parts mix
+    schemes, dequantised once."""
+    if torch.device(device).type != "cpu":
+        raise UsageError(f"quantized checkpoints run on the CPU (torch's CPU weight-only kernels); got device {device}")
+    kernel = kernel or DEFAULT_KERNEL
+    sources = checked_sources(ckpt, quant)
+    check_tied_head(ckpt)
+    dtype = resolve_dtype(dtype, default=checkpoint_dtype(ckpt, quant))
+    model = MoGEForCausalLM.from_config(ckpt.config, dtype, "meta")
+    for name, p in list(model.named_parameters()):
+        names = sources[name]
+        mods = [module_of(n) for n in names]
+        schemes = {quant.modules.get(m) for m in mods}
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if schemes == {None}:
+            t = hugepages.empty(p.shape, p.dtype, device)
+            fill(t, ckpt, names)
+            value = nn.Parameter(t, requires_grad=False)
+        elif leaf in LINEAR_PARAMS and len(schemes) == 1:
+            value = _qlinear(ckpt, mods, quant, p.shape, dtype, kernel)
+        else:  # embeddings, or parts of one weight with different schemes: dequantise once
+            t = torch.cat([_dequantized(ckpt, m, n, quant) for m, n in zip(mods, names)]).reshape(p.shape)
+            value = nn.Parameter(t.to(p.dtype), requires_grad=False)
+        delattr(module, leaf)
+        setattr(module, leaf, value)
+    for layer in model.layers:
+        mlp = layer.mlp
+        if any(isinstance(v, QLinear) for v in mlp.children()):
+            mlp.__class__ = QMoE if isinstance(mlp, MoE) else QDenseMLP if isinstance(mlp, DenseMLP) else type(mlp)
+    model.tie_weights()
+    model.quantization = quant
+    model.native_decode = runs_natively(model)
+    return model
+
+
+def _qlinear(ckpt, mods: list[str], quant: QuantizedCheckpoint, shape: torch.Size, dtype, kernel: str) -> QLinear:
+    """One QLinear from the modules that make a model weight, in order (a stack of experts for 3-D weights)."""
+    scheme = quant.modules[mods[0]]
+    parts = [read_module(ckpt, m, scheme) for m in mods]
+    experts = shape[0] if len(shape) == 3 else 1
+    per = len(parts) // experts  # modules per expert: gate and up, or one
+    joined = []
+    for e in range(experts):
+        mine = parts[e * per : (e + 1) * per]
+        zero = None if mine[0][2] is None else torch.cat([z for _, _, z in mine])
+        joined.append((torch.cat([q for q, _, _ in mine]), torch.cat([s for _, s, _ in mine]), zero))
+        if tuple(joined[-1][0].shape) != tuple(shape[-2:]):
+            raise CheckpointError(f"{mods[e * per]}: weight_shape {list(joined[-1][0].shape)} does not fit the config's {list(shape[-2:])}")
+    ckpt.close()
+    return QLinear(joined, scheme, dtype, kernel)
+
+
+def _dequantized(ckpt, module: str, name: str, quant: QuantizedCheckpoint) -> torch.Tensor:
+    if module in quant.modules:
+        return dequantize(*read_module(ckpt, module, quant.modules[module])).float()
+    return ckpt.tensor(name).float()
+
+
+# ---- checks and choices before loading ----------------------------------------------------------
+def checked_sources(ckpt, quant: QuantizedCheckpoint | None = None) -> dict[str, list[str]]:
+    """parameter_sources for the checkpoint's layout, after checking it holds exactly the tensors its
+    config (and quantization) asks for, each of the expected shape."""
+    layout, cfg = ckpt.layout, ckpt.config
+    if layout == "mixed":
+        raise CheckpointError(f"{ckpt.root}: holds both per-expert and stacked expert tensors; convert it to one layout")
+    layout = PER_EXPERT if layout == "unknown" else layout
+    expected = expected_tensors(cfg, layout)
+    if quant is not None:
+        expected = expected_quantized(expected, quant.modules)
+    missing = [n for n in expected if n not in ckpt.tensors]
+    unexpected = [n for n in ckpt.tensors if n not in expected and skipped_reason(n, cfg) is None]
+    wrong = [f"{n} {list(i.shape)} (expected {list(expected[n])})" for n, i in ckpt.tensors.items()
+             if n in expected and tuple(i.shape) != expected[n]]  # fmt: skip
+    kind = "" if quant is None else "quantized checkpoint "
+    for what, names in (("is missing", missing), ("has unexpected", unexpected), ("has wrongly shaped", wrong)):
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            raise CheckpointError(
+                f"{ckpt.root}: {kind}{what} tensor(s) for its config ({layout} layout): {', '.join(names[:3])}{more}; "
+                f"the model cannot run it (check config.json, or run moge load --check)"
+            )
+    return parameter_sources(cfg, layout)
+
+
+def check_tied_head(ckpt) -> None:
+    """A tied checkpoint that also stores lm_head.weight: refuse it unless it equals the embedding it is tied to."""
+    if not ckpt.config.tie_word_embeddings or "lm_head.weight" not in ckpt.tensors:
+        return
+    head, embed = ckpt.tensors["lm_head.weight"], ckpt.tensors["model.embed_tokens.weight"]
+    same = head.shape == embed.shape and head.dtype == embed.dtype and torch.equal(ckpt.tensor("lm_head.weight"), ckpt.tensor("model.embed_tokens.weight"))
+    ckpt.close()
+    if not same:
+        raise CheckpointError(
+            f"{ckpt.root}: config.json sets tie_word_embeddings: true, but lm_head.weight differs from model.embed_tokens.weight; "
+            "set tie_word_embeddings to false to use the stored lm_head, or remove lm_head.weight"
+        )
+
+
+def checkpoint_dtype(ckpt, quant: QuantizedCheckpoint | None = None) -> torch.dtype:
+    """The dtype holding most of the checkpoint's bytes. Quantized: most of its float bytes (scales and
+    unquantized weights; the packed integers do not count), bfloat16 where there are none."""
+    bytes_by_code: dict[str, int] = {}
+    for info in ckpt.tensors.values():
+        if quant is None or info.dtype in NAME_OF_CODE:
+            bytes_by_code[info.dtype] = bytes_by_code.get(info.dtype, 0) + info.nbytes
+    if not bytes_by_code:
+        return torch.bfloat16
+    code = max(bytes_by_code, key=bytes_by_code.get)
+    name = TORCH_NAMES.get(code, code)
+    if name not in FLOAT_DTYPES:
+        raise UsageError(f"{ckpt.root}: weights are {name}; pass dtype= one of {', '.join(NAMES)} to load them")
+    return torch_dtype(name)
+
+
+# ---- the fill -----------------------------------------------------------------------------------
+def materialize(module: nn.Module, ckpt, sources: dict[str, list[str]], prefix: str = "", device="cpu") -> nn.Module:
+    """module (built on the meta device) with each parameter filled from the checkpoint tensors
+    sources[prefix + name] (parameter_sources), one parameter at a time; returns module."""
+    for name, p in list(module.named_parameters()):
+        t = hugepages.empty(p.shape, p.dtype, device)
+        fill(t, ckpt, sources[prefix + name])
+        owner, _, leaf = name.rpartition(".")
+        setattr(module.get_submodule(owner), leaf, nn.Parameter(t, requires_grad=False))
+    return module
+
+
+def fill(dest: torch.Tensor, ckpt, names: list[str]) -> None:
+    """Copy (and cast) the named tensors, flattened and concatenated in order, into dest.
+
+    Reads go through the memory map in pieces of LOAD_CHUNK_BYTES, and the map is closed after
+    each piece, so at most one piece of file pages is ever resident beside the model.
+    """
+    flat, offset = dest.view(-1), 0
+    for name in names:
+        info = ckpt.tensors[name]
+        step = max(1, LOAD_CHUNK_BYTES * info.numel // max(info.nbytes, 1))  # elements per piece
+        for a in range(0, info.numel, step):
+            src = ckpt.tensor(name).view(-1)[a : a + step]  # memory-mapped, no copy
+            flat[offset + a : offset + a + src.numel()].copy_(src)
+            del src
+            ckpt.close()  # unmap: the pages just read leave this process's resident set
+        offset += info.numel
+    assert offset == flat.numel(), (names, offset, flat.numel())
