@@ -67,7 +67,7 @@ class Edge:
     src: str
     dst: str
     where: str  # path:line
-    lazy: bool  # inside a function (or a class / if block), not at module top
+    lazy: bool  # not a statement of the module body itself: inside a function, a class, an if or a try
 
     def __str__(self) -> str:
         return f"{self.src} -> {self.dst}  ({self.where}{', lazy' if self.lazy else ''})"
