@@ -33,12 +33,12 @@ TORCH_PROBE = "import sys, runpy; sys.argv=['moge', *sys.argv[1:]]\ntry: runpy.r
 def run_once(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
     """(wall seconds, CPU seconds, peak RSS bytes) of one run of cmd."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
-    _, status, usage = os.wait4(p.pid, 0)
+    # posix_spawn, not fork: a forked child's peak RSS would start at this process's (torch is loaded here)
+    pid = os.posix_spawn(cmd[0], cmd, env, file_actions=[(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)])
+    _, status, usage = os.wait4(pid, 0)
     wall = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode:
-        raise subprocess.CalledProcessError(p.returncode, cmd)
+    if code := os.waitstatus_to_exitcode(status):
+        raise subprocess.CalledProcessError(code, cmd)
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
 
 

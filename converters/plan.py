@@ -17,14 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moge_cli.config import MoGEConfig
-from moge_cli.dtypes import FLOAT_CODES, NAMES as DTYPES
 from moge_cli.errors import CheckpointError, UsageError
-from moge_cli.names import LAYOUTS, PER_EXPERT, PER_EXPERT_RE, STACKED, STACKED_RE, detect_layout, expected_tensors, layer_of
+from moge_cli.names import (
+    EXPERT_EXTRA_RE, LAYOUTS, PER_EXPERT, PER_EXPERT_RE, PROJS, STACKED, STACKED_RE, detect_layout, expected_tensors, expert_name, layer_of,
+    stacked_name, with_expert, with_layer,
+)  # fmt: skip
 from moge_cli.safetensors_format import DTYPE_SIZES, FROM_TORCH_NAME, TORCH_NAMES, TensorInfo
 
-PROJS = ("gate_proj", "up_proj", "down_proj")
-EXPERT_EXTRA_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(.+)$")  # e.g. W8A8 scales
-LAYER_NAME_RE = re.compile(r"^model\.layers\.(\d+)\.")
+DTYPES = ("bfloat16", "float16", "float32")
+FLOAT_CODES = {"F16", "BF16", "F32", "F64"}
 
 
 @dataclass(frozen=True)
@@ -236,12 +237,12 @@ def _renamed_others(others: list[TensorInfo], new_of: dict[int, int], local_of: 
         if layer is not None:
             if layer not in new_of:
                 continue
-            name = LAYER_NAME_RE.sub(f"model.layers.{new_of[layer]}.", name, count=1)
+            name = with_layer(name, new_of[layer])
         if m := EXPERT_EXTRA_RE.match(name):  # an extra tensor of one expert travels with that expert
             e = int(m.group(2))
             if e not in local_of:
                 continue
-            name = f"model.layers.{m.group(1)}.mlp.experts.{local_of[e]}.{m.group(3)}"
+            name = with_expert(name, local_of[e])
         outs.append(OutTensor(name, out_dtype(info.dtype), info.shape, info.dtype, (Part(info.name, 0, info.numel),)))
     return outs
 
@@ -257,8 +258,7 @@ def _expert_outputs(experts, cfg: MoGEConfig, layout: str, new_of, mine: list[in
             for e in mine:
                 for proj in PROJS:
                     if (s := experts.get((old, e, proj))) is not None:
-                        name = f"model.layers.{new}.mlp.experts.{local_of[e]}.{proj}.weight"
-                        outs.append(OutTensor(name, out_dtype(s[2]), s[1], s[2], (s[0],)))
+                        outs.append(OutTensor(expert_name(new, local_of[e], proj), out_dtype(s[2]), s[1], s[2], (s[0],)))
             continue
         missing = [f"{e}.{p}" for e in mine for p in PROJS if (old, e, p) not in experts]
         if missing:
@@ -267,16 +267,15 @@ def _expert_outputs(experts, cfg: MoGEConfig, layout: str, new_of, mine: list[in
         for (e, p), (_, shape, _) in slices.items():
             want = (h, big_i) if p == "down_proj" else (big_i, h)
             if shape != want:
-                raise CheckpointError(f"model.layers.{old}.mlp.experts.{e}.{p}.weight: shape {list(shape)}, config.json says {list(want)}")
+                raise CheckpointError(f"{expert_name(old, e, p)}: shape {list(shape)}, config.json says {list(want)}")
         codes = {s[2] for s in slices.values()}
         if len(codes) > 1:
             raise CheckpointError(f"layer {old}: expert tensors mix dtypes {sorted(TORCH_NAMES[c] for c in codes)}; cannot stack them")
         code = codes.pop()
         gate_up = [slices[(e, p)][0] for e in mine for p in ("gate_proj", "up_proj")]
         down = [slices[(e, "down_proj")][0] for e in mine]
-        prefix = f"model.layers.{new}.mlp.experts"
-        outs.append(OutTensor(f"{prefix}.gate_up_proj", out_dtype(code), (len(mine), 2 * big_i, h), code, _coalesce(gate_up)))  # [El, 2I, H]
-        outs.append(OutTensor(f"{prefix}.down_proj", out_dtype(code), (len(mine), h, big_i), code, _coalesce(down)))  # [El, H, I]
+        outs.append(OutTensor(stacked_name(new, "gate_up_proj"), out_dtype(code), (len(mine), 2 * big_i, h), code, _coalesce(gate_up)))  # [El, 2I, H]
+        outs.append(OutTensor(stacked_name(new, "down_proj"), out_dtype(code), (len(mine), h, big_i), code, _coalesce(down)))  # [El, H, I]
     return outs
 
 

@@ -1,4 +1,9 @@
-"""Tensor-name tables for the per-expert (released) and stacked layouts, as data.
+"""The tensor vocabulary: every kind of checkpoint tensor, as data, and what is derived from it.
+
+One row per kind (KINDS): its checkpoint name template ({L} decoder layer, {e} routed expert), its
+shape in dimension symbols, where it occurs (PARTS), the model parameter it fills, the module
+quantize may replace, and the component it counts towards. Name tables, regexes, expected tensors
+and parameter sources are derived from it, once. A new tensor name goes here and nowhere else.
 
 Dimension letters: V vocab, H hidden, D head_dim, nH heads, nKV kv heads, E experts,
 I moe_intermediate_size, Is shared_expert_intermediate_size, Id dense intermediate_size.
@@ -7,7 +12,7 @@ I moe_intermediate_size, Is shared_expert_intermediate_size, Id dense intermedia
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from dataclasses import dataclass
 
 from moge_cli.config import MoGEConfig
 
@@ -15,52 +20,117 @@ PER_EXPERT = "per-expert"
 STACKED = "stacked"
 LAYOUTS = (PER_EXPERT, STACKED)
 
-# name template -> shape as a tuple of config-derived symbols (resolved by _dims).
-GLOBAL = {
-    "model.embed_tokens.weight": ("V", "H"),
-    "model.norm.weight": ("H",),
-    "lm_head.weight": ("V", "H"),
-}
-LAYER = {
-    "model.layers.{L}.input_layernorm.weight": ("H",),
-    "model.layers.{L}.post_attention_layernorm.weight": ("H",),
-    "model.layers.{L}.self_attn.q_proj.weight": ("nHD", "H"),
-    "model.layers.{L}.self_attn.q_proj.bias": ("nHD",),
-    "model.layers.{L}.self_attn.k_proj.weight": ("nKVD", "H"),
-    "model.layers.{L}.self_attn.k_proj.bias": ("nKVD",),
-    "model.layers.{L}.self_attn.v_proj.weight": ("nKVD", "H"),
-    "model.layers.{L}.self_attn.v_proj.bias": ("nKVD",),
-    "model.layers.{L}.self_attn.o_proj.weight": ("H", "nHD"),
-    "model.layers.{L}.self_attn.o_proj.bias": ("H",),
-}
-MOE = {
-    "model.layers.{L}.mlp.gate.weight": ("E", "H"),
-    "model.layers.{L}.mlp.router_scale": ("1", "E"),
-}
-SHARED = {  # MoE layers with a shared expert (shared_expert_intermediate_size > 0)
-    "model.layers.{L}.mlp.shared_expert.gate_proj.weight": ("Is", "H"),
-    "model.layers.{L}.mlp.shared_expert.up_proj.weight": ("Is", "H"),
-    "model.layers.{L}.mlp.shared_expert.down_proj.weight": ("H", "Is"),
-}
-EXPERT = {  # per-expert layout, one set per expert e
-    "model.layers.{L}.mlp.experts.{e}.gate_proj.weight": ("I", "H"),
-    "model.layers.{L}.mlp.experts.{e}.up_proj.weight": ("I", "H"),
-    "model.layers.{L}.mlp.experts.{e}.down_proj.weight": ("H", "I"),
-}
-STACKED_EXPERTS = {  # stacked layout: gate_up rows 0..I-1 gate_proj, I..2I-1 up_proj
-    "model.layers.{L}.mlp.experts.gate_up_proj": ("E", "2I", "H"),
-    "model.layers.{L}.mlp.experts.down_proj": ("E", "H", "I"),
-}
-DENSE = {  # mlp_only_layers (Qwen2-MoE convention), or every layer when num_experts is 0
-    "model.layers.{L}.mlp.gate_proj.weight": ("Id", "H"),
-    "model.layers.{L}.mlp.up_proj.weight": ("Id", "H"),
-    "model.layers.{L}.mlp.down_proj.weight": ("H", "Id"),
-}
 
-PER_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-STACKED_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+@dataclass(frozen=True)
+class Kind:
+    """One kind of checkpoint tensor."""
+
+    template: str  # checkpoint name; {L} decoder layer, {e} routed expert
+    shape: tuple[str, ...]  # dimension symbols, resolved by _dims
+    part: str  # where it occurs: one of PARTS
+    component: str  # parameter group: load's breakdown, quantize's selection, profile
+    param: str  # the model parameter it fills; kinds filling one parameter are concatenated in table order
+    quantizable: bool = False  # a 2-D weight: quantize may replace it by its module's packed tensors
+
+    @property
+    def module(self) -> str | None:
+        """The module quantize replaces (template less `.weight`), or None."""
+        return self.template.removesuffix(".weight") if self.quantizable else None
+
+
+P = "model.layers.{L}."
+KINDS: dict[str, Kind] = {
+    "embed": Kind("model.embed_tokens.weight", ("V", "H"), "global", "embeddings", "embed_tokens", True),
+    "input_norm": Kind(P + "input_layernorm.weight", ("H",), "layer", "norms", "layers.{L}.input_layernorm"),
+    "post_attention_norm": Kind(P + "post_attention_layernorm.weight", ("H",), "layer", "norms", "layers.{L}.post_attention_layernorm"),
+    "q_proj": Kind(P + "self_attn.q_proj.weight", ("nHD", "H"), "layer", "attention", "layers.{L}.self_attn.qkv_weight", True),
+    "q_bias": Kind(P + "self_attn.q_proj.bias", ("nHD",), "layer", "attention", "layers.{L}.self_attn.qkv_bias"),
+    "k_proj": Kind(P + "self_attn.k_proj.weight", ("nKVD", "H"), "layer", "attention", "layers.{L}.self_attn.qkv_weight", True),
+    "k_bias": Kind(P + "self_attn.k_proj.bias", ("nKVD",), "layer", "attention", "layers.{L}.self_attn.qkv_bias"),
+    "v_proj": Kind(P + "self_attn.v_proj.weight", ("nKVD", "H"), "layer", "attention", "layers.{L}.self_attn.qkv_weight", True),
+    "v_bias": Kind(P + "self_attn.v_proj.bias", ("nKVD",), "layer", "attention", "layers.{L}.self_attn.qkv_bias"),
+    "o_proj": Kind(P + "self_attn.o_proj.weight", ("H", "nHD"), "layer", "attention", "layers.{L}.self_attn.o_weight", True),
+    "o_bias": Kind(P + "self_attn.o_proj.bias", ("H",), "layer", "attention", "layers.{L}.self_attn.o_bias"),
+    "router_gate": Kind(P + "mlp.gate.weight", ("E", "H"), "moe", "router", "layers.{L}.mlp.gate"),
+    "router_scale": Kind(P + "mlp.router_scale", ("1", "E"), "moe", "router", "layers.{L}.mlp.router_scale"),
+    "shared_gate": Kind(P + "mlp.shared_expert.gate_proj.weight", ("Is", "H"), "shared", "shared_experts", "layers.{L}.mlp.shared_w13", True),
+    "shared_up": Kind(P + "mlp.shared_expert.up_proj.weight", ("Is", "H"), "shared", "shared_experts", "layers.{L}.mlp.shared_w13", True),
+    "shared_down": Kind(P + "mlp.shared_expert.down_proj.weight", ("H", "Is"), "shared", "shared_experts", "layers.{L}.mlp.shared_w2", True),
+    # per-expert layout, one set per expert e (expert-major in files and in the stacked parameter)
+    "expert_gate": Kind(P + "mlp.experts.{e}.gate_proj.weight", ("I", "H"), "expert", "routed_experts", "layers.{L}.mlp.gate_up", True),
+    "expert_up": Kind(P + "mlp.experts.{e}.up_proj.weight", ("I", "H"), "expert", "routed_experts", "layers.{L}.mlp.gate_up", True),
+    "expert_down": Kind(P + "mlp.experts.{e}.down_proj.weight", ("H", "I"), "expert", "routed_experts", "layers.{L}.mlp.down", True),
+    # stacked layout: gate_up rows 0..I-1 gate_proj, I..2I-1 up_proj of each expert
+    "experts_gate_up": Kind(P + "mlp.experts.gate_up_proj", ("E", "2I", "H"), "stacked", "routed_experts", "layers.{L}.mlp.gate_up"),
+    "experts_down": Kind(P + "mlp.experts.down_proj", ("E", "H", "I"), "stacked", "routed_experts", "layers.{L}.mlp.down"),
+    # mlp_only_layers (Qwen2-MoE convention), or every layer when num_experts is 0
+    "dense_gate": Kind(P + "mlp.gate_proj.weight", ("Id", "H"), "dense", "dense_mlp", "layers.{L}.mlp.w13", True),
+    "dense_up": Kind(P + "mlp.up_proj.weight", ("Id", "H"), "dense", "dense_mlp", "layers.{L}.mlp.w13", True),
+    "dense_down": Kind(P + "mlp.down_proj.weight", ("H", "Id"), "dense", "dense_mlp", "layers.{L}.mlp.w2", True),
+    "norm": Kind("model.norm.weight", ("H",), "global", "norms", "norm"),
+    "lm_head": Kind("lm_head.weight", ("V", "H"), "head", "lm_head", "lm_head", True),  # absent when tie_word_embeddings
+}
+PARTS = ("global", "layer", "moe", "shared", "expert", "stacked", "dense", "head")
+PROJS = ("gate_proj", "up_proj", "down_proj")  # an expert's three weights, in file order
+EXPERT_KINDS = {"gate_proj": "expert_gate", "up_proj": "expert_up", "down_proj": "expert_down"}
+
+
+def _part(part: str) -> dict[str, tuple[str, ...]]:
+    return {k.template: k.shape for k in KINDS.values() if k.part == part}
+
+
+# name template -> shape symbols, one table per part (file order)
+GLOBAL = {**_part("global"), **_part("head")}
+LAYER, MOE, SHARED, DENSE = _part("layer"), _part("moe"), _part("shared"), _part("dense")
+EXPERT, STACKED_EXPERTS = _part("expert"), _part("stacked")
+
+
+def name(kind: str, layer: int | None = None, expert: int | None = None) -> str:
+    """The checkpoint name of one tensor: name("expert_down", 3, 7) -> model.layers.3.mlp.experts.7.down_proj.weight."""
+    t = KINDS[kind].template
+    if layer is not None:
+        t = t.replace("{L}", str(layer))
+    return t if expert is None else t.replace("{e}", str(expert))
+
+
+def expert_name(layer: int, expert: int, proj: str) -> str:
+    """A per-expert weight's name; proj is gate_proj, up_proj or down_proj."""
+    return name(EXPERT_KINDS[proj], layer, expert)
+
+
+def stacked_name(layer: int, which: str) -> str:
+    """A stacked expert tensor's name; which is gate_up_proj or down_proj."""
+    return name("experts_gate_up" if which == "gate_up_proj" else "experts_down", layer)
+
+
+def _pattern(kinds: list[str]) -> re.Pattern:
+    """One regex for templates that differ in one dotted segment: {L} and {e} captured as numbers, then that segment."""
+    split = [KINDS[k].template.split(".") for k in kinds]
+    i = next(i for i in range(len(split[0])) if len({s[i] for s in split}) > 1)
+    parts = [r"(\d+)" if p in ("{L}", "{e}") else re.escape(p) for p in split[0]]
+    parts[i] = "(" + "|".join(re.escape(s[i]) for s in split) + ")"
+    return re.compile("^" + r"\.".join(parts) + "$")
+
+
+PER_EXPERT_RE = _pattern(list(EXPERT_KINDS.values()))  # (layer, expert, proj)
+STACKED_RE = _pattern(["experts_gate_up", "experts_down"])  # (layer, gate_up_proj | down_proj)
+EXPERT_EXTRA_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(.+)$")  # any tensor of one expert, e.g. W8A8 scales
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 QUANT_SUFFIX_RE = re.compile(r"\.weight_(packed|scale|shape|zero_point)$")
+
+
+def _any_number(template: str) -> str:
+    return re.escape(template).replace(re.escape("{L}"), r"\d+").replace(re.escape("{e}"), r"\d+")
+
+
+_KIND_RE = re.compile("|".join(f"(?P<{k}>{_any_number(t.template)})" for k, t in KINDS.items()))
+
+
+def kind_of_name(name: str) -> str | None:
+    """The kind (a KINDS key) of a checkpoint tensor name; a quantized module's tensors count as its weight. None: not in the vocabulary."""
+    m = _KIND_RE.fullmatch(QUANT_SUFFIX_RE.sub(".weight", name))
+    return m.lastgroup if m else None
+
 
 # Tensors real checkpoints carry that hold no weight of the model: skipped with a note, never loaded,
 # carried unchanged by convert. Anything else not in expected_tensors stays an error.
@@ -108,46 +178,74 @@ def _dims(cfg: MoGEConfig) -> dict[str, int]:
     }
 
 
-def _expand(table: dict[str, tuple[str, ...]], dims: dict[str, int], layer: int) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of a per-layer table for one layer."""
-    return {template.replace("{L}", str(layer)): tuple(dims[s] for s in shape) for template, shape in table.items()}
+def _shapes(cfg: MoGEConfig) -> dict[str, tuple[int, ...]]:
+    """Kind -> its shape under cfg."""
+    dims = _dims(cfg)
+    return {k: tuple(dims[s] for s in kind.shape) for k, kind in KINDS.items()}
 
 
-def _expand_experts(table: dict[str, tuple[str, ...]], dims: dict[str, int], layer: int, n_experts: int) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of a per-expert table for every expert of one layer (expert-major, as in the files)."""
-    parts = [(*template.replace("{L}", str(layer)).split("{e}"), tuple(dims[s] for s in shape)) for template, shape in table.items()]
-    return {f"{head}{e}{tail}": shape for e in range(n_experts) for head, tail, shape in parts}
+def _layer_kinds(cfg: MoGEConfig, layer: int, layout: str) -> list[str]:
+    """The kinds one decoder layer holds in `layout`, in file order (expert kinds once: expanded per expert)."""
+    if cfg.is_dense(layer):
+        parts = ("layer", "dense")
+    else:
+        parts = ("layer", "moe", *(("shared",) if cfg.has_shared_expert else ()), "stacked" if layout == STACKED else "expert")
+    return [k for part in parts for k, kind in KINDS.items() if kind.part == part]
+
+
+def layer_entries(cfg: MoGEConfig, layer: int, layout: str) -> list[tuple[str, str]]:
+    """(name, kind) of every tensor of one decoder layer in `layout`, in file order (experts expert-major)."""
+    fixed, experts = [], []
+    for k in _layer_kinds(cfg, layer, layout):
+        (experts if KINDS[k].part == "expert" else fixed).append((KINDS[k].template.replace("{L}", str(layer)), k))
+    split = [(*t.split("{e}"), k) for t, k in experts]
+    return fixed + [(f"{head}{e}{tail}", k) for e in range(cfg.num_experts) for head, tail, k in split]
 
 
 def layer_tensors(cfg: MoGEConfig, layer: int, layout: str) -> dict[str, tuple[int, ...]]:
     """Expected name -> shape of one decoder layer in `layout`."""
-    dims = _dims(cfg)
-    out = _expand(LAYER, dims, layer)
-    if cfg.is_dense(layer):
-        out.update(_expand(DENSE, dims, layer))
-        return out
-    out.update(_expand(MOE, dims, layer))
-    if cfg.has_shared_expert:
-        out.update(_expand(SHARED, dims, layer))
-    if layout == STACKED:
-        out.update(_expand(STACKED_EXPERTS, dims, layer))
-    else:
-        out.update(_expand_experts(EXPERT, dims, layer, cfg.num_experts))
+    shapes = _shapes(cfg)
+    return {n: shapes[k] for n, k in layer_entries(cfg, layer, layout)}
+
+
+def entries(cfg: MoGEConfig, layout: str = PER_EXPERT) -> list[tuple[str, str]]:
+    """(name, kind) of every tensor a complete checkpoint of `cfg` in `layout` holds, in file order."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    out = [(name("embed"), "embed")]
+    for layer in range(cfg.num_hidden_layers):
+        out += layer_entries(cfg, layer, layout)
+    out.append((name("norm"), "norm"))
+    if not cfg.tie_word_embeddings:  # tied: the embedding matrix is the output projection
+        out.append((name("lm_head"), "lm_head"))
     return out
 
 
 def expected_tensors(cfg: MoGEConfig, layout: str = PER_EXPERT) -> dict[str, tuple[int, ...]]:
     """Every tensor name -> shape a complete checkpoint of `cfg` in `layout` holds, in file order."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-    dims = _dims(cfg)
-    out = {"model.embed_tokens.weight": (dims["V"], dims["H"])}
-    for layer in range(cfg.num_hidden_layers):
-        out.update(layer_tensors(cfg, layer, layout))
-    out["model.norm.weight"] = (dims["H"],)
-    if not cfg.tie_word_embeddings:  # tied: the embedding matrix is the output projection
-        out["lm_head.weight"] = (dims["V"], dims["H"])
+    shapes = _shapes(cfg)
+    return {n: shapes[k] for n, k in entries(cfg, layout)}
+
+
+def parameter_sources(cfg: MoGEConfig, layout: str) -> dict[str, list[str]]:
+    """Every model parameter -> the checkpoint tensors (in `layout`) whose contents, concatenated in order, fill it."""
+    out: dict[str, list[str]] = {}
+    for n, k in entries(cfg, layout):
+        layer = layer_of(n)
+        param = KINDS[k].param if layer is None else KINDS[k].param.replace("{L}", str(layer))
+        out.setdefault(param, []).append(n)
     return out
+
+
+def with_layer(name: str, layer: int) -> str:
+    """A decoder layer's tensor name, renumbered to `layer`."""
+    return LAYER_RE.sub(f"model.layers.{layer}.", name, count=1)
+
+
+def with_expert(name: str, expert: int) -> str:
+    """A routed expert's tensor name, renumbered to `expert`."""
+    m = EXPERT_EXTRA_RE.match(name)
+    return f"model.layers.{m.group(1)}.mlp.experts.{expert}.{m.group(3)}"
 
 
 def detect_layout(names: list[str] | set[str]) -> str:

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import torch
 
 from moge_cli.config import MoGEConfig
-from moge_cli.names import PER_EXPERT_RE
+from moge_cli.names import PER_EXPERT_RE, expert_name, name, stacked_name
 
 
 class _Weights:
@@ -26,10 +26,10 @@ class _Weights:
         m = PER_EXPERT_RE.match(name)  # a per-expert name, served from the stacked layout
         if m is None:
             raise KeyError(name)
-        prefix, e, proj = f"model.layers.{m.group(1)}.mlp.experts", int(m.group(2)), m.group(3)
+        layer, e, proj = int(m.group(1)), int(m.group(2)), m.group(3)
         if proj == "down_proj":
-            return self._get(f"{prefix}.down_proj")[e]
-        gate_up = self._get(f"{prefix}.gate_up_proj")[e]  # [2I, H]
+            return self._get(stacked_name(layer, "down_proj"))[e]
+        gate_up = self._get(stacked_name(layer, "gate_up_proj"))[e]  # [2I, H]
         half = gate_up.shape[0] // 2
         return gate_up[:half] if proj == "gate_proj" else gate_up[half:]
 
@@ -99,12 +99,12 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Te
     return down @ (g * torch.sigmoid(g) * (up @ x))
 
 
-def attention(x: torch.Tensor, W: _Weights, p: str, cfg: MoGEConfig, seq_lens: list[int]) -> torch.Tensor:
+def attention(x: torch.Tensor, W: _Weights, L: int, cfg: MoGEConfig, seq_lens: list[int]) -> torch.Tensor:
     """Causal GQA over x [T, H]: one query position and one head at a time; position s is rotated at
     length seq_lens[s] (the end of the forward call that ran it)."""
     T, D, nH, nKV = x.shape[0], cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     speeds = [rope_speeds(cfg, seq_lens[s]) for s in range(T)]
-    proj = {n: x @ W(f"{p}self_attn.{n}_proj.weight").T + W(f"{p}self_attn.{n}_proj.bias") for n in "qkv"}
+    proj = {n: x @ W(name(f"{n}_proj", L)).T + W(name(f"{n}_bias", L)) for n in "qkv"}
     out = torch.zeros(T, nH * D, dtype=torch.float64)
     for h in range(nH):
         kv = h // (nH // nKV)  # the kv head this query head shares
@@ -114,29 +114,27 @@ def attention(x: torch.Tensor, W: _Weights, p: str, cfg: MoGEConfig, seq_lens: l
             scores = torch.stack([q @ keys[s] / math.sqrt(D) for s in range(t + 1)])
             probs = torch.softmax(scores, dim=0)
             out[t, h * D : (h + 1) * D] = sum(probs[s] * proj["v"][s, kv * D : (kv + 1) * D] for s in range(t + 1))
-    return out @ W(f"{p}self_attn.o_proj.weight").T + W(f"{p}self_attn.o_proj.bias")
+    return out @ W(name("o_proj", L)).T + W(name("o_bias", L))
 
 
-def moe(x: torch.Tensor, W: _Weights, p: str, cfg: MoGEConfig) -> torch.Tensor:
+def moe(x: torch.Tensor, W: _Weights, L: int, cfg: MoGEConfig) -> torch.Tensor:
     """One token x [H]: softmax over all E, top K' per group (ties: lowest index), weights p*scale, + shared."""
-    probs = torch.softmax(W(f"{p}mlp.gate.weight") @ x, dim=0)  # [E]
-    scale = W(f"{p}mlp.router_scale").reshape(-1)  # [E]
+    probs = torch.softmax(W(name("router_gate", L)) @ x, dim=0)  # [E]
+    scale = W(name("router_scale", L)).reshape(-1)  # [E]
     per_group = cfg.experts_per_group
     y = torch.zeros_like(x)
     for g in range(cfg.n_groups):
         group = range(g * per_group, (g + 1) * per_group)
         for e in sorted(group, key=lambda e: (-probs[e].item(), e))[: cfg.picks_per_group]:
-            ex = f"{p}mlp.experts.{e}."
-            expert = swiglu(x, W(ex + "gate_proj.weight"), W(ex + "up_proj.weight"), W(ex + "down_proj.weight"))
+            expert = swiglu(x, *(W(expert_name(L, e, proj)) for proj in ("gate_proj", "up_proj", "down_proj")))
             y += probs[e] * scale[e] * expert
     if cfg.shared_expert_intermediate_size == 0:  # no shared expert
         return y
-    sh = f"{p}mlp.shared_expert."
-    return y + swiglu(x, W(sh + "gate_proj.weight"), W(sh + "up_proj.weight"), W(sh + "down_proj.weight"))
+    return y + swiglu(x, W(name("shared_gate", L)), W(name("shared_up", L)), W(name("shared_down", L)))
 
 
-def dense(x: torch.Tensor, W: _Weights, p: str) -> torch.Tensor:
-    return swiglu(x, W(f"{p}mlp.gate_proj.weight"), W(f"{p}mlp.up_proj.weight"), W(f"{p}mlp.down_proj.weight"))
+def dense(x: torch.Tensor, W: _Weights, L: int) -> torch.Tensor:
+    return swiglu(x, W(name("dense_gate", L)), W(name("dense_up", L)), W(name("dense_down", L)))
 
 
 def reference_logits(ckpt_or_state: Any, cfg: MoGEConfig | None, ids: Any, calls: list[int] | None = None) -> torch.Tensor:
@@ -154,17 +152,16 @@ def reference_logits(ckpt_or_state: Any, cfg: MoGEConfig | None, ids: Any, calls
     ends = torch.tensor(calls).cumsum(0).tolist()
     seq_lens = [end for end, n in zip(ends, calls) for _ in range(n)]  # [T]: each position's call end
     eps = cfg.rms_norm_eps
-    x = W("model.embed_tokens.weight")[ids]  # [T, H]
+    x = W(name("embed"))[ids]  # [T, H]
     for L in range(cfg.num_hidden_layers):
-        p = f"model.layers.{L}."
-        h = x + attention(rms_norm(x, W(p + "input_layernorm.weight"), eps), W, p, cfg, seq_lens)
-        n = rms_norm(h, W(p + "post_attention_layernorm.weight"), eps)
+        h = x + attention(rms_norm(x, W(name("input_norm", L)), eps), W, L, cfg, seq_lens)
+        n = rms_norm(h, W(name("post_attention_norm", L)), eps)
         if cfg.num_experts == 0 or L in cfg.mlp_only_layers:
-            x = h + torch.stack([dense(n[t], W, p) for t in range(len(ids))])
+            x = h + torch.stack([dense(n[t], W, L) for t in range(len(ids))])
         else:
-            x = h + torch.stack([moe(n[t], W, p, cfg) for t in range(len(ids))])
-    head = W("model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight")  # tied: the embedding
-    return rms_norm(x, W("model.norm.weight"), eps) @ head.T  # [T, V]
+            x = h + torch.stack([moe(n[t], W, L, cfg) for t in range(len(ids))])
+    head = W(name("embed" if cfg.tie_word_embeddings else "lm_head"))  # tied: the embedding
+    return rms_norm(x, W(name("norm")), eps) @ head.T  # [T, V]
 
 
 __all__ = ["reference_logits"]

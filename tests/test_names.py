@@ -1,0 +1,51 @@
+"""The tensor vocabulary (moge_cli/names.py): what is derived from the one table agrees with the model and with itself."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moge_cli import names
+from moge_cli.config import PRESETS, MoGEConfig
+from moge_cli.model import MoGEForCausalLM
+
+
+@pytest.mark.parametrize("preset", ["tiny-moge", "tiny-trained", "bench-0.47b"])
+@pytest.mark.parametrize("layout", names.LAYOUTS)
+def test_parameter_sources_fill_every_model_parameter(preset, layout):
+    cfg = MoGEConfig.from_name(preset)
+    model = MoGEForCausalLM.from_config(cfg, torch.bfloat16, "meta")
+    sources, shapes = names.parameter_sources(cfg, layout), names.expected_tensors(cfg, layout)
+    params = dict(model.named_parameters())
+    assert set(sources) == set(params)
+    for param, tensors in sources.items():
+        assert sum(math.prod(shapes[n]) for n in tensors) == params[param].numel(), param
+    assert sorted(n for ns in sources.values() for n in ns) == sorted(shapes)  # every tensor fills exactly one parameter
+
+
+def test_expert_weights_stack_expert_major():
+    cfg = MoGEConfig.from_name("tiny-moge")
+    gate_up = names.parameter_sources(cfg, names.PER_EXPERT)["layers.0.mlp.gate_up"]
+    assert gate_up[:4] == [names.expert_name(0, 0, "gate_proj"), names.expert_name(0, 0, "up_proj"), names.expert_name(0, 1, "gate_proj"), names.expert_name(0, 1, "up_proj")]
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_expected_name_has_its_kind_and_component(preset):
+    cfg = MoGEConfig.from_name(preset)
+    for layout in names.LAYOUTS:
+        for n, kind in names.entries(cfg, layout):
+            assert names.kind_of_name(n) == kind
+            assert names.component_of(n) == names.KINDS[kind].component, n
+    assert names.kind_of_name("model.layers.0.self_attn.rotary_emb.inv_freq") is None
+
+
+def test_names_and_regexes_come_from_one_table():
+    n = names.expert_name(3, 7, "down_proj")
+    assert n == "model.layers.3.mlp.experts.7.down_proj.weight" and names.PER_EXPERT_RE.match(n).groups() == ("3", "7", "down_proj")
+    s = names.stacked_name(5, "gate_up_proj")
+    assert s == "model.layers.5.mlp.experts.gate_up_proj" and names.STACKED_RE.match(s).groups() == ("5", "gate_up_proj")
+    assert names.kind_of_name(n + "_packed") == "expert_down"
+    assert names.KINDS["expert_down"].module == "model.layers.{L}.mlp.experts.{e}.down_proj" and names.KINDS["experts_down"].module is None
+    assert names.with_expert(names.with_layer("model.layers.12.mlp.experts.40.down_proj.input_scale", 2), 5) == "model.layers.2.mlp.experts.5.down_proj.input_scale"
