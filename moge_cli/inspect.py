@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from moge_cli.checkpoint import Checkpoint, open_checkpoint, resolve_location
 from moge_cli.config import MODEL_TYPE, MoGEConfig
+from moge_cli.dtypes import FLOAT_CODES as FLOAT_DTYPES
 from moge_cli.ep import ep_info, inspect_ep_dir, is_ep_dir, local_expected
 from moge_cli.errors import CheckpointError
 from moge_cli.names import LAYOUTS, PER_EXPERT, STACKED, component_of, expected_tensors, skipped_notes
@@ -20,7 +21,6 @@ from moge_cli.quant_format import expected_quantized, read_quantization
 from moge_cli.safetensors_format import TORCH_NAMES
 
 COMPONENTS = ("embeddings", "attention", "router", "routed_experts", "shared_experts", "dense_mlp", "norms", "lm_head")
-FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
 def count_params(cfg: MoGEConfig) -> dict[str, int]:
