@@ -17,15 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moge_cli.config import MoGEConfig
+from moge_cli.dtypes import FLOAT_CODES, NAMES as DTYPES
 from moge_cli.errors import CheckpointError, UsageError
 from moge_cli.names import (
     EXPERT_EXTRA_RE, LAYOUTS, PER_EXPERT, PER_EXPERT_RE, PROJS, STACKED, STACKED_RE, detect_layout, expected_tensors, expert_name, layer_of,
     stacked_name, with_expert, with_layer,
 )  # fmt: skip
 from moge_cli.safetensors_format import DTYPE_SIZES, FROM_TORCH_NAME, TORCH_NAMES, TensorInfo
-
-DTYPES = ("bfloat16", "float16", "float32")
-FLOAT_CODES = {"F16", "BF16", "F32", "F64"}
 
 
 @dataclass(frozen=True)
