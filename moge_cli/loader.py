@@ -1,4 +1,5 @@
-"""Checkpoint -> model: which tensors fill which parameter, the checks before loading, the dtype, the fill.
+"""Checkpoint -> model: the checks before loading, the dtype, the fill (which tensors fill which
+parameter: moge_cli.names.parameter_sources).
 
 `load_model` builds a MoGEForCausalLM (moge_cli.model) on the meta device and materialises each
 parameter from the memory-mapped file; a compressed-tensors checkpoint goes through `load_quantized`,
@@ -14,11 +15,10 @@ from torch import nn
 
 from moge_cli import hugepages
 from moge_cli.checkpoint import Checkpoint, open_checkpoint
-from moge_cli.config import MoGEConfig
 from moge_cli.dtypes import FLOAT_DTYPES, NAME_OF_CODE, NAMES, resolve_dtype, torch_dtype
 from moge_cli.errors import CheckpointError, UsageError
 from moge_cli.model import DenseMLP, MoE, MoGEForCausalLM
-from moge_cli.names import PER_EXPERT, STACKED, expected_tensors, skipped_reason
+from moge_cli.names import PER_EXPERT, expected_tensors, parameter_sources, skipped_reason
 from moge_cli.quant_format import QuantizedCheckpoint, expected_quantized, module_of
 from moge_cli.quantized import (
     DEFAULT_KERNEL, LINEAR_PARAMS, QDenseMLP, QLinear, QMoE, dequantize, quantization_of, read_module, runs_natively,
@@ -26,55 +26,6 @@ from moge_cli.quantized import (
 from moge_cli.safetensors_format import TORCH_NAMES
 
 LOAD_CHUNK_BYTES = 1 << 20  # file bytes mapped at a time while loading
-
-# model parameter -> checkpoint tensors whose flattened contents, concatenated in order, fill it.
-GLOBAL_SOURCES = {
-    "embed_tokens": ["model.embed_tokens.weight"],
-    "norm": ["model.norm.weight"],
-    "lm_head": ["lm_head.weight"],
-}
-LAYER_SOURCES = {  # "layers.{L}." + key <- "model.layers.{L}." + each value
-    "input_layernorm": ["input_layernorm.weight"],
-    "post_attention_layernorm": ["post_attention_layernorm.weight"],
-    "self_attn.qkv_weight": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
-    "self_attn.qkv_bias": ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"],
-    "self_attn.o_weight": ["self_attn.o_proj.weight"],
-    "self_attn.o_bias": ["self_attn.o_proj.bias"],
-}
-MOE_SOURCES = {
-    "mlp.gate": ["mlp.gate.weight"],
-    "mlp.router_scale": ["mlp.router_scale"],
-    "mlp.shared_w13": ["mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight"],
-    "mlp.shared_w2": ["mlp.shared_expert.down_proj.weight"],
-}
-STACKED_SOURCES = {"mlp.gate_up": ["mlp.experts.gate_up_proj"], "mlp.down": ["mlp.experts.down_proj"]}
-PER_EXPERT_SOURCES = {  # expanded for e = 0..E-1 in order: stacking happens in the fill
-    "mlp.gate_up": ["mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"],
-    "mlp.down": ["mlp.experts.{e}.down_proj.weight"],
-}
-DENSE_SOURCES = {"mlp.w13": ["mlp.gate_proj.weight", "mlp.up_proj.weight"], "mlp.w2": ["mlp.down_proj.weight"]}
-
-
-def parameter_sources(cfg: MoGEConfig, layout: str) -> dict[str, list[str]]:
-    """Every model parameter -> the checkpoint tensors (in `layout`) it is built from."""
-    out = dict(GLOBAL_SOURCES)
-    if cfg.tie_word_embeddings:
-        del out["lm_head"]  # the embedding's parameter
-    for L in range(cfg.num_hidden_layers):
-        table = dict(LAYER_SOURCES)
-        if cfg.is_dense(L):
-            table.update(DENSE_SOURCES)
-        else:
-            table.update(MOE_SOURCES)
-            if not cfg.has_shared_expert:
-                del table["mlp.shared_w13"], table["mlp.shared_w2"]
-            if layout == STACKED:
-                table.update(STACKED_SOURCES)
-            else:
-                for key, names in PER_EXPERT_SOURCES.items():
-                    table[key] = [n.format(e=e) for e in range(cfg.num_experts) for n in names]
-        out.update({f"layers.{L}.{key}": [f"model.layers.{L}.{n}" for n in names] for key, names in table.items()})
-    return out
 
 
 # ---- float and quantized checkpoints ------------------------------------------------------------
@@ -163,7 +114,7 @@ def _dequantized(ckpt, module: str, name: str, quant: QuantizedCheckpoint) -> to
 
 # ---- checks and choices before loading ----------------------------------------------------------
 def checked_sources(ckpt, quant: QuantizedCheckpoint | None = None) -> dict[str, list[str]]:
-    """parameter_sources for the checkpoint's layout, after checking it holds exactly the tensors its
+    """names.parameter_sources for the checkpoint's layout, after checking it holds exactly the tensors its
     config (and quantization) asks for, each of the expected shape."""
     layout, cfg = ckpt.layout, ckpt.config
     if layout == "mixed":
@@ -220,7 +171,7 @@ def checkpoint_dtype(ckpt, quant: QuantizedCheckpoint | None = None) -> torch.dt
 # ---- the fill -----------------------------------------------------------------------------------
 def materialize(module: nn.Module, ckpt, sources: dict[str, list[str]], prefix: str = "", device="cpu") -> nn.Module:
     """module (built on the meta device) with each parameter filled from the checkpoint tensors
-    sources[prefix + name] (parameter_sources), one parameter at a time; returns module."""
+    sources[prefix + name] (names.parameter_sources), one parameter at a time; returns module."""
     for name, p in list(module.named_parameters()):
         t = hugepages.empty(p.shape, p.dtype, device)
         fill(t, ckpt, sources[prefix + name])
