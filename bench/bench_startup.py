@@ -22,9 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from moge_cli.synthetic import write_skeleton
-from moge_cli.config import MoGEConfig
-
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-moge"
 TORCH_PROBE = "import sys, runpy; sys.argv=['moge', *sys.argv[1:]]\ntry: runpy.run_module('moge_cli', run_name='__main__')\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
@@ -33,7 +30,6 @@ TORCH_PROBE = "import sys, runpy; sys.argv=['moge', *sys.argv[1:]]\ntry: runpy.r
 def run_once(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
     """(wall seconds, CPU seconds, peak RSS bytes) of one run of cmd."""
     t0 = time.perf_counter()
-    # posix_spawn, not fork: a forked child's peak RSS would start at this process's (torch is loaded here)
     pid = os.posix_spawn(cmd[0], cmd, env, file_actions=[(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)])
     _, status, usage = os.wait4(pid, 0)
     wall = time.perf_counter() - t0
@@ -57,9 +53,10 @@ def main() -> None:
     py = sys.executable
     tmp = Path(tempfile.mkdtemp(prefix="moge-skel-"))
     try:
-        skel = write_skeleton(MoGEConfig.from_name("pangu-pro-moe-72b"), tmp / "72b")
         script = Path(py).parent / "moge"  # the console script users run; `python -m moge_cli` where it is not installed
         moge = [str(script)] if script.exists() else [py, "-m", "moge_cli"]
+        # written by a child: this process stays small (no torch), as a child's peak RSS counts its parent's until exec
+        skel = Path(subprocess.run([*moge, "fixture", "pangu-pro-moe-72b", str(tmp / "72b"), "--skeleton"], capture_output=True, text=True, check=True).stdout.strip())
         stacked = ["convert", str(FIXTURE), str(tmp / "out"), "--layout", "stacked", "--force", "-q"]
         dry = ["convert", str(FIXTURE), str(tmp / "dry"), "--layout", "stacked", "--dry-run"]
         cases = {

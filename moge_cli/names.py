@@ -38,35 +38,36 @@ class Kind:
         return self.template.removesuffix(".weight") if self.quantizable else None
 
 
-P = "model.layers.{L}."
+LAYER_PREFIX = "model.layers.{L}."  # every tensor of decoder layer L
+EXPERT_PREFIX = LAYER_PREFIX + "mlp.experts.{e}."  # every tensor of routed expert e (per-expert layout)
 KINDS: dict[str, Kind] = {
     "embed": Kind("model.embed_tokens.weight", ("V", "H"), "global", "embeddings", "embed_tokens", True),
-    "input_norm": Kind(P + "input_layernorm.weight", ("H",), "layer", "norms", "layers.{L}.input_layernorm"),
-    "post_attention_norm": Kind(P + "post_attention_layernorm.weight", ("H",), "layer", "norms", "layers.{L}.post_attention_layernorm"),
-    "q_proj": Kind(P + "self_attn.q_proj.weight", ("nHD", "H"), "layer", "attention", "layers.{L}.self_attn.qkv_weight", True),
-    "q_bias": Kind(P + "self_attn.q_proj.bias", ("nHD",), "layer", "attention", "layers.{L}.self_attn.qkv_bias"),
-    "k_proj": Kind(P + "self_attn.k_proj.weight", ("nKVD", "H"), "layer", "attention", "layers.{L}.self_attn.qkv_weight", True),
-    "k_bias": Kind(P + "self_attn.k_proj.bias", ("nKVD",), "layer", "attention", "layers.{L}.self_attn.qkv_bias"),
-    "v_proj": Kind(P + "self_attn.v_proj.weight", ("nKVD", "H"), "layer", "attention", "layers.{L}.self_attn.qkv_weight", True),
-    "v_bias": Kind(P + "self_attn.v_proj.bias", ("nKVD",), "layer", "attention", "layers.{L}.self_attn.qkv_bias"),
-    "o_proj": Kind(P + "self_attn.o_proj.weight", ("H", "nHD"), "layer", "attention", "layers.{L}.self_attn.o_weight", True),
-    "o_bias": Kind(P + "self_attn.o_proj.bias", ("H",), "layer", "attention", "layers.{L}.self_attn.o_bias"),
-    "router_gate": Kind(P + "mlp.gate.weight", ("E", "H"), "moe", "router", "layers.{L}.mlp.gate"),
-    "router_scale": Kind(P + "mlp.router_scale", ("1", "E"), "moe", "router", "layers.{L}.mlp.router_scale"),
-    "shared_gate": Kind(P + "mlp.shared_expert.gate_proj.weight", ("Is", "H"), "shared", "shared_experts", "layers.{L}.mlp.shared_w13", True),
-    "shared_up": Kind(P + "mlp.shared_expert.up_proj.weight", ("Is", "H"), "shared", "shared_experts", "layers.{L}.mlp.shared_w13", True),
-    "shared_down": Kind(P + "mlp.shared_expert.down_proj.weight", ("H", "Is"), "shared", "shared_experts", "layers.{L}.mlp.shared_w2", True),
+    "input_norm": Kind(LAYER_PREFIX + "input_layernorm.weight", ("H",), "layer", "norms", "layers.{L}.input_layernorm"),
+    "post_attention_norm": Kind(LAYER_PREFIX + "post_attention_layernorm.weight", ("H",), "layer", "norms", "layers.{L}.post_attention_layernorm"),
+    "q_proj": Kind(LAYER_PREFIX + "self_attn.q_proj.weight", ("nHD", "H"), "layer", "attention", "layers.{L}.self_attn.qkv_weight", True),
+    "q_bias": Kind(LAYER_PREFIX + "self_attn.q_proj.bias", ("nHD",), "layer", "attention", "layers.{L}.self_attn.qkv_bias"),
+    "k_proj": Kind(LAYER_PREFIX + "self_attn.k_proj.weight", ("nKVD", "H"), "layer", "attention", "layers.{L}.self_attn.qkv_weight", True),
+    "k_bias": Kind(LAYER_PREFIX + "self_attn.k_proj.bias", ("nKVD",), "layer", "attention", "layers.{L}.self_attn.qkv_bias"),
+    "v_proj": Kind(LAYER_PREFIX + "self_attn.v_proj.weight", ("nKVD", "H"), "layer", "attention", "layers.{L}.self_attn.qkv_weight", True),
+    "v_bias": Kind(LAYER_PREFIX + "self_attn.v_proj.bias", ("nKVD",), "layer", "attention", "layers.{L}.self_attn.qkv_bias"),
+    "o_proj": Kind(LAYER_PREFIX + "self_attn.o_proj.weight", ("H", "nHD"), "layer", "attention", "layers.{L}.self_attn.o_weight", True),
+    "o_bias": Kind(LAYER_PREFIX + "self_attn.o_proj.bias", ("H",), "layer", "attention", "layers.{L}.self_attn.o_bias"),
+    "router_gate": Kind(LAYER_PREFIX + "mlp.gate.weight", ("E", "H"), "moe", "router", "layers.{L}.mlp.gate"),
+    "router_scale": Kind(LAYER_PREFIX + "mlp.router_scale", ("1", "E"), "moe", "router", "layers.{L}.mlp.router_scale"),
+    "shared_gate": Kind(LAYER_PREFIX + "mlp.shared_expert.gate_proj.weight", ("Is", "H"), "shared", "shared_experts", "layers.{L}.mlp.shared_w13", True),
+    "shared_up": Kind(LAYER_PREFIX + "mlp.shared_expert.up_proj.weight", ("Is", "H"), "shared", "shared_experts", "layers.{L}.mlp.shared_w13", True),
+    "shared_down": Kind(LAYER_PREFIX + "mlp.shared_expert.down_proj.weight", ("H", "Is"), "shared", "shared_experts", "layers.{L}.mlp.shared_w2", True),
     # per-expert layout, one set per expert e (expert-major in files and in the stacked parameter)
-    "expert_gate": Kind(P + "mlp.experts.{e}.gate_proj.weight", ("I", "H"), "expert", "routed_experts", "layers.{L}.mlp.gate_up", True),
-    "expert_up": Kind(P + "mlp.experts.{e}.up_proj.weight", ("I", "H"), "expert", "routed_experts", "layers.{L}.mlp.gate_up", True),
-    "expert_down": Kind(P + "mlp.experts.{e}.down_proj.weight", ("H", "I"), "expert", "routed_experts", "layers.{L}.mlp.down", True),
+    "expert_gate": Kind(EXPERT_PREFIX + "gate_proj.weight", ("I", "H"), "expert", "routed_experts", "layers.{L}.mlp.gate_up", True),
+    "expert_up": Kind(EXPERT_PREFIX + "up_proj.weight", ("I", "H"), "expert", "routed_experts", "layers.{L}.mlp.gate_up", True),
+    "expert_down": Kind(EXPERT_PREFIX + "down_proj.weight", ("H", "I"), "expert", "routed_experts", "layers.{L}.mlp.down", True),
     # stacked layout: gate_up rows 0..I-1 gate_proj, I..2I-1 up_proj of each expert
-    "experts_gate_up": Kind(P + "mlp.experts.gate_up_proj", ("E", "2I", "H"), "stacked", "routed_experts", "layers.{L}.mlp.gate_up"),
-    "experts_down": Kind(P + "mlp.experts.down_proj", ("E", "H", "I"), "stacked", "routed_experts", "layers.{L}.mlp.down"),
+    "experts_gate_up": Kind(LAYER_PREFIX + "mlp.experts.gate_up_proj", ("E", "2I", "H"), "stacked", "routed_experts", "layers.{L}.mlp.gate_up"),
+    "experts_down": Kind(LAYER_PREFIX + "mlp.experts.down_proj", ("E", "H", "I"), "stacked", "routed_experts", "layers.{L}.mlp.down"),
     # mlp_only_layers (Qwen2-MoE convention), or every layer when num_experts is 0
-    "dense_gate": Kind(P + "mlp.gate_proj.weight", ("Id", "H"), "dense", "dense_mlp", "layers.{L}.mlp.w13", True),
-    "dense_up": Kind(P + "mlp.up_proj.weight", ("Id", "H"), "dense", "dense_mlp", "layers.{L}.mlp.w13", True),
-    "dense_down": Kind(P + "mlp.down_proj.weight", ("H", "Id"), "dense", "dense_mlp", "layers.{L}.mlp.w2", True),
+    "dense_gate": Kind(LAYER_PREFIX + "mlp.gate_proj.weight", ("Id", "H"), "dense", "dense_mlp", "layers.{L}.mlp.w13", True),
+    "dense_up": Kind(LAYER_PREFIX + "mlp.up_proj.weight", ("Id", "H"), "dense", "dense_mlp", "layers.{L}.mlp.w13", True),
+    "dense_down": Kind(LAYER_PREFIX + "mlp.down_proj.weight", ("H", "Id"), "dense", "dense_mlp", "layers.{L}.mlp.w2", True),
     "norm": Kind("model.norm.weight", ("H",), "global", "norms", "norm"),
     "lm_head": Kind("lm_head.weight", ("V", "H"), "head", "lm_head", "lm_head", True),  # absent when tie_word_embeddings
 }
@@ -75,32 +76,25 @@ PROJS = ("gate_proj", "up_proj", "down_proj")  # an expert's three weights, in f
 EXPERT_KINDS = {"gate_proj": "expert_gate", "up_proj": "expert_up", "down_proj": "expert_down"}
 
 
-def _part(part: str) -> dict[str, tuple[str, ...]]:
-    return {k.template: k.shape for k in KINDS.values() if k.part == part}
+def tensor_name(kind: str, layer: int | None = None, expert: int | None = None) -> str:
+    """The checkpoint name of one tensor: tensor_name("expert_down", 3, 7) -> model.layers.3.mlp.experts.7.down_proj.weight."""
+    return _fill(KINDS[kind].template, layer, expert)
 
 
-# name template -> shape symbols, one table per part (file order)
-GLOBAL = {**_part("global"), **_part("head")}
-LAYER, MOE, SHARED, DENSE = _part("layer"), _part("moe"), _part("shared"), _part("dense")
-EXPERT, STACKED_EXPERTS = _part("expert"), _part("stacked")
-
-
-def name(kind: str, layer: int | None = None, expert: int | None = None) -> str:
-    """The checkpoint name of one tensor: name("expert_down", 3, 7) -> model.layers.3.mlp.experts.7.down_proj.weight."""
-    t = KINDS[kind].template
+def _fill(template: str, layer: int | None = None, expert: int | None = None) -> str:
     if layer is not None:
-        t = t.replace("{L}", str(layer))
-    return t if expert is None else t.replace("{e}", str(expert))
+        template = template.replace("{L}", str(layer))
+    return template if expert is None else template.replace("{e}", str(expert))
 
 
 def expert_name(layer: int, expert: int, proj: str) -> str:
     """A per-expert weight's name; proj is gate_proj, up_proj or down_proj."""
-    return name(EXPERT_KINDS[proj], layer, expert)
+    return tensor_name(EXPERT_KINDS[proj], layer, expert)
 
 
 def stacked_name(layer: int, which: str) -> str:
     """A stacked expert tensor's name; which is gate_up_proj or down_proj."""
-    return name("experts_gate_up" if which == "gate_up_proj" else "experts_down", layer)
+    return tensor_name("experts_gate_up" if which == "gate_up_proj" else "experts_down", layer)
 
 
 def _pattern(kinds: list[str]) -> re.Pattern:
@@ -114,16 +108,17 @@ def _pattern(kinds: list[str]) -> re.Pattern:
 
 PER_EXPERT_RE = _pattern(list(EXPERT_KINDS.values()))  # (layer, expert, proj)
 STACKED_RE = _pattern(["experts_gate_up", "experts_down"])  # (layer, gate_up_proj | down_proj)
-EXPERT_EXTRA_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(.+)$")  # any tensor of one expert, e.g. W8A8 scales
-LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _numbered(template: str, number: str = r"(\d+)") -> str:
+    """`template` as a regex whose {L} and {e} match numbers (captured by default)."""
+    return re.escape(template).replace(re.escape("{L}"), number).replace(re.escape("{e}"), number)
+
+
+LAYER_RE = re.compile("^" + _numbered(LAYER_PREFIX))  # (layer)
+EXPERT_EXTRA_RE = re.compile("^" + _numbered(EXPERT_PREFIX) + "(.+)$")  # (layer, expert, rest): any tensor of one expert, e.g. W8A8 scales
 QUANT_SUFFIX_RE = re.compile(r"\.weight_(packed|scale|shape|zero_point)$")
-
-
-def _any_number(template: str) -> str:
-    return re.escape(template).replace(re.escape("{L}"), r"\d+").replace(re.escape("{e}"), r"\d+")
-
-
-_KIND_RE = re.compile("|".join(f"(?P<{k}>{_any_number(t.template)})" for k, t in KINDS.items()))
+_KIND_RE = re.compile("|".join("(?P<%s>%s)" % (k, _numbered(t.template, r"\d+")) for k, t in KINDS.items()))
 
 
 def kind_of_name(name: str) -> str | None:
@@ -197,7 +192,7 @@ def layer_entries(cfg: MoGEConfig, layer: int, layout: str) -> list[tuple[str, s
     """(name, kind) of every tensor of one decoder layer in `layout`, in file order (experts expert-major)."""
     fixed, experts = [], []
     for k in _layer_kinds(cfg, layer, layout):
-        (experts if KINDS[k].part == "expert" else fixed).append((KINDS[k].template.replace("{L}", str(layer)), k))
+        (experts if KINDS[k].part == "expert" else fixed).append((_fill(KINDS[k].template, layer), k))
     split = [(*t.split("{e}"), k) for t, k in experts]
     return fixed + [(f"{head}{e}{tail}", k) for e in range(cfg.num_experts) for head, tail, k in split]
 
@@ -212,12 +207,12 @@ def entries(cfg: MoGEConfig, layout: str = PER_EXPERT) -> list[tuple[str, str]]:
     """(name, kind) of every tensor a complete checkpoint of `cfg` in `layout` holds, in file order."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-    out = [(name("embed"), "embed")]
+    out = [(tensor_name("embed"), "embed")]
     for layer in range(cfg.num_hidden_layers):
         out += layer_entries(cfg, layer, layout)
-    out.append((name("norm"), "norm"))
+    out.append((tensor_name("norm"), "norm"))
     if not cfg.tie_word_embeddings:  # tied: the embedding matrix is the output projection
-        out.append((name("lm_head"), "lm_head"))
+        out.append((tensor_name("lm_head"), "lm_head"))
     return out
 
 
@@ -232,20 +227,20 @@ def parameter_sources(cfg: MoGEConfig, layout: str) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for n, k in entries(cfg, layout):
         layer = layer_of(n)
-        param = KINDS[k].param if layer is None else KINDS[k].param.replace("{L}", str(layer))
+        param = _fill(KINDS[k].param, layer)
         out.setdefault(param, []).append(n)
     return out
 
 
 def with_layer(name: str, layer: int) -> str:
     """A decoder layer's tensor name, renumbered to `layer`."""
-    return LAYER_RE.sub(f"model.layers.{layer}.", name, count=1)
+    return LAYER_RE.sub(_fill(LAYER_PREFIX, layer), name, count=1)
 
 
 def with_expert(name: str, expert: int) -> str:
     """A routed expert's tensor name, renumbered to `expert`."""
     m = EXPERT_EXTRA_RE.match(name)
-    return f"model.layers.{m.group(1)}.mlp.experts.{expert}.{m.group(3)}"
+    return _fill(EXPERT_PREFIX, int(m.group(1)), expert) + m.group(3)
 
 
 def detect_layout(names: list[str] | set[str]) -> str:

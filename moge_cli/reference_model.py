@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import torch
 
 from moge_cli.config import MoGEConfig
-from moge_cli.names import PER_EXPERT_RE, expert_name, name, stacked_name
+from moge_cli.names import PER_EXPERT_RE, expert_name, stacked_name, tensor_name
 
 
 class _Weights:
@@ -104,7 +104,7 @@ def attention(x: torch.Tensor, W: _Weights, L: int, cfg: MoGEConfig, seq_lens: l
     length seq_lens[s] (the end of the forward call that ran it)."""
     T, D, nH, nKV = x.shape[0], cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     speeds = [rope_speeds(cfg, seq_lens[s]) for s in range(T)]
-    proj = {n: x @ W(name(f"{n}_proj", L)).T + W(name(f"{n}_bias", L)) for n in "qkv"}
+    proj = {n: x @ W(tensor_name(f"{n}_proj", L)).T + W(tensor_name(f"{n}_bias", L)) for n in "qkv"}
     out = torch.zeros(T, nH * D, dtype=torch.float64)
     for h in range(nH):
         kv = h // (nH // nKV)  # the kv head this query head shares
@@ -114,13 +114,13 @@ def attention(x: torch.Tensor, W: _Weights, L: int, cfg: MoGEConfig, seq_lens: l
             scores = torch.stack([q @ keys[s] / math.sqrt(D) for s in range(t + 1)])
             probs = torch.softmax(scores, dim=0)
             out[t, h * D : (h + 1) * D] = sum(probs[s] * proj["v"][s, kv * D : (kv + 1) * D] for s in range(t + 1))
-    return out @ W(name("o_proj", L)).T + W(name("o_bias", L))
+    return out @ W(tensor_name("o_proj", L)).T + W(tensor_name("o_bias", L))
 
 
 def moe(x: torch.Tensor, W: _Weights, L: int, cfg: MoGEConfig) -> torch.Tensor:
     """One token x [H]: softmax over all E, top K' per group (ties: lowest index), weights p*scale, + shared."""
-    probs = torch.softmax(W(name("router_gate", L)) @ x, dim=0)  # [E]
-    scale = W(name("router_scale", L)).reshape(-1)  # [E]
+    probs = torch.softmax(W(tensor_name("router_gate", L)) @ x, dim=0)  # [E]
+    scale = W(tensor_name("router_scale", L)).reshape(-1)  # [E]
     per_group = cfg.experts_per_group
     y = torch.zeros_like(x)
     for g in range(cfg.n_groups):
@@ -130,11 +130,11 @@ def moe(x: torch.Tensor, W: _Weights, L: int, cfg: MoGEConfig) -> torch.Tensor:
             y += probs[e] * scale[e] * expert
     if cfg.shared_expert_intermediate_size == 0:  # no shared expert
         return y
-    return y + swiglu(x, W(name("shared_gate", L)), W(name("shared_up", L)), W(name("shared_down", L)))
+    return y + swiglu(x, W(tensor_name("shared_gate", L)), W(tensor_name("shared_up", L)), W(tensor_name("shared_down", L)))
 
 
 def dense(x: torch.Tensor, W: _Weights, L: int) -> torch.Tensor:
-    return swiglu(x, W(name("dense_gate", L)), W(name("dense_up", L)), W(name("dense_down", L)))
+    return swiglu(x, W(tensor_name("dense_gate", L)), W(tensor_name("dense_up", L)), W(tensor_name("dense_down", L)))
 
 
 def reference_logits(ckpt_or_state: Any, cfg: MoGEConfig | None, ids: Any, calls: list[int] | None = None) -> torch.Tensor:
@@ -152,16 +152,16 @@ def reference_logits(ckpt_or_state: Any, cfg: MoGEConfig | None, ids: Any, calls
     ends = torch.tensor(calls).cumsum(0).tolist()
     seq_lens = [end for end, n in zip(ends, calls) for _ in range(n)]  # [T]: each position's call end
     eps = cfg.rms_norm_eps
-    x = W(name("embed"))[ids]  # [T, H]
+    x = W(tensor_name("embed"))[ids]  # [T, H]
     for L in range(cfg.num_hidden_layers):
-        h = x + attention(rms_norm(x, W(name("input_norm", L)), eps), W, L, cfg, seq_lens)
-        n = rms_norm(h, W(name("post_attention_norm", L)), eps)
+        h = x + attention(rms_norm(x, W(tensor_name("input_norm", L)), eps), W, L, cfg, seq_lens)
+        n = rms_norm(h, W(tensor_name("post_attention_norm", L)), eps)
         if cfg.num_experts == 0 or L in cfg.mlp_only_layers:
             x = h + torch.stack([dense(n[t], W, L) for t in range(len(ids))])
         else:
             x = h + torch.stack([moe(n[t], W, L, cfg) for t in range(len(ids))])
-    head = W(name("embed" if cfg.tie_word_embeddings else "lm_head"))  # tied: the embedding
-    return rms_norm(x, W(name("norm")), eps) @ head.T  # [T, V]
+    head = W(tensor_name("embed" if cfg.tie_word_embeddings else "lm_head"))  # tied: the embedding
+    return rms_norm(x, W(tensor_name("norm")), eps) @ head.T  # [T, V]
 
 
 __all__ = ["reference_logits"]
