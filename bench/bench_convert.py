@@ -1,6 +1,6 @@
 """Throughput and peak anonymous memory of `moge convert` against a plain file copy and the naive script.
 
-    python bench/bench_convert.py [--layers 13] [--repeat 5] [--naive-repeat 1] [--dir /tmp] [--keep]
+    python bench/bench_convert.py [--layers 13] [--repeat 5] [--naive-repeat 1] [--dir /tmp] [--keep] [--before PYTHONPATH]
 
 Writes a random bf16 per-expert checkpoint of >= 3 GB (hidden 1024, 64 experts, moe_intermediate 512,
 vocab 65536, 13 layers, 1 GB shards), then times, each in a fresh subprocess, after dropping the page
@@ -8,6 +8,9 @@ cache (as root) and reading the input back in, so that the input is warm and not
   copy          shutil.copyfile of every input file (the ceiling: same bytes in, same bytes out)
   moge stacked  moge_converters.convert.convert(layout="stacked")
   moge fp16     moge_converters.convert.convert(dtype="float16")
+  moge CLI stacked  the `moge convert SRC DST --layout stacked` command line, start-up included (timed from the
+                outside; its peak RssAnon is the converter's own sample, VmHWM not measured); with --before
+                also with PYTHONPATH set to another checkout's packages, in the same run
   naive ...     safetensors load_file of every shard into one dict, transform, save_file
 Best of --repeat runs (variants interleaved; the naive ones, 10x slower, --naive-repeat times).
 Throughput ratio = copy seconds / variant seconds; the CPU columns (user + sys of the subprocess,
@@ -27,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from moge_cli.config import PRESETS, MoGEConfig
@@ -55,7 +59,7 @@ def sample():
 variant, src, dst = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 import torch, moge_converters.convert
 from safetensors.torch import load_file, save_file
-from moge_cli.names import PER_EXPERT_RE
+from moge_cli.names import PER_EXPERT_RE, expert_name, stacked_name
 shards = sorted(src.glob("model-*.safetensors"))
 import resource
 def cpu():
@@ -77,11 +81,10 @@ else:
     if variant == "naive stacked":
         cfg = json.loads((src / "config.json").read_text())
         for layer in range(cfg["num_hidden_layers"]):
-            p = f"model.layers.{layer}.mlp.experts"
             e = range(cfg["num_experts"])
-            sd[f"{p}.gate_up_proj"] = torch.stack([torch.cat([sd[f"{p}.{i}.gate_proj.weight"], sd[f"{p}.{i}.up_proj.weight"]]) for i in e])
-            sd[f"{p}.down_proj"] = torch.stack([sd[f"{p}.{i}.down_proj.weight"] for i in e])
-            for k in [k for k in sd if PER_EXPERT_RE.match(k) and k.startswith(p + ".")]:
+            sd[stacked_name(layer, "gate_up_proj")] = torch.stack([torch.cat([sd[expert_name(layer, i, "gate_proj")], sd[expert_name(layer, i, "up_proj")]]) for i in e])
+            sd[stacked_name(layer, "down_proj")] = torch.stack([sd[expert_name(layer, i, "down_proj")] for i in e])
+            for k in [k for k in sd if (m := PER_EXPERT_RE.match(k)) and int(m.group(1)) == layer]:
                 del sd[k]
     else:
         sd = {k: v.half() for k, v in sd.items()}
@@ -111,18 +114,37 @@ def settle() -> None:
         pass
 
 
-def run(variant: str, src: Path, dst: Path) -> dict:
+def run(variant: str, src: Path, dst: Path, before: str | None = None) -> dict:
     shutil.rmtree(dst, ignore_errors=True)
     settle()
     warm(sorted(src.glob("*.safetensors")))
-    out = subprocess.run([sys.executable, "-c", CHILD, variant, str(src), str(dst)], capture_output=True, text=True, cwd=Path(__file__).parents[1])
-    if out.returncode:
-        raise SystemExit(f"{variant} failed:\n{out.stderr}")
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    if variant.startswith("moge CLI"):
+        res = run_cli(variant, src, dst, before)
+    else:
+        out = subprocess.run([sys.executable, "-c", CHILD, variant, str(src), str(dst)], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+        if out.returncode:
+            raise SystemExit(f"{variant} failed:\n{out.stderr}")
+        res = json.loads(out.stdout.strip().splitlines()[-1])
     res["bytes_out"] = sum(f.stat().st_size for f in dst.glob("*.safetensors"))
     shutil.rmtree(dst)
     os.sync()
     return res
+
+
+def run_cli(variant: str, src: Path, dst: Path, before: str | None) -> dict:
+    """The `moge convert` command line, timed from the outside (start-up included); --before: with PYTHONPATH=before."""
+    script = Path(sys.executable).parent / "moge"
+    moge = [str(script)] if script.exists() else [sys.executable, "-m", "moge_cli"]
+    env = {**os.environ, "PYTHONPATH": before} if variant.endswith("(before)") else dict(os.environ)
+    t0 = time.perf_counter()
+    p = subprocess.Popen([*moge, "convert", str(src), str(dst), "--layout", "stacked", "--json", "-q"], stdout=subprocess.PIPE, env=env)
+    out = p.stdout.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    seconds = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{variant} failed")
+    own = json.loads(out)["peak_rss_bytes"]
+    return {"seconds": seconds, "cpu": usage.ru_utime + usage.ru_stime, "rss_anon_peak": own, "own": own, "vm_hwm": 0}
 
 
 def main() -> None:
@@ -133,6 +155,7 @@ def main() -> None:
     ap.add_argument("--dir", default=tempfile.gettempdir())
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
     ap.add_argument("--naive", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--before", help="PYTHONPATH of another checkout: `moge CLI stacked` is timed with it too")
     args = ap.parse_args()
     from moge_cli.synthetic import write_checkpoint
     from moge_cli.names import expected_tensors
@@ -149,13 +172,14 @@ def main() -> None:
         largest = {
             layout: max(2 * int(__import__("math").prod(s)) for s in expected_tensors(cfg, layout).values()) for layout in ("stacked", "per-expert")
         }
-        variants = ["copy", "moge stacked", "moge fp16"] + (["naive stacked", "naive fp16"] if args.naive else [])
+        variants = ["copy", "moge stacked", "moge fp16", "moge CLI stacked"] + (["moge CLI stacked (before)"] if args.before else [])
+        variants += ["naive stacked", "naive fp16"] if args.naive else []
         best: dict[str, dict] = {}
         for i in range(args.repeat):
             for v in variants:
                 if v.startswith("naive") and i >= args.naive_repeat:
                     continue
-                r = run(v, src, work / "out")
+                r = run(v, src, work / "out", args.before)
                 print(f"  {v}: {r['seconds']:.2f} s ({r['cpu']:.2f} s CPU), RssAnon {r['rss_anon_peak'] / 1e6:.0f} MB", file=sys.stderr)
                 if v not in best or r["seconds"] < best[v]["seconds"]:
                     best[v] = {**r, "rss_anon_peak": max(r["rss_anon_peak"], best.get(v, r)["rss_anon_peak"]), "cpu": min(r["cpu"], best.get(v, r)["cpu"])}
@@ -170,8 +194,9 @@ def main() -> None:
             big = largest["stacked" if "stacked" in v else "per-expert"]
             bound = 2 * big + 300e6
             ok = "" if v == "copy" else (" ok" if r["rss_anon_peak"] <= bound else " OVER")
+            hwm = f"{r['vm_hwm'] / 1e6:.0f} MB" if r["vm_hwm"] else "-"
             print(f"| {v} | {r['seconds']:.2f} | {size / r['seconds'] / 1e9:.2f} | {copy_s / r['seconds']:.2f} | {r['cpu']:.2f} | {copy_cpu / r['cpu']:.2f} | "
-                  f"{r['rss_anon_peak'] / 1e6:.0f} MB | {bound / 1e6:.0f} MB{ok} | {r['vm_hwm'] / 1e6:.0f} MB |")  # fmt: skip
+                  f"{r['rss_anon_peak'] / 1e6:.0f} MB | {bound / 1e6:.0f} MB{ok} | {hwm} |")  # fmt: skip
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

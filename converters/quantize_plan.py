@@ -15,15 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from moge_cli.errors import UsageError
-from moge_cli.names import PER_EXPERT, component_of
+from moge_cli.names import KINDS, PER_EXPERT, component_of, kind_of_name
 from moge_cli.quant_format import EMBEDDING, MOGE_KEY, Scheme, module_of, quantization_config
 from moge_cli.safetensors_format import DTYPE_SIZES, TensorInfo
 
 from moge_converters.plan import OutTensor, Plan, build_plan
 from moge_converters.quantize import BITS, GROUP_SIZES, METHODS
 
-DEFAULT_COMPONENTS = ("attention", "routed_experts", "shared_experts", "dense_mlp")
-NEVER = ("router", "norms")  # and every bias: they decide routing or are tiny
+DEFAULT_COMPONENTS = ("attention", "routed_experts", "shared_experts", "dense_mlp")  # of the quantizable kinds (names.KINDS)
 SCALE_CODES = {"BF16": "BF16", "F16": "F16", "F32": "F32", "F64": "F32"}  # weight dtype -> scale dtype
 MIN_GROUP = 32
 
@@ -94,10 +93,12 @@ class QuantOptions:
 
 
 def selected(name: str, shape: tuple[int, ...], opts: QuantOptions) -> bool:
-    """Whether the output tensor `name` is quantized under `opts`."""
-    comp = component_of(name)
-    if len(shape) != 2 or not name.endswith(".weight") or comp in NEVER:
+    """Whether the output tensor `name` is quantized under `opts`: a quantizable kind of the vocabulary (never the router,
+    norms or biases: they decide routing or are tiny), of a component the options select, not excluded."""
+    kind = kind_of_name(name)
+    if kind is None or not KINDS[kind].quantizable or len(shape) != 2 or not name.endswith(".weight"):
         return False
+    comp = KINDS[kind].component
     wanted = comp in DEFAULT_COMPONENTS or (comp == "embeddings" and opts.embeddings) or (comp == "lm_head" and opts.lm_head)
     if not wanted:
         return False
