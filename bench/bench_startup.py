@@ -7,7 +7,7 @@ Each command runs as a fresh process; we keep the best wall time, the best CPU t
 which is steadier on a shared machine) and the peak RSS of --repeat runs. Also checks that neither
 `load --json` nor a layout change imports torch. Bytecode caching is left on (PYTHONDONTWRITEBYTECODE
 is dropped from the children's environment) and every command runs once before timing, as on a user's
-machine after the first call. --before times the convert rows again with PYTHONPATH set to a directory
+machine after the first call. --before times the load --json and convert rows again with PYTHONPATH set to a directory
 holding another checkout's packages (moge_cli, moge_converters, moge_kernels links), in the same run.
 """
 
@@ -48,7 +48,7 @@ def run_best(cmd: list[str], repeat: int, env: dict[str, str] = ENV) -> tuple[fl
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=15)
-    ap.add_argument("--before", help="PYTHONPATH of another checkout: its convert rows are timed too")
+    ap.add_argument("--before", help="PYTHONPATH of another checkout: its load --json and convert rows are timed too")
     args = ap.parse_args()
     py = sys.executable
     tmp = Path(tempfile.mkdtemp(prefix="moge-skel-"))
@@ -69,6 +69,7 @@ def main() -> None:
         }
         if args.before:
             before = {**ENV, "PYTHONPATH": args.before}
+            cases["moge load 72B-skeleton --json (--before)"] = ([*moge, "load", str(skel), "--json"], before)
             cases["moge convert tiny-moge --layout stacked (--before)"] = ([*moge, *stacked], before)
             cases["moge convert tiny-moge --layout stacked --dry-run (--before)"] = ([*moge, *dry], before)
         probes = {"load --json": ["load", str(skel), "--json"], "convert --layout stacked": stacked}
