@@ -20,8 +20,8 @@ from moge_cli.config import MoGEConfig
 from moge_cli.dtypes import FLOAT_CODES, NAMES as DTYPES
 from moge_cli.errors import CheckpointError, UsageError
 from moge_cli.names import (
-    EXPERT_EXTRA_RE, LAYOUTS, PER_EXPERT, PER_EXPERT_RE, PROJS, STACKED, STACKED_RE, detect_layout, expected_tensors, expert_name, layer_of,
-    stacked_name, with_expert, with_layer,
+    EXPERT_EXTRA_RE, EXPERT_KINDS, LAYOUTS, PER_EXPERT, PER_EXPERT_RE, PROJS, STACKED, STACKED_KINDS, STACKED_RE, detect_layout,
+    expected_tensors, expert_name, kind_shapes, layer_of, stacked_name, with_expert, with_layer,
 )  # fmt: skip
 from moge_cli.safetensors_format import DTYPE_SIZES, FROM_TORCH_NAME, TORCH_NAMES, TensorInfo
 
@@ -203,7 +203,7 @@ Slice = tuple[Part, tuple[int, ...], str]  # (part, shape, dtype code)
 
 def _decompose(tensors: dict[str, TensorInfo], cfg: MoGEConfig, n_experts: int) -> tuple[dict[tuple[int, int, str], Slice], list[TensorInfo]]:
     """(layer, expert, proj) -> its slice of a source tensor; the rest in source order."""
-    big_i, h = cfg.moe_intermediate_size, cfg.hidden_size
+    shapes = kind_shapes(cfg)
     experts: dict[tuple[int, int, str], Slice] = {}
     others: list[TensorInfo] = []
     for name, info in tensors.items():
@@ -211,16 +211,16 @@ def _decompose(tensors: dict[str, TensorInfo], cfg: MoGEConfig, n_experts: int) 
             experts[(int(m.group(1)), int(m.group(2)), m.group(3))] = (Part(name, 0, info.numel), info.shape, info.dtype)
         elif m := STACKED_RE.match(name):
             layer, which = int(m.group(1)), m.group(2)
-            want = (n_experts, 2 * big_i, h) if which == "gate_up_proj" else (n_experts, h, big_i)
+            want = (n_experts, *shapes[STACKED_KINDS[which]][1:])  # [E, 2I, H] or [E, H, I]; a rank directory's own E
             if info.shape != want:
                 raise CheckpointError(f"{name}: shape {list(info.shape)}, but config.json says {list(want)}; cannot split it into experts")
             block = math.prod(want[1:])
             for e in range(n_experts):
                 if which == "gate_up_proj":  # rows 0..I-1 gate_proj, I..2I-1 up_proj
-                    experts[(layer, e, "gate_proj")] = (Part(name, e * block, block // 2), (big_i, h), info.dtype)
-                    experts[(layer, e, "up_proj")] = (Part(name, e * block + block // 2, block // 2), (big_i, h), info.dtype)
+                    experts[(layer, e, "gate_proj")] = (Part(name, e * block, block // 2), shapes["expert_gate"], info.dtype)
+                    experts[(layer, e, "up_proj")] = (Part(name, e * block + block // 2, block // 2), shapes["expert_up"], info.dtype)
                 else:
-                    experts[(layer, e, "down_proj")] = (Part(name, e * block, block), (h, big_i), info.dtype)
+                    experts[(layer, e, "down_proj")] = (Part(name, e * block, block), shapes["expert_down"], info.dtype)
         else:
             others.append(info)
     return experts, others
@@ -246,7 +246,7 @@ def _renamed_others(others: list[TensorInfo], new_of: dict[int, int], local_of: 
 
 
 def _expert_outputs(experts, cfg: MoGEConfig, layout: str, new_of, mine: list[int], local_of, out_dtype) -> list[OutTensor]:
-    big_i, h = cfg.moe_intermediate_size, cfg.hidden_size
+    shapes = kind_shapes(cfg)
     outs: list[OutTensor] = []
     for old in sorted({k[0] for k in experts}):
         if old not in new_of:
@@ -263,7 +263,7 @@ def _expert_outputs(experts, cfg: MoGEConfig, layout: str, new_of, mine: list[in
             raise CheckpointError(f"layer {old}: cannot stack the experts, missing {len(missing)} expert tensor(s): {', '.join(missing[:6])}")
         slices = {(e, p): experts[(old, e, p)] for e in mine for p in PROJS}
         for (e, p), (_, shape, _) in slices.items():
-            want = (h, big_i) if p == "down_proj" else (big_i, h)
+            want = shapes[EXPERT_KINDS[p]]
             if shape != want:
                 raise CheckpointError(f"{expert_name(old, e, p)}: shape {list(shape)}, config.json says {list(want)}")
         codes = {s[2] for s in slices.values()}
@@ -272,8 +272,9 @@ def _expert_outputs(experts, cfg: MoGEConfig, layout: str, new_of, mine: list[in
         code = codes.pop()
         gate_up = [slices[(e, p)][0] for e in mine for p in ("gate_proj", "up_proj")]
         down = [slices[(e, "down_proj")][0] for e in mine]
-        outs.append(OutTensor(stacked_name(new, "gate_up_proj"), out_dtype(code), (len(mine), 2 * big_i, h), code, _coalesce(gate_up)))  # [El, 2I, H]
-        outs.append(OutTensor(stacked_name(new, "down_proj"), out_dtype(code), (len(mine), h, big_i), code, _coalesce(down)))  # [El, H, I]
+        for which, parts in (("gate_up_proj", gate_up), ("down_proj", down)):  # [El, 2I, H], [El, H, I]
+            shape = (len(mine), *shapes[STACKED_KINDS[which]][1:])
+            outs.append(OutTensor(stacked_name(new, which), out_dtype(code), shape, code, _coalesce(parts)))
     return outs
 
 

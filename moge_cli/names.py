@@ -74,6 +74,7 @@ KINDS: dict[str, Kind] = {
 PARTS = ("global", "layer", "moe", "shared", "expert", "stacked", "dense", "head")
 PROJS = ("gate_proj", "up_proj", "down_proj")  # an expert's three weights, in file order
 EXPERT_KINDS = {"gate_proj": "expert_gate", "up_proj": "expert_up", "down_proj": "expert_down"}
+STACKED_KINDS = {"gate_up_proj": "experts_gate_up", "down_proj": "experts_down"}
 
 
 def tensor_name(kind: str, layer: int | None = None, expert: int | None = None) -> str:
@@ -94,7 +95,7 @@ def expert_name(layer: int, expert: int, proj: str) -> str:
 
 def stacked_name(layer: int, which: str) -> str:
     """A stacked expert tensor's name; which is gate_up_proj or down_proj."""
-    return tensor_name("experts_gate_up" if which == "gate_up_proj" else "experts_down", layer)
+    return tensor_name(STACKED_KINDS[which], layer)
 
 
 def _pattern(kinds: list[str]) -> re.Pattern:
@@ -107,7 +108,7 @@ def _pattern(kinds: list[str]) -> re.Pattern:
 
 
 PER_EXPERT_RE = _pattern(list(EXPERT_KINDS.values()))  # (layer, expert, proj)
-STACKED_RE = _pattern(["experts_gate_up", "experts_down"])  # (layer, gate_up_proj | down_proj)
+STACKED_RE = _pattern(list(STACKED_KINDS.values()))  # (layer, gate_up_proj | down_proj)
 
 
 def _numbered(template: str, number: str = r"(\d+)") -> str:
@@ -173,8 +174,8 @@ def _dims(cfg: MoGEConfig) -> dict[str, int]:
     }
 
 
-def _shapes(cfg: MoGEConfig) -> dict[str, tuple[int, ...]]:
-    """Kind -> its shape under cfg."""
+def kind_shapes(cfg: MoGEConfig) -> dict[str, tuple[int, ...]]:
+    """Kind -> the shape of its tensors under cfg."""
     dims = _dims(cfg)
     return {k: tuple(dims[s] for s in kind.shape) for k, kind in KINDS.items()}
 
@@ -199,7 +200,7 @@ def layer_entries(cfg: MoGEConfig, layer: int, layout: str) -> list[tuple[str, s
 
 def layer_tensors(cfg: MoGEConfig, layer: int, layout: str) -> dict[str, tuple[int, ...]]:
     """Expected name -> shape of one decoder layer in `layout`."""
-    shapes = _shapes(cfg)
+    shapes = kind_shapes(cfg)
     return {n: shapes[k] for n, k in layer_entries(cfg, layer, layout)}
 
 
@@ -218,7 +219,7 @@ def entries(cfg: MoGEConfig, layout: str = PER_EXPERT) -> list[tuple[str, str]]:
 
 def expected_tensors(cfg: MoGEConfig, layout: str = PER_EXPERT) -> dict[str, tuple[int, ...]]:
     """Every tensor name -> shape a complete checkpoint of `cfg` in `layout` holds, in file order."""
-    shapes = _shapes(cfg)
+    shapes = kind_shapes(cfg)
     return {n: shapes[k] for n, k in entries(cfg, layout)}
 
 
