@@ -11,6 +11,7 @@ I moe_intermediate_size, Is shared_expert_intermediate_size, Id dense intermedia
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -119,12 +120,17 @@ def _numbered(template: str, number: str = r"(\d+)") -> str:
 LAYER_RE = re.compile("^" + _numbered(LAYER_PREFIX))  # (layer)
 EXPERT_EXTRA_RE = re.compile("^" + _numbered(EXPERT_PREFIX) + "(.+)$")  # (layer, expert, rest): any tensor of one expert, e.g. W8A8 scales
 QUANT_SUFFIX_RE = re.compile(r"\.weight_(packed|scale|shape|zero_point)$")
-_KIND_RE = re.compile("|".join("(?P<%s>%s)" % (k, _numbered(t.template, r"\d+")) for k, t in KINDS.items()))
+
+
+@functools.cache
+def _kind_re() -> re.Pattern:
+    """Every template, one named group per kind (compiled on first use: `moge load --json` never needs it)."""
+    return re.compile("|".join("(?P<%s>%s)" % (k, _numbered(t.template, r"\d+")) for k, t in KINDS.items()))
 
 
 def kind_of_name(name: str) -> str | None:
     """The kind (a KINDS key) of a checkpoint tensor name; a quantized module's tensors count as its weight. None: not in the vocabulary."""
-    m = _KIND_RE.fullmatch(QUANT_SUFFIX_RE.sub(".weight", name))
+    m = _kind_re().fullmatch(QUANT_SUFFIX_RE.sub(".weight", name))
     return m.lastgroup if m else None
 
 
