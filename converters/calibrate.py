@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from moge_cli.errors import UsageError
+from moge_cli.names import module_name, part_kinds, tensor_name
 
 WINDOW = 512  # tokens per sequence the calibration text is cut into
 
@@ -58,7 +59,7 @@ def calibrate(src, text_file, *, max_tokens: int = 2048, dtype: torch.dtype | No
     try:
         cfg, sources = ckpt.config, checked_sources(ckpt)
         dtype = dtype or checkpoint_dtype(ckpt)
-        embed = ckpt.tensor("model.embed_tokens.weight")
+        embed = ckpt.tensor(tensor_name("embed"))
         xs = [embed[torch.tensor(ids[a : a + WINDOW])].to(dtype)[None] for a in range(0, len(ids), WINDOW)]  # [1, W, H] each
         cos, sin = rope_tables(cfg, min(len(ids), WINDOW), "cpu")
         rows = [call_rows(cfg, 0, x.shape[1], "cpu") or (cos[: x.shape[1]], sin[: x.shape[1]]) for x in xs]  # each window from position 0
@@ -73,9 +74,9 @@ def calibrate(src, text_file, *, max_tokens: int = 2048, dtype: torch.dtype | No
             ckpt.close()  # unmap this layer's pages
             if progress:
                 progress(1, cfg.num_hidden_layers)
-        if "lm_head.weight" in ckpt.tensors and not cfg.tie_word_embeddings:
-            norm = ckpt.tensor("model.norm.weight").float()
-            cal.importance["lm_head"] = _mean_square(torch.cat([rms_norm(x.float(), norm, cfg.rms_norm_eps).flatten(0, 1) for x in xs]))
+        if tensor_name("lm_head") in ckpt.tensors and not cfg.tie_word_embeddings:
+            norm = ckpt.tensor(tensor_name("norm")).float()
+            cal.importance[module_name("lm_head")] = _mean_square(torch.cat([rms_norm(x.float(), norm, cfg.rms_norm_eps).flatten(0, 1) for x in xs]))
     finally:
         ckpt.close()
     return cal
@@ -93,26 +94,28 @@ def _swiglu_act(x: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
 
 
 def _layer_importance(cal: Calibration, cfg, L: int, layer, h1: torch.Tensor, rec) -> None:
-    p = f"model.layers.{L}."
     a = _mean_square(h1)
-    for proj in ("q_proj", "k_proj", "v_proj"):
-        cal.importance[f"{p}self_attn.{proj}"] = a
-    cal.importance[f"{p}self_attn.o_proj"] = _mean_square(torch.cat([o.flatten(0, 1) for o in rec.inputs[("o_proj", L)]]))
+    for kind in ("q_proj", "k_proj", "v_proj"):
+        cal.importance[module_name(kind, L)] = a
+    cal.importance[module_name("o_proj", L)] = _mean_square(torch.cat([o.flatten(0, 1) for o in rec.inputs[("o_proj", L)]]))
     h2 = torch.cat([h.flatten(0, 1) for h in rec.inputs[("mlp", L)]])  # [N, H]
     mlp = layer.mlp
     if not hasattr(mlp, "gate"):  # a dense layer
-        _mlp_importance(cal, f"{p}mlp.", h2, mlp.w13)
+        _mlp_importance(cal, "dense", L, None, h2, mlp.w13)
         return
     if mlp.shared_w13 is not None:
-        _mlp_importance(cal, f"{p}mlp.shared_expert.", h2, mlp.shared_w13)
+        _mlp_importance(cal, "shared", L, None, h2, mlp.shared_w13)
     picks = torch.cat(rec.picks[L])  # [N, k]
     for e in picks.unique().tolist():
         xe = h2[(picks == e).any(-1)]  # [n, H]: the tokens routed to expert e
-        _mlp_importance(cal, f"{p}mlp.experts.{e}.", xe, mlp.gate_up[e])
+        _mlp_importance(cal, "expert", L, e, xe, mlp.gate_up[e])
         cal.experts_reached += 1
 
 
-def _mlp_importance(cal: Calibration, prefix: str, x: torch.Tensor, w13: torch.Tensor) -> None:
+def _mlp_importance(cal: Calibration, part: str, L: int, e: int | None, x: torch.Tensor, w13: torch.Tensor) -> None:
+    """One MLP's importance: `part` (names.PARTS: dense, shared or expert) holds its gate, up and down kinds in
+    table order, the order in which gate and up fill w13."""
+    gate, up, down = (module_name(k, L, e) for k in part_kinds(part))
     a = _mean_square(x)
-    cal.importance[prefix + "gate_proj"] = cal.importance[prefix + "up_proj"] = a
-    cal.importance[prefix + "down_proj"] = _mean_square(_swiglu_act(x, w13))
+    cal.importance[gate] = cal.importance[up] = a
+    cal.importance[down] = _mean_square(_swiglu_act(x, w13))

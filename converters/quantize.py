@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moge_cli.quant_format import BITS, Scheme, pack_int32, unpack_int32  # noqa: F401  (packing: the format's, used from here too)
+from moge_cli.quant_format import Scheme
 
 GROUP_SIZES = (32, 64, 128)
 METHODS = ("rtn", "mse")

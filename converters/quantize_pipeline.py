@@ -19,12 +19,13 @@ import torch
 
 from moge_cli.checkpoint import open_checkpoint, resolve_location
 from moge_cli.errors import UsageError
-from moge_cli.names import component_of
+from moge_cli.names import PACKED, SCALE, SHAPE, ZERO_POINT, component_of
+from moge_cli.quant_format import pack_int32
 
 from moge_converters.calibrate import calibrate
 from moge_converters.cast import byte_view, torch_dtype
 from moge_converters.convert import Emitter, PeakRss, describe, output_entries, prepare, start_writing
-from moge_converters.quantize import dequantize, error_sums, error_stats, pack_int32, quantize
+from moge_converters.quantize import dequantize, error_sums, error_stats, quantize
 from moge_converters.quantize_plan import SCALE_CODES, QuantOptions, QuantOut, build_quant_plan
 from moge_converters.shards import ShardFile, parse_size, staging_dir, write_shards
 from moge_converters.sources import open_source
@@ -53,8 +54,8 @@ class QuantEmitter:
             self.base(sf, t)
             return
         if t.name not in self.pending:
-            self.run(t, sf if t.role == "weight_packed" else _Discard())
-            if t.role == "weight_packed":
+            self.run(t, sf if t.role == PACKED else _Discard())
+            if t.role == PACKED:
                 return
         data = self.pending.pop(t.name)
         sf.write(byte_view(data))
@@ -81,9 +82,9 @@ class QuantEmitter:
                 zeros.append(qt.zero)
             self.peak.sample()
         m = t.module
-        out = {f"{m}.weight_scale": torch.cat(scales), f"{m}.weight_shape": torch.tensor([n, k], dtype=torch.int64)}
+        out = {f"{m}.{SCALE}": torch.cat(scales), f"{m}.{SHAPE}": torch.tensor([n, k], dtype=torch.int64)}
         if zeros:
-            out[f"{m}.weight_zero_point"] = pack_int32(torch.cat(zeros), s.bits, dim=0)
+            out[f"{m}.{ZERO_POINT}"] = pack_int32(torch.cat(zeros), s.bits, dim=0)
         self.pending.update(out)
         self.errors[m] = {"tensor": base.name, "component": component_of(base.name), "scheme": s.label, "numel": n * k,
                           "calibrated": importance is not None, **error_stats(err2, ref2), "_err2": err2, "_ref2": ref2}  # fmt: skip
@@ -268,13 +269,13 @@ def verify_quantized(source, shards, out_dir: Path, config: dict[str, Any], impo
                 if not tensor_matches(source, t, ck.raw(name), False):
                     bad.append(f"{name}: values differ from the source ({t.recipe()})")
             else:
-                if t.role == "weight_packed":  # the packed weight is compared block by block as it is recomputed
+                if t.role == PACKED:  # the packed weight is compared block by block as it is recomputed
                     cmp = _Compare(ck.raw(name))
                     fresh.run(t, cmp)
                     same = cmp.same and cmp.pos == info.nbytes
                 else:
                     if name not in fresh.pending:
-                        fresh.run(planned[f"{t.module}.weight_packed"], _Discard())
+                        fresh.run(planned[f"{t.module}.{PACKED}"], _Discard())
                     same = same_bytes(byte_view(fresh.pending.pop(name)), ck.raw(name))
                 if not same:
                     bad.append(f"{name}: differs from a fresh {t.scheme.label} {t.scheme.method} quantization of {t.base.name}")

@@ -1,9 +1,9 @@
 """quantize's plan: convert's per-expert plan, with every selected weight replaced by its quantized tensors.
 
 The float plan comes from `build_plan(layout="per-expert")`, so stacked inputs are split into 2-D
-expert weights by the same recipes convert uses. Each selected OutTensor X.weight then becomes four
-QuantOut specs (X.weight_packed, _scale, _shape, _zero_point) that share its recipe; the streaming
-writer writes them like any other tensor, in that order.
+expert weights by the same recipes convert uses. Each selected OutTensor X.weight then becomes
+QuantOut specs (X.weight_packed, _scale, _shape and, asymmetric, _zero_point: names.QUANT_SUFFIXES) that
+share its recipe; the streaming writer writes them like any other tensor, in that order.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from moge_cli.errors import UsageError
-from moge_cli.names import KINDS, PER_EXPERT, component_of, kind_of_name
-from moge_cli.quant_format import EMBEDDING, MOGE_KEY, Scheme, module_of, quantization_config
+from moge_cli.names import KINDS, PER_EXPERT, SCALE, SHAPE, component_of, kind_of_name, module_of
+from moge_cli.quant_format import BITS, EMBEDDING, MOGE_KEY, Scheme, quantization_config
 from moge_cli.safetensors_format import DTYPE_SIZES, TensorInfo
 
 from moge_converters.plan import OutTensor, Plan, build_plan
-from moge_converters.quantize import BITS, GROUP_SIZES, METHODS
+from moge_converters.quantize import GROUP_SIZES, METHODS
 
 DEFAULT_COMPONENTS = ("attention", "routed_experts", "shared_experts", "dense_mlp")  # of the quantizable kinds (names.KINDS)
 SCALE_CODES = {"BF16": "BF16", "F16": "F16", "F32": "F32", "F64": "F32"}  # weight dtype -> scale dtype
@@ -29,7 +29,7 @@ MIN_GROUP = 32
 
 @dataclass(frozen=True)
 class QuantOut:
-    """One stored tensor of a quantized module: `role` (a quant_format suffix) of the weight `base`."""
+    """One stored tensor of a quantized module: `role` (one of names.QUANT_SUFFIXES) of the weight `base`."""
 
     name: str
     dtype: str
@@ -142,7 +142,7 @@ def build_quant_plan(tensors: dict[str, TensorInfo], config: dict[str, Any], opt
             fallback[key] = fallback.get(key, 0) + 1
         schemes[module_of(t.name)] = s
         for role, shape in s.tensor_shapes(n, k).items():
-            code = {"weight_scale": SCALE_CODES[t.src_dtype], "weight_shape": "I64"}.get(role, "I32")
+            code = {SCALE: SCALE_CODES[t.src_dtype], SHAPE: "I64"}.get(role, "I32")
             out.append(QuantOut(f"{module_of(t.name)}.{role}", code, shape, role, t, s))
     if not schemes:
         raise UsageError("nothing to quantize: no tensor matches the selection (check --include / --exclude)")

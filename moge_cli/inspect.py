@@ -15,7 +15,7 @@ from moge_cli.config import MODEL_TYPE, MoGEConfig
 from moge_cli.dtypes import FLOAT_CODES as FLOAT_DTYPES
 from moge_cli.ep import ep_info, inspect_ep_dir, is_ep_dir, local_expected
 from moge_cli.errors import CheckpointError
-from moge_cli.names import LAYOUTS, PER_EXPERT, STACKED, component_of, expected_tensors, skipped_notes
+from moge_cli.names import LAYOUTS, PER_EXPERT, PER_EXPERT_RE, STACKED, STACKED_RE, component_of, expected_tensors, skipped_notes
 from moge_cli.problems import Problem
 from moge_cli.quant_format import expected_quantized, read_quantization
 from moge_cli.safetensors_format import TORCH_NAMES
@@ -50,7 +50,7 @@ def schema_problems(ckpt: Checkpoint, dtype: str | None = None) -> list[Problem]
     expected = expected_tensors(ckpt.config, layout if layout in LAYOUTS else PER_EXPERT)
     if layout == "mixed":  # judge each layer by its own expert tensors rather than report everything twice
         expected.update(expected_tensors(ckpt.config, STACKED))
-        expected = {n: s for n, s in expected.items() if n in ckpt.tensors or ".experts." not in n}
+        expected = {n: s for n, s in expected.items() if n in ckpt.tensors or not (PER_EXPERT_RE.match(n) or STACKED_RE.match(n))}
     if (ep := ep_info(ckpt.config)) is not None:  # a rank of `convert --ep`: its own experts, by local id
         expected = local_expected(expected, len(ep["experts"]))
     try:

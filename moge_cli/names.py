@@ -36,7 +36,12 @@ class Kind:
     @property
     def module(self) -> str | None:
         """The module quantize replaces (template less `.weight`), or None."""
-        return self.template.removesuffix(".weight") if self.quantizable else None
+        return module_of(self.template) if self.quantizable else None
+
+
+def module_of(weight_name: str) -> str:
+    """The module a weight belongs to: its name less `.weight` (model.norm.weight -> model.norm)."""
+    return weight_name.removesuffix(".weight")
 
 
 LAYER_PREFIX = "model.layers.{L}."  # every tensor of decoder layer L
@@ -83,6 +88,16 @@ def tensor_name(kind: str, layer: int | None = None, expert: int | None = None) 
     return _fill(KINDS[kind].template, layer, expert)
 
 
+def module_name(kind: str, layer: int | None = None, expert: int | None = None) -> str:
+    """The module of one quantizable tensor: module_name("expert_down", 3, 7) -> model.layers.3.mlp.experts.7.down_proj."""
+    return _fill(KINDS[kind].module, layer, expert)
+
+
+def part_kinds(part: str) -> list[str]:
+    """The kinds of one part (PARTS), in table order: part_kinds("shared") -> shared_gate, shared_up, shared_down."""
+    return [k for k, kind in KINDS.items() if kind.part == part]
+
+
 def _fill(template: str, layer: int | None = None, expert: int | None = None) -> str:
     if layer is not None:
         template = template.replace("{L}", str(layer))
@@ -112,20 +127,23 @@ PER_EXPERT_RE = _pattern(list(EXPERT_KINDS.values()))  # (layer, expert, proj)
 STACKED_RE = _pattern(list(STACKED_KINDS.values()))  # (layer, gate_up_proj | down_proj)
 
 
-def _numbered(template: str, number: str = r"(\d+)") -> str:
+def numbered(template: str, number: str = r"(\d+)") -> str:
     """`template` as a regex whose {L} and {e} match numbers (captured by default)."""
     return re.escape(template).replace(re.escape("{L}"), number).replace(re.escape("{e}"), number)
 
 
-LAYER_RE = re.compile("^" + _numbered(LAYER_PREFIX))  # (layer)
-EXPERT_EXTRA_RE = re.compile("^" + _numbered(EXPERT_PREFIX) + "(.+)$")  # (layer, expert, rest): any tensor of one expert, e.g. W8A8 scales
-QUANT_SUFFIX_RE = re.compile(r"\.weight_(packed|scale|shape|zero_point)$")
+LAYER_RE = re.compile("^" + numbered(LAYER_PREFIX))  # (layer)
+EXPERT_EXTRA_RE = re.compile("^" + numbered(EXPERT_PREFIX) + "(.+)$")  # (layer, expert, rest): any tensor of one expert, e.g. W8A8 scales
+# A quantized module X stores these tensors instead of X.weight (compressed-tensors pack-quantized; their shapes
+# and meaning: moge_cli/quant_format.py), X.weight_zero_point only when asymmetric.
+QUANT_SUFFIXES = PACKED, SCALE, SHAPE, ZERO_POINT = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+QUANT_SUFFIX_RE = re.compile(r"\.(%s)$" % "|".join(QUANT_SUFFIXES))  # X.weight_* stands for X.weight
 
 
 @functools.cache
 def _kind_re() -> re.Pattern:
     """Every template, one named group per kind (compiled on first use: `moge load --json` never needs it)."""
-    return re.compile("|".join("(?P<%s>%s)" % (k, _numbered(t.template, r"\d+")) for k, t in KINDS.items()))
+    return re.compile("|".join("(?P<%s>%s)" % (k, numbered(t.template, r"\d+")) for k, t in KINDS.items()))
 
 
 def kind_of_name(name: str) -> str | None:
@@ -149,7 +167,7 @@ KNOWN_BUFFERS = {
 
 def skipped_reason(name: str, cfg: MoGEConfig) -> str | None:
     """Why a tensor outside expected_tensors is known and skipped (see KNOWN_BUFFERS), or None: unexpected."""
-    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+    if name == tensor_name("lm_head") and cfg.tie_word_embeddings:
         return TIED_HEAD
     return next((why for pattern, why in KNOWN_BUFFERS.items() if pattern.match(name)), None)
 
@@ -192,7 +210,7 @@ def _layer_kinds(cfg: MoGEConfig, layer: int, layout: str) -> list[str]:
         parts = ("layer", "dense")
     else:
         parts = ("layer", "moe", *(("shared",) if cfg.has_shared_expert else ()), "stacked" if layout == STACKED else "expert")
-    return [k for part in parts for k, kind in KINDS.items() if kind.part == part]
+    return [k for part in parts for k in part_kinds(part)]
 
 
 def layer_entries(cfg: MoGEConfig, layer: int, layout: str) -> list[tuple[str, str]]:
@@ -252,7 +270,7 @@ def with_expert(name: str, expert: int) -> str:
 
 def detect_layout(names: list[str] | set[str]) -> str:
     """per-expert, stacked, mixed (both kinds of expert tensor) or unknown (no expert tensors)."""
-    if any(n.endswith(".weight_packed") for n in names):  # quantized (compressed-tensors): X.weight_* stands for X.weight
+    if any(n.endswith("." + PACKED) for n in names):  # quantized (compressed-tensors): X.weight_* stands for X.weight
         names = {QUANT_SUFFIX_RE.sub(".weight", n) for n in names}
     per_expert = any(PER_EXPERT_RE.match(n) for n in names)
     stacked = any(STACKED_RE.match(n) for n in names)
@@ -271,13 +289,19 @@ def layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+_GLOBAL_COMPONENTS = {kind.template: kind.component for kind in KINDS.values() if "{" not in kind.template}  # whole names
+
+
 def component_of(name: str) -> str:
-    """Which parameter group a tensor counts towards (load's breakdown, quantize's summary)."""
-    if name == "model.embed_tokens.weight":
-        return "embeddings"
-    if name == "lm_head.weight":
-        return "lm_head"
-    if name.endswith("layernorm.weight") or name == "model.norm.weight":
+    """Which parameter group a tensor counts towards (load's breakdown, quantize's summary, weight stats).
+
+    The table's component for its names (tests/test_names.py checks they agree); by substring so that names
+    outside the vocabulary (buffers, W8A8 scales, quantized tensors) are classified too, and without the
+    kind regex, which `moge load --json` does not compile.
+    """
+    if (component := _GLOBAL_COMPONENTS.get(name)) is not None:
+        return component
+    if name.endswith("layernorm.weight"):
         return "norms"
     if ".self_attn." in name:
         return "attention"

@@ -1,6 +1,7 @@
 """The compressed-tensors "pack-quantized" checkpoint format as moge writes and reads it (torch only to pack).
 
-A quantized module X (e.g. model.layers.0.mlp.experts.3.down_proj) stores, instead of X.weight [N, K]:
+A quantized module X (e.g. model.layers.0.mlp.experts.3.down_proj) stores, instead of X.weight [N, K]
+(the names: moge_cli/names.py QUANT_SUFFIXES, as PACKED, SCALE, SHAPE, ZERO_POINT):
     X.weight_packed      int32 [N, ceil(K*b/32)]   b-bit integers + 2^(b-1), 32/b per word, low bits first
     X.weight_scale       float [N, G]              G = 1 (strategy channel) or K / group_size (group)
     X.weight_shape       int64 [2]                 [N, K]
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from moge_cli.errors import CheckpointError
+from moge_cli.names import KINDS, PACKED, SCALE, SHAPE, ZERO_POINT, kind_of_name, module_of, numbered
 
 if TYPE_CHECKING:
     import torch
@@ -30,9 +32,8 @@ if TYPE_CHECKING:
 BITS = (4, 8)  # integer widths moge writes and reads
 QUANT_METHOD = "compressed-tensors"
 FORMAT = "pack-quantized"
-SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 MOGE_KEY = "moge_quantization"
-EMBEDDING = "model.embed_tokens"
+EMBEDDING = KINDS["embed"].module  # the module the class name "Embedding" targets; every other 2-D weight is a "Linear"
 _NUM_RE = re.compile(r"\.(\d+)\.")
 
 
@@ -63,9 +64,9 @@ class Scheme:
     def tensor_shapes(self, n: int, k: int) -> dict[str, tuple[int, ...]]:
         """Suffix -> shape of the stored tensors of an [n, k] weight."""
         g = self.groups(k)
-        out = {"weight_packed": (n, packed_cols(k, self.bits)), "weight_scale": (n, g), "weight_shape": (2,)}
+        out = {PACKED: (n, packed_cols(k, self.bits)), SCALE: (n, g), SHAPE: (2,)}
         if not self.symmetric:
-            out["weight_zero_point"] = (packed_cols(n, self.bits), g)
+            out[ZERO_POINT] = (packed_cols(n, self.bits), g)
         return out
 
     @property
@@ -82,17 +83,12 @@ class Scheme:
         }  # fmt: skip
 
 
-def module_of(weight_name: str) -> str:
-    return weight_name.removesuffix(".weight")
-
-
 def kind_of(module: str) -> str:
-    """A regex matching every module of the same kind: layer and expert numbers become \\d+."""
-    parts = _NUM_RE.split(module)
-    out = []
-    for i, p in enumerate(parts):
-        out.append(r"\.\d+\." if i % 2 else re.escape(p))
-    return "^" + "".join(out) + "$"
+    """A regex matching every module of the same kind: its template in the vocabulary with {L} and {e} as \\d+
+    (a module outside the vocabulary: every dotted number as \\d+)."""
+    kind = kind_of_name(module + ".weight")
+    template = module_of(KINDS[kind].template) if kind else _NUM_RE.sub(".{L}.", module)
+    return "^" + numbered(template, r"\d+") + "$"
 
 
 def _compact(modules: list[str], universe: dict[str, list[str]]) -> list[str]:
@@ -174,7 +170,7 @@ def scheme_of(module: str, qconfig: dict[str, Any]) -> Scheme | None:
 
 @dataclass
 class QuantizedCheckpoint:
-    """What a quantized checkpoint holds: module -> scheme (for every module with a weight_packed), and settings."""
+    """What a quantized checkpoint holds: module -> scheme (for every module with a PACKED tensor), and settings."""
 
     modules: dict[str, Scheme]
     config: dict[str, Any]  # quantization_config
@@ -192,7 +188,7 @@ def read_quantization(config: dict[str, Any], shapes: dict[str, tuple[int, ...]]
     config group targets, shapes that disagree with the scheme).
     """
     qc = config.get("quantization_config")
-    packed = [n.removesuffix(".weight_packed") for n in shapes if n.endswith(".weight_packed")]
+    packed = [n.removesuffix("." + PACKED) for n in shapes if n.endswith("." + PACKED)]
     if not qc and not packed:
         return None
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
@@ -203,12 +199,12 @@ def read_quantization(config: dict[str, Any], shapes: dict[str, tuple[int, ...]]
     for m in packed:
         s = scheme_of(m, qc)
         if s is None:
-            raise CheckpointError(f"{m}.weight_packed: no quantization_config group targets this module")
+            raise CheckpointError(f"{m}.{PACKED}: no quantization_config group targets this module")
         if s.bits not in BITS:
             raise CheckpointError(f"{m}: {s.bits}-bit weights are not supported (4 or 8)")
-        shape_t = shapes.get(f"{m}.weight_shape")
+        shape_t = shapes.get(f"{m}.{SHAPE}")
         if shape_t != (2,):
-            raise CheckpointError(f"{m}.weight_shape: expected an int tensor of 2 values, found {shape_t}")
+            raise CheckpointError(f"{m}.{SHAPE}: expected an int tensor of 2 values, found {shape_t}")
         modules[m] = s
     moge = config.get(MOGE_KEY) if isinstance(config.get(MOGE_KEY), dict) else {}
     return QuantizedCheckpoint(modules, qc, moge)

@@ -408,3 +408,24 @@ def test_72b_skeleton_figures(tmp_path):
     assert (data["num_groups"], data["experts_per_group"], data["picks_per_group"]) == (8, 8, 1)
     assert data["num_tensors"] == 9939 and data["dtype"] == "bfloat16" and data["layout"] == "per-expert"
     assert data["size_bytes"] > data["tensor_bytes"]  # plus the headers
+
+
+def test_mixed_layout_judges_each_layer_by_its_own_expert_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from moge_cli.checkpoint import open_checkpoint
+    from moge_cli.inspect import schema_problems
+    from moge_cli.names import PER_EXPERT_RE, STACKED_RE
+
+    per = load_file(write_checkpoint(TINY, tmp_path / "per", tokenizer=False) / "model.safetensors")
+    stacked = load_file(write_checkpoint(TINY, tmp_path / "stacked", layout="stacked", tokenizer=False) / "model.safetensors")
+    mixed = {n: t for n, t in per.items() if not ((m := PER_EXPERT_RE.match(n)) and m.group(1) == "1")}  # layer 1: stacked
+    mixed.update({n: t for n, t in stacked.items() if (m := STACKED_RE.match(n)) and m.group(1) == "1"})
+    mixed["model.layers.0.mlp.experts.2.up_proj.weight"] = mixed["model.layers.0.mlp.experts.2.up_proj.weight"][:-1]
+    d = tmp_path / "mixed"
+    d.mkdir()
+    (d / "config.json").write_bytes((tmp_path / "per" / "config.json").read_bytes())
+    save_file(mixed, d / "model.safetensors")
+    ck = open_checkpoint(d)
+    assert ck.layout == "mixed"
+    assert [(p.kind, p.tensor) for p in schema_problems(ck)] == [("layout", ""), ("shape", "model.layers.0.mlp.experts.2.up_proj.weight")]

@@ -49,3 +49,28 @@ def test_names_and_regexes_come_from_one_table():
     assert names.kind_of_name(n + "_packed") == "expert_down"
     assert names.KINDS["expert_down"].module == "model.layers.{L}.mlp.experts.{e}.down_proj" and names.KINDS["experts_down"].module is None
     assert names.with_expert(names.with_layer("model.layers.12.mlp.experts.40.down_proj.input_scale", 2), 5) == "model.layers.2.mlp.experts.5.down_proj.input_scale"
+
+
+def test_module_names_and_the_mlp_kinds_calibration_reads():
+    for k, kind in names.KINDS.items():
+        if kind.quantizable:
+            assert names.module_name(k, 2, 5) == names.module_of(names.tensor_name(k, 2, 5)) and not names.module_name(k, 2, 5).endswith(".weight")
+    assert names.module_name("lm_head") == "lm_head" and names.module_name("expert_up", 1, 3) == "model.layers.1.mlp.experts.3.up_proj"
+    cfg = MoGEConfig.from_dict(dict(PRESETS["tiny-moge"], intermediate_size=96, mlp_only_layers=[1]))
+    sources = names.parameter_sources(cfg, names.PER_EXPERT)
+    for part, layer in (("dense", 1), ("shared", 0), ("expert", 0)):
+        gate, up, down = (names.KINDS[k] for k in names.part_kinds(part))  # calibrate: gate and up fill w13 in this order
+        assert [names.module_of(k.template).rsplit(".", 1)[1] for k in (gate, up, down)] == list(names.PROJS)
+        w13 = sources[gate.param.format(L=layer)]
+        assert w13[:2] == [gate.template.format(L=layer, e=0), up.template.format(L=layer, e=0)]
+
+
+def test_quantized_tensors_count_as_their_weight():
+    from moge_cli.quant_format import Scheme
+
+    assert set(Scheme(4, 64, False).tensor_shapes(64, 128)) == set(names.QUANT_SUFFIXES)  # the format writes the vocabulary's names
+    module = names.module_name("expert_down", 3, 7)
+    for suffix in names.QUANT_SUFFIXES:
+        assert names.kind_of_name(f"{module}.{suffix}") == "expert_down"
+    assert names.kind_of_name(f"{module}.weight_other") is None
+    assert names.detect_layout([f"{module}.{names.PACKED}", f"{module}.{names.SCALE}"]) == names.PER_EXPERT

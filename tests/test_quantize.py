@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from moge_converters.quantize import QTensor, dequantize, error_stats, error_sums, pack_int32, quantize, unpack_int32
+from moge_converters.quantize import QTensor, dequantize, error_stats, error_sums, quantize
 from moge_converters.quantize_pipeline import quantize_checkpoint
 from moge_converters.quantize_plan import QuantOptions, fit_scheme, selected
 from moge_converters.verify import VerifyError
@@ -20,7 +20,7 @@ from moge_cli.cli import app
 from moge_cli.config import MoGEConfig
 from moge_cli.errors import UsageError
 from moge_cli.inspect import inspect_checkpoint
-from moge_cli.quant_format import Scheme, read_quantization, scheme_of
+from moge_cli.quant_format import Scheme, pack_int32, read_quantization, scheme_of, unpack_int32
 
 TINY = MoGEConfig.from_name("tiny-moge")
 runner = CliRunner()
@@ -323,3 +323,17 @@ def test_perplexity_targets_on_tiny_trained(tmp_path):
     assert ppl["int8"] / before - 1 < 0.005, (before, ppl)
     assert ppl["int4 rtn"] / before - 1 < 0.05, (before, ppl)
     assert ppl["int4 mse"] <= ppl["int4 rtn"], (before, ppl)
+
+
+def test_kind_patterns_group_the_modules_of_one_vocabulary_kind():
+    import re
+
+    from moge_cli.names import expected_tensors, kind_of_name, module_of
+    from moge_cli.quant_format import kind_of
+
+    cfg = MoGEConfig.from_dict(dict(TINY.to_dict(), intermediate_size=96, mlp_only_layers=[1]))
+    weights = [n for n, shape in expected_tensors(cfg).items() if n.endswith(".weight") and len(shape) == 2]
+    for w in weights:
+        pattern = kind_of(module_of(w))
+        assert [v for v in weights if re.match(pattern, module_of(v))] == [v for v in weights if kind_of_name(v) == kind_of_name(w)], w
+    assert kind_of("model.layers.3.mtp.12.proj") == r"^model\.layers\.\d+\.mtp\.\d+\.proj$"  # outside the vocabulary: every number
