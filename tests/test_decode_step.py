@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moge_converters.quantize import pack_int32
+from moge_cli.quant_format import pack_int32
 from moge_converters.quantize_pipeline import quantize_checkpoint
 from moge_kernels import native
 from moge_cli.config import MoGEConfig
