@@ -58,23 +58,7 @@ def moe_decode(
 ) -> torch.Tensor:
     """moe_experts for a few tokens: groups the picks on the host, one pass per picked expert."""
     T, k = _check(x, expert_ids, weights, gate_up, down)
-    pairs_of: dict[int, list[int]] = {}
-    for p, e in enumerate(expert_ids.reshape(-1).tolist()):  # one host sync; P is small here
-        pairs_of.setdefault(e, []).append(p)
-    _check_ids_in_range(pairs_of, gate_up.shape[0])
-    outs, order = [], []
-    for e in sorted(pairs_of):
-        pairs = pairs_of[e]
-        if len(pairs) == 1:  # a slice, not a gather: the usual case at T=1
-            t = pairs[0] // k
-            xe = x[t : t + 1]
-        else:
-            xe = x[torch.tensor([p // k for p in pairs], device=x.device)]  # [n, H]
-        outs.append(_swiglu(xe, gate_up[e], down[e]))
-        order += pairs
-    ys = torch.cat(outs) if outs else x.new_empty(0, x.shape[1])  # [P, H], grouped by expert
-    y = torch.empty_like(ys)
-    y[torch.tensor(order, dtype=torch.long, device=x.device)] = ys  # back to (token, slot) order
+    y = by_expert_few(x, expert_ids, gate_up.shape[0], lambda xe, e: _swiglu(xe, gate_up[e], down[e]))
     return _combine(y.view(T, k, x.shape[1]), weights)
 
 
@@ -87,7 +71,44 @@ def moe_prefill(
 ) -> torch.Tensor:
     """moe_experts for many tokens: sorts the pairs by expert, one matmul pair per non-empty expert."""
     T, k = _check(x, expert_ids, weights, gate_up, down)
-    E = gate_up.shape[0]
+    y = by_expert_many(x, expert_ids, gate_up.shape[0], lambda xe, e: _swiglu(xe, gate_up[e], down[e]))
+    return _combine(y.view(T, k, x.shape[1]), weights)
+
+
+def by_expert(x: torch.Tensor, expert_ids: torch.Tensor, E: int, expert) -> torch.Tensor:
+    """expert(rows [n, H], e) -> [n, H] run once per picked expert on the tokens that picked it, in
+    (token, slot) order: [P, H] in pair order. Few pairs (DECODE_MAX_PAIRS) group on the host, many by a sort."""
+    if expert_ids.numel() <= DECODE_MAX_PAIRS:
+        return by_expert_few(x, expert_ids, E, expert)
+    return by_expert_many(x, expert_ids, E, expert)
+
+
+def by_expert_few(x: torch.Tensor, expert_ids: torch.Tensor, E: int, expert) -> torch.Tensor:
+    """by_expert grouping the pairs on the host (one sync; for a few pairs)."""
+    k = expert_ids.shape[1]
+    pairs_of: dict[int, list[int]] = {}
+    for p, e in enumerate(expert_ids.reshape(-1).tolist()):  # one host sync; P is small here
+        pairs_of.setdefault(e, []).append(p)
+    _check_ids_in_range(pairs_of, E)
+    outs, order = [], []
+    for e in sorted(pairs_of):
+        pairs = pairs_of[e]
+        if len(pairs) == 1:  # a slice, not a gather: the usual case at T=1
+            t = pairs[0] // k
+            xe = x[t : t + 1]
+        else:
+            xe = x[torch.tensor([p // k for p in pairs], device=x.device)]  # [n, H]
+        outs.append(expert(xe, e))
+        order += pairs
+    ys = torch.cat(outs) if outs else x.new_empty(0, x.shape[1])  # [P, H], grouped by expert
+    y = torch.empty_like(ys)
+    y[torch.tensor(order, dtype=torch.long, device=x.device)] = ys  # back to (token, slot) order
+    return y
+
+
+def by_expert_many(x: torch.Tensor, expert_ids: torch.Tensor, E: int, expert) -> torch.Tensor:
+    """by_expert sorting the pairs by expert (a stable sort: (token, slot) order inside an expert)."""
+    k = expert_ids.shape[1]
     flat = expert_ids.reshape(-1)  # [P]
     order = torch.argsort(flat, stable=True)  # [P], pairs grouped by expert, (token, slot) order inside
     # Shifted by one after clamping, so bins 0 and E+1 count out-of-range ids: range check
@@ -101,12 +122,12 @@ def moe_prefill(
     start = 0
     for e, n in enumerate(counts):
         if n:
-            ys[start : start + n] = _swiglu(xs[start : start + n], gate_up[e], down[e])
+            ys[start : start + n] = expert(xs[start : start + n], e)
             start += n
     del xs
     y = torch.empty_like(ys)
     y[order] = ys  # back to (token, slot) order; a permutation, so nothing accumulates
-    return _combine(y.view(T, k, x.shape[1]), weights)
+    return y
 
 
 def dense_mlp(

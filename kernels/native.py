@@ -1,5 +1,5 @@
 """One-token (decode) kernels from the C extension kernels._cpu (kernels/cpu.h), with the checks the C
-code leaves to its caller: single ops, a whole decode step (`step`, planned by moge_cli/decode_step.py),
+code leaves to its caller: single ops, a whole decode step (`step`, planned by kernels/decode_step.py),
 and the bfloat16 -> float16 casts of moge convert.
 
 Every op here returns None when it cannot run: the extension is not built (no compiler at install
@@ -247,7 +247,7 @@ def step_addresses(k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tens
 
 
 def step(plan: int, logits: int, token: int, pos: int, addresses: tuple[int, ...], eps: float) -> None:
-    """kernels/step.c: a whole decode step of one token at pos from a plan (moge_cli/decode_step.py;
+    """kernels/step.c: a whole decode step of one token at pos from a plan (kernels/decode_step.py;
     its address, for a plan check_plan accepted) into logits [V] float32 (an address), with addresses
     from step_addresses. It runs on torch's thread count (torch runs nothing meanwhile).
     Raises ValueError for a position outside the cache or the RoPE tables."""

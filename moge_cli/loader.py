@@ -3,7 +3,8 @@ parameter: moge_cli.names.parameter_sources).
 
 `load_model` builds a MoGEForCausalLM (moge_cli.model) on the meta device and materialises each
 parameter from the memory-mapped file; a compressed-tensors checkpoint goes through `load_quantized`,
-which puts moge_cli.quantized's QLinear wherever a quantized weight was. Calibration
+which puts a QLinear (moge_kernels.qlinear, built by moge_cli.quantized.qlinear) wherever a quantized
+weight was: the model's modules run either kind of weight through moge_kernels.ops. Calibration
 (converters/calibrate.py) loads one layer at a time with `checked_sources`, `checkpoint_dtype` and
 `materialize`.
 """
@@ -17,12 +18,11 @@ from moge_cli import hugepages
 from moge_cli.checkpoint import Checkpoint, open_checkpoint
 from moge_cli.dtypes import FLOAT_DTYPES, NAME_OF_CODE, NAMES, resolve_dtype, torch_dtype
 from moge_cli.errors import CheckpointError, UsageError
-from moge_cli.model import DenseMLP, MoE, MoGEForCausalLM
-from moge_cli.names import PER_EXPERT, expected_tensors, parameter_sources, skipped_reason
-from moge_cli.quant_format import QuantizedCheckpoint, expected_quantized, module_of
-from moge_cli.quantized import (
-    DEFAULT_KERNEL, LINEAR_PARAMS, QDenseMLP, QLinear, QMoE, dequantize, quantization_of, read_module, runs_natively,
-)  # fmt: skip
+from moge_kernels.ops import runs_natively
+from moge_cli.model import MoGEForCausalLM
+from moge_cli.names import PER_EXPERT, expected_tensors, module_of, parameter_sources, skipped_reason, tensor_name
+from moge_cli.quant_format import QuantizedCheckpoint, expected_quantized
+from moge_cli.quantized import DEFAULT_KERNEL, LINEAR_PARAMS, QLinear, dequantize, qlinear, quantization_of, read_module
 from moge_cli.safetensors_format import TORCH_NAMES
 
 LOAD_CHUNK_BYTES = 1 << 20  # file bytes mapped at a time while loading
@@ -53,7 +53,7 @@ def load_model(path, *, dtype=None, device="cpu", revision=None) -> MoGEForCausa
 
 def load_quantized(ckpt, quant: QuantizedCheckpoint, *, dtype=None, device="cpu", kernel: str | None = None) -> MoGEForCausalLM:
     """A MoGEForCausalLM for a quantized checkpoint (open Checkpoint): a QLinear (kernel: see
-    moge_cli.quantized) wherever a quantized weight was; embeddings, and weights whose parts mix
+    moge_kernels.qlinear) wherever a quantized weight was; embeddings, and weights whose parts mix
     schemes, dequantised once."""
     if torch.device(device).type != "cpu":
         raise UsageError(f"quantized checkpoints run on the CPU (torch's CPU weight-only kernels); got device {device}")
@@ -79,10 +79,6 @@ def load_quantized(ckpt, quant: QuantizedCheckpoint, *, dtype=None, device="cpu"
             value = nn.Parameter(t.to(p.dtype), requires_grad=False)
         delattr(module, leaf)
         setattr(module, leaf, value)
-    for layer in model.layers:
-        mlp = layer.mlp
-        if any(isinstance(v, QLinear) for v in mlp.children()):
-            mlp.__class__ = QMoE if isinstance(mlp, MoE) else QDenseMLP if isinstance(mlp, DenseMLP) else type(mlp)
     model.tie_weights()
     model.quantization = quant
     model.native_decode = runs_natively(model)
@@ -103,7 +99,7 @@ def _qlinear(ckpt, mods: list[str], quant: QuantizedCheckpoint, shape: torch.Siz
         if tuple(joined[-1][0].shape) != tuple(shape[-2:]):
             raise CheckpointError(f"{mods[e * per]}: weight_shape {list(joined[-1][0].shape)} does not fit the config's {list(shape[-2:])}")
     ckpt.close()
-    return QLinear(joined, scheme, dtype, kernel)
+    return qlinear(joined, scheme, dtype, kernel)
 
 
 def _dequantized(ckpt, module: str, name: str, quant: QuantizedCheckpoint) -> torch.Tensor:
@@ -140,15 +136,16 @@ def checked_sources(ckpt, quant: QuantizedCheckpoint | None = None) -> dict[str,
 
 def check_tied_head(ckpt) -> None:
     """A tied checkpoint that also stores lm_head.weight: refuse it unless it equals the embedding it is tied to."""
-    if not ckpt.config.tie_word_embeddings or "lm_head.weight" not in ckpt.tensors:
+    head_name, embed_name = tensor_name("lm_head"), tensor_name("embed")
+    if not ckpt.config.tie_word_embeddings or head_name not in ckpt.tensors:
         return
-    head, embed = ckpt.tensors["lm_head.weight"], ckpt.tensors["model.embed_tokens.weight"]
-    same = head.shape == embed.shape and head.dtype == embed.dtype and torch.equal(ckpt.tensor("lm_head.weight"), ckpt.tensor("model.embed_tokens.weight"))
+    head, embed = ckpt.tensors[head_name], ckpt.tensors[embed_name]
+    same = head.shape == embed.shape and head.dtype == embed.dtype and torch.equal(ckpt.tensor(head_name), ckpt.tensor(embed_name))
     ckpt.close()
     if not same:
         raise CheckpointError(
-            f"{ckpt.root}: config.json sets tie_word_embeddings: true, but lm_head.weight differs from model.embed_tokens.weight; "
-            "set tie_word_embeddings to false to use the stored lm_head, or remove lm_head.weight"
+            f"{ckpt.root}: config.json sets tie_word_embeddings: true, but {head_name} differs from {embed_name}; "
+            f"set tie_word_embeddings to false to use the stored lm_head, or remove {head_name}"
         )
 
 

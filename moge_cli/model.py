@@ -9,16 +9,13 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moge_kernels import native
-from moge_kernels.experts import dense_mlp, moe_experts
-from moge_kernels.routing import route
-from moge_cli import decode_step, instrument, rope
+from moge_kernels import decode_step, native
+from moge_kernels.ops import attention, linear, mlp, moe, rms_norm, route, shared_mlp
+from moge_cli import instrument, rope
 from moge_cli.config import MoGEConfig
 from moge_cli.dtypes import resolve_dtype
 from moge_cli.errors import UsageError
@@ -27,11 +24,6 @@ from moge_cli.instrument import routing as record_routing
 from moge_cli.instrument import section
 
 DEFAULT_MAX_LEN = 4096  # new_cache's default cap; config.max_position_embeddings may be 131072
-# bf16/fp16 GEMMs are slow on CPUs without native support (fp32 is ~7x faster on AVX2), so there
-# prefill chunks of at least this many tokens run their matmuls on float32 copies of the weights.
-# CPUs with AVX512-BF16 (or AMX) run bfloat16 GEMMs natively, 2.6x faster than float32 on the
-# Zen 4 this was measured on: there bfloat16 stays bfloat16 (see gemm_dtype).
-UPCAST_MIN_TOKENS = 16
 
 
 def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
@@ -52,46 +44,6 @@ class KVCache:
         self.length = 0
 
 
-# ---- pure pieces ---------------------------------------------------------------------------------
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x * rsqrt(mean(x^2) + eps) * weight in float32, returned in x's dtype."""
-    if x.numel() == x.shape[-1] and (y := native.rms_norm_vec(x, weight, eps)) is not None:  # one token: kernels/cpu.c
-        return y
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
-
-
-def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype that many-token matmuls of a `dtype` model run in on the CPU: its own where the CPU
-    has native GEMMs for it (float32 always, bfloat16 with AVX512-BF16 / AMX), else float32."""
-    if dtype == torch.float32 or (dtype == torch.bfloat16 and _native_bf16_gemm()):
-        return dtype
-    return torch.float32
-
-
-@functools.cache
-def _native_bf16_gemm() -> bool:
-    cpu = getattr(torch, "cpu", None)
-    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, n, D] float32, tables [T, 1, D]: x*cos + rotate_half(x)*sin, rotating halves (neox), not pairs."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
-
-
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; one token runs kernels/cpu.c's kernel where it can, and for many low-precision tokens
-    the matmul runs on float32 copies (see UPCAST_MIN_TOKENS)."""
-    if not isinstance(w, torch.Tensor):  # a quantized weight (moge_cli.quantized.QLinear) runs its own kernel
-        return w.forward(x, b)
-    if x.numel() == x.shape[-1] and (y := native.linear_vec(x, w, b)) is not None:
-        return y
-    if gemm_dtype(x.dtype) == x.dtype or x.device.type != "cpu" or x.numel() < UPCAST_MIN_TOKENS * x.shape[-1]:
-        return F.linear(x, w, b)
-    return F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
-
-
 # ---- layers --------------------------------------------------------------------------------------
 class Attention(nn.Module):
     """GQA with q/k/v/o biases, neox RoPE, causal, float32 softmax; q/k/v fused in one matmul."""
@@ -108,40 +60,13 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         nH, nKV, D = self.n_heads, self.n_kv, self.head_dim
-        qkv = _linear(x, self.qkv_weight, self.qkv_bias).view(B, T, nH + 2 * nKV, D)
-        if cache is not None and B * T == 1:  # one token: rotation, cache write and attention in kernels/cpu.c
-            o = native.attend_vec(qkv, cos[0, 0], sin[0, 0], cache.k_layers[layer], cache.v_layers[layer], cache.length, nH)
-            if o is not None:
-                return _linear(o.view(B, T, nH * D), self.o_weight, self.o_bias)
-        qk = apply_rope(qkv[:, :, : nH + nKV].float(), cos, sin)  # [B, T, nH+nKV, D], q and k heads at once
-        q, k, v = qk[:, :, :nH].transpose(1, 2), qk[:, :, nH:].transpose(1, 2), qkv[:, :, nH + nKV :].transpose(1, 2)
-        start = 0 if cache is None else cache.length  # q [B, nH, T, D], k and v [B, nKV, T, D]
-        if cache is None:  # round k and v like the cache would, so both paths give the same numbers
-            k, v = k.to(x.dtype).float(), v.float()
+        qkv = linear(x, self.qkv_weight, self.qkv_bias).view(B, T, nH + 2 * nKV, D)
+        if cache is None:
+            o = attention(qkv, nH, nKV, cos, sin)
         else:
-            ck, cv = cache.k_layers[layer], cache.v_layers[layer]
-            ck.narrow(2, start, T).copy_(k)
-            cv.narrow(2, start, T).copy_(v)
-            k, v = ck.narrow(2, 0, start + T).float(), cv.narrow(2, 0, start + T).float()  # [B, nKV, S, D]
-        o = _attend(q, k, v, start)  # [B, nH, T, D] float32
-        o = o.transpose(1, 2).reshape(B, T, nH * D).to(x.dtype)
-        record_inputs("o_proj", layer, o)
-        return _linear(o, self.o_weight, self.o_bias)
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-    """Causal GQA attention of queries at positions start.. over keys 0..S-1, all float32."""
-    B, nH, T, D = q.shape
-    nKV, S = k.shape[1], k.shape[2]
-    if T == 1:  # one query sees every key: fold the query heads of a kv head into its query rows
-        return F.scaled_dot_product_attention(q.reshape(B, nKV, nH // nKV, D), k, v).view(B, nH, 1, D)
-    if nKV != nH:  # GQA: each kv head serves nH/nKV query heads
-        k, v = k.repeat_interleave(nH // nKV, dim=1), v.repeat_interleave(nH // nKV, dim=1)
-    if start == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    # is_causal aligns the mask top-left; queries that continue a cache need it bottom-right.
-    mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(start, start + T, device=q.device)[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask [T, S]
+            o = attention(qkv, nH, nKV, cos, sin, cache.k_layers[layer], cache.v_layers[layer], cache.length)
+        record_inputs("o_proj", layer, o)  # o [B, T, nH*D]
+        return linear(o, self.o_weight, self.o_bias)
 
 
 class MoE(nn.Module):
@@ -162,18 +87,14 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, H]
         with section("router"):
-            logits = _linear(x.float(), self.gate)  # [N, E]
+            logits = linear(x.float(), self.gate)  # [N, E]
             expert_ids, weights = route(logits, self.n_groups, self.picks, self.router_scale)  # [N, k] each
         record_routing(self.layer, logits, expert_ids)
-        gate_up, down, w13, w2, xc = self.gate_up, self.down, self.shared_w13, self.shared_w2, x
-        if _upcast(x):
-            gate_up, down, xc = gate_up.float(), down.float(), x.float()
-            w13, w2 = (None, None) if w13 is None else (w13.float(), w2.float())
         with section("routed_experts"):
-            y = moe_experts(xc, expert_ids, weights, gate_up, down)
-        if w13 is not None:
+            y = moe(x, expert_ids, weights, self.gate_up, self.down)  # float32, or the dtype the stacks ran in
+        if self.shared_w13 is not None:
             with section("shared_expert"):
-                y = y + dense_mlp(xc, w13, w2)
+                y = y + shared_mlp(x, self.shared_w13, self.shared_w2)
         return y.to(x.dtype)
 
 
@@ -187,13 +108,7 @@ class DenseMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, H]
         with section("dense_mlp"):
-            if _upcast(x):
-                return dense_mlp(x.float(), self.w13.float(), self.w2.float()).to(x.dtype)
-            return dense_mlp(x, self.w13, self.w2)
-
-
-def _upcast(x: torch.Tensor) -> bool:
-    return gemm_dtype(x.dtype) != x.dtype and x.device.type == "cpu" and x.shape[0] >= UPCAST_MIN_TOKENS
+            return mlp(x, self.w13, self.w2)
 
 
 class DecoderLayer(nn.Module):
@@ -311,7 +226,7 @@ class MoGEForCausalLM(nn.Module):
                 cache.length += T
             with section("lm_head"):
                 x = rms_norm(x, self.norm, self.config.rms_norm_eps)
-                return _linear(x, self.lm_head).float()  # [B, T, V]
+                return linear(x, self.lm_head).float()  # [B, T, V]
 
     def decode_plan(self) -> decode_step.DecodePlan | None:
         """kernels/step.c's plan for this model, built at the first decode step, or None where it cannot run.

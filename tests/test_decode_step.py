@@ -1,4 +1,4 @@
-"""kernels/step.c (whole decode steps from moge_cli/decode_step.py) against the op-by-op paths, float and quantized."""
+"""kernels/step.c (whole decode steps from kernels/decode_step.py) against the op-by-op paths, float and quantized."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from moge_cli.config import MoGEConfig
 from moge_cli.loader import load_model
 from moge_cli.model import MoGEForCausalLM
 from moge_cli.quant_format import Scheme
-from moge_cli.quantized import QLinear, dequantize
+from moge_kernels.qlinear import QLinear
+from moge_cli.quantized import dequantize, qlinear
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="kernels._cpu not built or this CPU lacks AVX2/FMA")
 
@@ -248,7 +249,7 @@ def test_int4_dequantisation_in_c_is_the_torch_one_bit_for_bit(group, symmetric,
     for _ in range(2):
         t = quantize(torch.randn(24, 256, generator=g), scheme, torch.bfloat16)
         parts.append((t.q, t.scale, t.zero))
-    lin = QLinear(parts, scheme, torch.bfloat16, "native")
+    lin = qlinear(parts, scheme, torch.bfloat16, "native")
     assert lin.mode == "packed4"
     fast = [lin.dequantized(e, dtype) for e in range(2)]
     monkeypatch.setenv("MOGE_NATIVE", "0")
@@ -265,7 +266,7 @@ def test_int4_dequantisation_keeps_nan_and_inf_scales(isa, monkeypatch):
 
     scheme = Scheme(4, 64, False)
     t = quantize(torch.randn(16, 256, generator=torch.Generator().manual_seed(5)), scheme, torch.bfloat16)
-    lin = QLinear([(t.q, t.scale, t.zero)], scheme, torch.bfloat16, "native")
+    lin = qlinear([(t.q, t.scale, t.zero)], scheme, torch.bfloat16, "native")
     lin.scales.data[0, 3, 1] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)  # a NaN whose rounding would carry into the sign
     lin.scales.data[0, 5, 0] = float("inf")
     fast = lin.dequantized(0, torch.bfloat16).float()
@@ -283,7 +284,7 @@ def test_int8_dequantisation_in_c_is_the_torch_one_bit_for_bit(k, dtype, isa, mo
     also for a row whose scale is NaN or inf."""
     g = torch.Generator().manual_seed(k)
     parts = [(torch.randint(-127, 128, (12, k), generator=g, dtype=torch.int8), (torch.rand(12, 1, generator=g) / 50).bfloat16(), None)]
-    lin = QLinear(parts, Scheme(8, None, True), torch.bfloat16, "native")
+    lin = qlinear(parts, Scheme(8, None, True), torch.bfloat16, "native")
     assert lin.mode == "int8"
     lin.scales.data[0, 3] = float("nan")
     lin.scales.data[0, 7] = float("inf")

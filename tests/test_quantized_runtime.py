@@ -18,7 +18,10 @@ from moge_cli.cli import app
 from moge_cli.config import MoGEConfig
 from moge_cli.quant_format import Scheme
 from moge_cli.loader import load_model, load_quantized
-from moge_cli.quantized import MANY_TOKENS, QLinear, QMoE, dequantize, quantization_of, read_module, routed_experts
+from moge_kernels.gemm import MANY_TOKENS
+from moge_kernels.ops import moe as routed_experts
+from moge_kernels.qlinear import QLinear
+from moge_cli.quantized import dequantize, qlinear, quantization_of, read_module
 
 TINY = MoGEConfig.from_name("tiny-moge")
 runner = CliRunner()
@@ -109,7 +112,7 @@ def test_qlinear_kernels_match_the_dequantised_weight(scheme, rows):
     x = torch.randn(rows, 64, generator=g).bfloat16()
     native_mode = "int8" if scheme.bits == 8 else "packed4" if native.available() else "int4"
     for kernel, mode in (("native", native_mode), ("torch", "int8" if scheme.bits == 8 else "int4"), ("dequant", "dequant")):
-        lin = QLinear(parts, scheme, torch.bfloat16, kernel)
+        lin = qlinear(parts, scheme, torch.bfloat16, kernel)
         assert lin.mode == mode and lin.num_experts == 2
         for e in range(2):
             got = lin(x, e=e)
@@ -118,7 +121,7 @@ def test_qlinear_kernels_match_the_dequantised_weight(scheme, rows):
             err = (got.double() - want).abs()
             assert bool((err <= bound).all()), (kernel, mode, _kernel_path(lin, rows), e, float((err / bound).max()))
     # float32 models always dequantise: the bfloat16 weight as stored, one float32 GEMM (sums only)
-    lin = QLinear(parts, scheme, torch.float32, "torch")
+    lin = qlinear(parts, scheme, torch.float32, "torch")
     assert lin.mode == "dequant"
     w = dequantize(*parts[1]).double()
     got = lin(x.float(), e=1).double()
@@ -127,9 +130,9 @@ def test_qlinear_kernels_match_the_dequantised_weight(scheme, rows):
 
 def test_int4_kernel_needs_16_row_blocks():
     parts = [parts_of(torch.randn(8, 64), Scheme(4, 32, False))]
-    assert QLinear(parts, Scheme(4, 32, False), torch.bfloat16, "torch").mode == "dequant"
+    assert qlinear(parts, Scheme(4, 32, False), torch.bfloat16, "torch").mode == "dequant"
     with pytest.raises(Exception, match="kernel"):
-        QLinear(parts, Scheme(4, 32, False), torch.bfloat16, "gpu")
+        qlinear(parts, Scheme(4, 32, False), torch.bfloat16, "gpu")
 
 
 def _dequantised_checkpoint(qdir: Path, out: Path) -> Path:
@@ -155,7 +158,7 @@ def test_quantized_model_is_the_dequantised_model(src, tmp_path, opts):
     quantize_checkpoint(src, tmp_path / "q", **opts)
     ref = load_model(_dequantised_checkpoint(tmp_path / "q", tmp_path / "ref"), dtype="float32")
     model = load_model(tmp_path / "q", dtype="float32")
-    assert isinstance(model.layers[0].mlp, QMoE)
+    assert all(isinstance(getattr(model.layers[0].mlp, w), QLinear) for w in ("gate_up", "down", "shared_w13", "shared_w2"))  # quantized weights in place
     ids = torch.randint(0, TINY.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(model(ids), ref(ids), atol=1e-5, rtol=1e-5)
     if "exclude" in opts:  # q/k/v mix schemes: dequantised once into a plain weight
@@ -188,8 +191,8 @@ def test_experts_no_token_reaches_are_skipped():
     E, H, I = 4, 32, 16
     g = torch.Generator().manual_seed(3)
     scheme = Scheme(8, None, True)
-    gate_up = QLinear([parts_of(torch.randn(2 * I, H, generator=g) / 4, scheme, torch.float32) for _ in range(E)], scheme, torch.float32, "torch")
-    down = QLinear([parts_of(torch.randn(H, I, generator=g) / 4, scheme, torch.float32) for _ in range(E)], scheme, torch.float32, "torch")
+    gate_up = qlinear([parts_of(torch.randn(2 * I, H, generator=g) / 4, scheme, torch.float32) for _ in range(E)], scheme, torch.float32, "torch")
+    down = qlinear([parts_of(torch.randn(H, I, generator=g) / 4, scheme, torch.float32) for _ in range(E)], scheme, torch.float32, "torch")
     x = torch.randn(5, H, generator=g)
     ids = torch.tensor([[0, 2]] * 5)  # experts 1 and 3 get nothing
     w = torch.rand(5, 2, generator=g)

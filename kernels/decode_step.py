@@ -14,6 +14,7 @@ import weakref
 import torch
 
 from moge_kernels import native
+from moge_kernels.qlinear import QLinear
 
 NO_MAT = [0] * 6  # w, wtype, scale, sdtype, zero, group
 
@@ -47,7 +48,8 @@ class DecodePlan:
 
 
 def plan(model) -> DecodePlan | None:
-    """The plan of a loaded MoGEForCausalLM, or None where kernels/step.c cannot run it."""
+    """The plan of a loaded MoGEForCausalLM (its config, and its weights read as attributes: tensors or
+    QLinears), or None where kernels/step.c cannot run it."""
     if not native.available() or model.device.type != "cpu" or model.dtype not in native.DTYPES:
         return None
     cfg, dtype = model.config, model.dtype
@@ -59,12 +61,13 @@ def plan(model) -> DecodePlan | None:
         return t.data_ptr()
 
     def mat(w, k: int) -> list[int] | None:
-        if isinstance(w, torch.Tensor):
-            if w.dtype != dtype:
+        if type(w) is QLinear:
+            if (parts := w.native_weight()) is None:  # torch's int4 packing
                 return None
-            parts = (w, None, None)
-        elif (parts := w.native_weight()) is None:  # a QLinear in torch's packing
+        elif w.dtype != dtype:
             return None
+        else:
+            parts = (w, None, None)
         keep.extend(p for p in parts if p is not None)
         args = native.weight_args(*parts[:1], k, *parts[1:])
         return None if args is None else list(args)
