@@ -79,9 +79,9 @@ def plan(model) -> DecodePlan | None:
     fields = [cfg.num_hidden_layers, H, cfg.num_attention_heads, cfg.num_key_value_heads, D, cfg.vocab_size, cfg.num_experts,
               cfg.moe_intermediate_size, cfg.n_groups, cfg.picks_per_group, native.DTYPES[dtype],
               model.embed_tokens.data_ptr(), f32(model.norm), *lm_head]  # fmt: skip
-    for layer in model.layers:
+    for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        moe = hasattr(mlp, "gate")
+        moe = not cfg.is_dense(i)
         mats = [mat(attn.qkv_weight, H), mat(attn.o_weight, cfg.num_attention_heads * D)]
         if moe and mlp.shared_w13 is None:  # no shared expert: width 0, kernels/step.c skips it
             mats += [mat(mlp.gate_up, H), mat(mlp.down, cfg.moe_intermediate_size), NO_MAT, NO_MAT]
