@@ -52,7 +52,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> to
     B, nH, T, D = q.shape
     nKV, S = k.shape[1], k.shape[2]
     if T == 1:  # one query sees every key: fold the query heads of a kv head into its query rows
-        return F.scaled_dot_product_attention(q.reshape(B, nKV, nH // nKV, D), k, v).view(B, nH, 1, D)
+        # reshape, not view: CUDA's SDPA may return a non-contiguous tensor here (issue 16)
+        return F.scaled_dot_product_attention(q.reshape(B, nKV, nH // nKV, D), k, v).reshape(B, nH, 1, D)
     if nKV != nH:  # GQA: each kv head serves nH/nKV query heads
         k, v = k.repeat_interleave(nH // nKV, dim=1), v.repeat_interleave(nH // nKV, dim=1)
     if start == 0:

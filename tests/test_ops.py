@@ -70,3 +70,25 @@ def test_one_moe_module_holds_float_or_quantized_weights(tmp_path):
     assert type(dense) is DenseMLP and type(moe) is MoE
     assert type(dense.w13) is QLinear and type(moe.gate_up) is QLinear and type(moe.shared_w2) is QLinear
     assert type(load_model(src).layers[1].mlp) is MoE
+
+
+def test_one_query_attention_takes_a_non_contiguous_sdpa_output(monkeypatch):
+    """CUDA's scaled_dot_product_attention can return a non-contiguous tensor for one query; the GQA fold
+    must not .view it (issue 16: every `generate --device cuda` crashed there). CPU stands in for it."""
+    import torch.nn.functional as F
+
+    from moge_kernels import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 4, 1, 8, generator=g), torch.randn(1, 2, 5, 8, generator=g), torch.randn(1, 2, 5, 8, generator=g)
+    want = attention._attend(q, k, v, start=4)
+    sdpa = F.scaled_dot_product_attention
+
+    def strided_sdpa(*args, **kwargs):
+        out = sdpa(*args, **kwargs)  # [B, nKV, nH/nKV, D]
+        strided = out.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, other strides
+        assert not strided.is_contiguous()
+        return strided
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", strided_sdpa)
+    torch.testing.assert_close(attention._attend(q, k, v, start=4), want, rtol=0, atol=0)
