@@ -2,7 +2,7 @@
  *
  * Calling the one-token ops one by one from Python costs ~100 us of interpreter and torch work per
  * layer between them; a step makes the same calls from C. The plan is an int64 array that
- * moge_cli/decode_step.py builds once per model (the field order is written out in both files):
+ * kernels/decode_step.py builds once per model (the field order is written out in both files):
  *   header  L, H, nH, nKV, D, V, E, I, G, picks, dtype, embed, norm, lm_head (a mat)
  *   layer   input_norm, post_norm, qkv (a mat), qkv_bias, o (a mat), o_bias, gate, router_scale,
  *           gate_up (a mat), down (a mat), w13 (a mat), w2 (a mat), inter
