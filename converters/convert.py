@@ -235,7 +235,9 @@ def convert(
     source = open_source(src, revision=revision)
     with ExitStack() as cleanup:
         cleanup.callback(source.close)
-        plan = build_plan(source.tensors, source.config_dict, layout=layout, dtype=dtype, layers=layers, ep=ep)
+        split_layout = getattr(source, "layout", None)  # a split (SplitSource) merges back to its ranks' layout by default
+        plan = build_plan(source.tensors, source.config_dict, layout=layout or split_layout, dtype=dtype, layers=layers, ep=ep)
+        plan.src_layout = split_layout or plan.src_layout  # its experts are read as per-expert views
         if computes(plan, source):
             from moge_converters.cast import one_torch_thread  # torch: imported only when it computes
 
@@ -301,7 +303,7 @@ def prepare(plan: Plan, source, dst, force: bool, max_bytes: int) -> tuple[list[
     """What convert and quantize settle before writing: (shard layouts per rank, non-weight files to
     copy, disk bytes needed, source bytes read, destination), with the destination checked."""
     layouts = [(r, plan_shards(r.tensors, max_bytes)) for r in plan.ranks]
-    copies = files_to_copy(source.root)
+    copies = files_to_copy(getattr(source, "files_root", source.root))  # a split's: those of its rank 0
     dst = Path(dst)
     check_destination(source.root, dst, force)
     bytes_in = sum(source.tensors[n].nbytes for n in plan.sources_used)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from moge_cli.config import MoGEConfig
-from moge_cli.errors import CheckpointError, ConfigError, UsageError
+from moge_cli.errors import CheckpointError, ConfigError, MogeError, UsageError
 from moge_cli.files import checked_dir, checked_file, present, read_json
 from moge_cli.names import PER_EXPERT_RE, STACKED_RE
 from moge_cli.problems import Problem
@@ -52,6 +52,46 @@ def local_expected(expected: dict[str, tuple[int, ...]], n_local: int) -> dict[s
             continue
         out[name] = (n_local, *shape[1:]) if STACKED_RE.match(name) else shape
     return out
+
+
+def rank_summary(cfg: MoGEConfig, ep: dict[str, Any]) -> dict[str, Any]:
+    """ep_info plus the groups the rank holds and the sentence that says what the directory is."""
+    groups = sorted({e // cfg.experts_per_group for e in ep["experts"]})
+    what = (
+        f"rank {ep['rank']} of {ep['world_size']} of an expert-parallel split (groups {_span(groups)}, experts {_span(ep['experts'])}); "
+        f"load the split's parent directory, or run it with `moge generate PARENT --ep {ep['world_size']}`"
+    )
+    return {**ep, "groups": groups, "explanation": what}
+
+
+def _span(ids: list[int]) -> str:
+    return f"{ids[0]}..{ids[-1]}" if len(ids) > 1 and ids == list(range(ids[0], ids[-1] + 1)) else ", ".join(map(str, ids))
+
+
+def rank_directory_error(path: str | Path) -> str | None:
+    """What a rank directory of `convert --ep` is, for a command that needs a whole checkpoint; None otherwise.
+
+    Reads config.json only (no tensor header): a rank directory is the one whose config has `moge_ep`.
+    Anything unreadable is left to the command's own checks."""
+    p = Path(path)
+    try:
+        if not (p.is_dir() and present(p, "config.json")):
+            return None
+        config = read_json(checked_file(p, p / "config.json"), error=ConfigError)
+        if not isinstance(config, dict) or "moge_ep" not in config:
+            return None
+        cfg = MoGEConfig.from_dict(config)
+        ep = ep_info(cfg)
+    except (MogeError, OSError):
+        return None
+    text = rank_summary(cfg, ep)["explanation"].replace("PARENT", str(p.parent))
+    return f"{p}: {text}"
+
+
+def refuse_rank_directory(path: str | Path) -> None:
+    """Raise UsageError (exit 2) when `path` is one rank directory of a split (see rank_directory_error)."""
+    if (message := rank_directory_error(path)) is not None:
+        raise UsageError(message)
 
 
 def is_ep_dir(path: str | Path) -> bool:
@@ -106,7 +146,8 @@ def inspect_ep_dir(root: Path, inspect_one: Callable[..., dict[str, Any]], **opt
     report = dict(reports[0])
     report["path"] = str(root)
     report.pop("ep", None)
-    problems = [asdict_problem("ep", t, d) for t, d in plan_problems(plan, [r.get("ep") for r in reports])]
+    eps = [{k: r["ep"][k] for k in ("rank", "world_size", "experts")} if r.get("ep") else None for r in reports]
+    problems = [asdict_problem("ep", t, d) for t, d in plan_problems(plan, eps)]
     for entry, rep in zip(plan["ranks"], reports):
         problems += [{**p, "tensor": f"{entry['path']}/{p['tensor']}"} for p in rep["problems"]]
     report["problems"] = problems

@@ -13,7 +13,7 @@ from typing import Any, Callable
 from moge_cli.checkpoint import Checkpoint, open_checkpoint, resolve_location
 from moge_cli.config import MODEL_TYPE, MoGEConfig
 from moge_cli.dtypes import FLOAT_CODES as FLOAT_DTYPES
-from moge_cli.ep import ep_info, inspect_ep_dir, is_ep_dir, local_expected
+from moge_cli.ep import ep_info, inspect_ep_dir, is_ep_dir, local_expected, rank_summary
 from moge_cli.errors import CheckpointError
 from moge_cli.names import LAYOUTS, PER_EXPERT, PER_EXPERT_RE, STACKED, STACKED_RE, component_of, expected_tensors, skipped_notes
 from moge_cli.problems import Problem
@@ -184,9 +184,16 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
         "problems": [asdict(p) for p in schema_problems(ckpt, dtype)],
         "notes": notes,
         "skipped_tensors": skipped,
-        **({"ep": ep} if (ep := ep_info(cfg)) else {}),
+        **({"ep": rank_report(ckpt, ep)} if (ep := ep_info(cfg)) else {}),
         **({"quantization": q} if (q := quantization_summary(ckpt)) else {}),
     }
+
+
+def rank_report(ckpt: Checkpoint, ep: dict[str, Any]) -> dict[str, Any]:
+    """A rank directory's `ep`: rank, world_size, experts, groups, and what to do with it (explanation)."""
+    out = rank_summary(ckpt.config, ep)
+    out["explanation"] = out["explanation"].replace("PARENT", str(Path(ckpt.source).parent))
+    return out
 
 
 def quantization_summary(ckpt: Checkpoint) -> dict[str, Any] | None:

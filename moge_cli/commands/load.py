@@ -79,7 +79,7 @@ def render(report: dict[str, Any]) -> None:
     ]
     if "ep" in report:  # one rank of `moge convert --ep`
         e = report["ep"]
-        rows.append(("expert parallel", f"rank {e['rank']} of {e['world_size']}: global experts {e['experts']} as local 0..{len(e['experts']) - 1}"))
+        rows.append(("expert parallel", f"{e['explanation']}; its experts are stored by local id 0..{len(e['experts']) - 1}"))
     if "ep_plan" in report:  # the top directory of a split
         rows.append(("expert parallel", "; ".join(f"{r['path']}: experts {r['experts'][0]}..{r['experts'][-1]}" for r in report["ep_plan"]["ranks"])))
     if "quantization" in report:  # `moge quantize` output (compressed-tensors)

@@ -42,8 +42,10 @@ def profile_command(
 
     Exit codes: 0 done, 2 error or bad usage (checked before the model loads: --device, --plot's matplotlib), 130 Ctrl-C, 141 output pipe closed.
     """
+    from moge_cli.ep import refuse_rank_directory
     from moge_cli.profiling import profile
 
+    refuse_rank_directory(model)  # one rank of `convert --ep`: say so, before loading anything
     if plot is not None:
         from moge_cli.plot import check_plot_target
 

@@ -51,8 +51,10 @@ def quantize_command(
 
     Exit codes: 0 done, 1 --verify mismatch, 2 error or bad usage (nothing left behind), 130 Ctrl-C, 141 output pipe closed, 143 SIGTERM (cleaned up as on Ctrl-C).
     """
+    from moge_cli.ep import refuse_rank_directory
     from moge_converters.quantize_pipeline import quantize_checkpoint
 
+    refuse_rank_directory(src)  # one rank of `convert --ep`: say what it is
     quiet, verbose = quiet or q, verbose or errors
     apply_threads(threads)
     options: dict[str, Any] = dict(
