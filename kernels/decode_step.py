@@ -52,6 +52,8 @@ def plan(model) -> DecodePlan | None:
     QLinears), or None where kernels/step.c cannot run it."""
     if not native.available() or model.device.type != "cpu" or model.dtype not in native.DTYPES:
         return None
+    if any(getattr(layer.mlp, "expert_parallel", None) is not None for layer in model.layers):
+        return None  # expert parallel: the routed output is all-reduced between ops, which one C call cannot do
     cfg, dtype = model.config, model.dtype
     keep: list[torch.Tensor] = []
 

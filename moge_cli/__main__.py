@@ -2,4 +2,5 @@
 
 from moge_cli.main import main
 
-main()
+if __name__ == "__main__":  # not again in `--ep` ranks (multiprocessing's spawn imports the main module)
+    main()

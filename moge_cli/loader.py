@@ -20,7 +20,7 @@ from moge_cli.dtypes import FLOAT_DTYPES, NAME_OF_CODE, NAMES, resolve_dtype, to
 from moge_cli.errors import CheckpointError, UsageError
 from moge_kernels.ops import runs_natively
 from moge_cli.model import MoGEForCausalLM
-from moge_cli.names import PER_EXPERT, expected_tensors, module_of, parameter_sources, skipped_reason, tensor_name
+from moge_cli.names import PER_EXPERT, PER_EXPERT_RE, STACKED_RE, expected_tensors, module_of, parameter_sources, skipped_reason, tensor_name
 from moge_cli.quant_format import QuantizedCheckpoint, expected_quantized
 from moge_cli.quantized import DEFAULT_KERNEL, LINEAR_PARAMS, QLinear, dequantize, qlinear, quantization_of, read_module
 from moge_cli.safetensors_format import TORCH_NAMES
@@ -29,7 +29,7 @@ LOAD_CHUNK_BYTES = 1 << 20  # file bytes mapped at a time while loading
 
 
 # ---- float and quantized checkpoints ------------------------------------------------------------
-def load_model(path, *, dtype=None, device="cpu", revision=None) -> MoGEForCausalLM:
+def load_model(path, *, dtype=None, device="cpu", revision=None, experts: tuple[int, int] | None = None) -> MoGEForCausalLM:
     """Load a per-expert or stacked checkpoint (path, repo id or open Checkpoint) for inference.
 
     dtype: "float32" / "bfloat16" / "float16" / torch dtype, or None for the checkpoint's dtype.
@@ -37,15 +37,23 @@ def load_model(path, *, dtype=None, device="cpu", revision=None) -> MoGEForCausa
     memory-mapped file (per-expert tensors stacked straight into [E, 2I, H] / [E, H, I]); the
     mapped pages are released after every parameter, so file data never sits beside the model.
     A quantized (compressed-tensors) checkpoint is loaded by `load_quantized`.
+    experts (first, stop): hold only those routed experts in every MoE layer (expert parallelism,
+    moge_cli.distributed): their stacks are [stop - first, ...] and only their bytes are read.
     """
     ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path, revision=revision)
     try:
         if (quant := quantization_of(ckpt)) is not None:
+            if experts is not None:
+                raise UsageError(f"{ckpt.root}: expert parallelism runs float checkpoints; this one is quantized")
             return load_quantized(ckpt, quant, dtype=dtype, device=device)
         sources = checked_sources(ckpt)
         dtype = resolve_dtype(dtype, default=checkpoint_dtype(ckpt))
         check_tied_head(ckpt)
-        model = materialize(MoGEForCausalLM.from_config(ckpt.config, dtype, "meta"), ckpt, sources, device=device).tie_weights()
+        model = MoGEForCausalLM.from_config(ckpt.config, dtype, "meta")
+        rows = {}
+        if experts is not None:
+            rows = expert_slice(model, sources, experts)
+        model = materialize(model, ckpt, sources, device=device, rows=rows).tie_weights()
     finally:
         ckpt.close()
     return model
@@ -129,7 +137,7 @@ def checked_sources(ckpt, quant: QuantizedCheckpoint | None = None) -> dict[str,
             more = f" and {len(names) - 3} more" if len(names) > 3 else ""
             raise CheckpointError(
                 f"{ckpt.root}: {kind}{what} tensor(s) for its config ({layout} layout): {', '.join(names[:3])}{more}; "
-                f"the model cannot run it (check config.json, or run moge load --check)"
+                f"the model cannot run it (check config.json, or run `moge load {ckpt.root}` for every problem)"
             )
     return parameter_sources(cfg, layout)
 
@@ -165,20 +173,44 @@ def checkpoint_dtype(ckpt, quant: QuantizedCheckpoint | None = None) -> torch.dt
     return torch_dtype(name)
 
 
+def expert_slice(model: MoGEForCausalLM, sources: dict[str, list[str]], experts: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """Narrow the (meta) model's routed-expert stacks to experts first..stop-1 and their per-expert sources to
+    those experts (in place); returns {parameter: (first, stop)} for the stacked tensors that fill must slice."""
+    first, stop = experts
+    rows = {}
+    for i, layer in enumerate(model.layers):
+        mlp = layer.mlp
+        if not hasattr(mlp, "gate_up"):
+            continue
+        for leaf in ("gate_up", "down"):
+            p = getattr(mlp, leaf)
+            setattr(mlp, leaf, nn.Parameter(p.new_empty((stop - first, *p.shape[1:])), requires_grad=False))
+            name = f"layers.{i}.mlp.{leaf}"
+            mine = [n for n in sources[name] if (m := PER_EXPERT_RE.match(n)) is None or first <= int(m.group(2)) < stop]
+            if any(STACKED_RE.match(n) for n in mine):  # stacked: [E, ...] tensors, read rows first..stop-1
+                rows[name] = experts
+            sources[name] = mine
+    return rows
+
+
 # ---- the fill -----------------------------------------------------------------------------------
-def materialize(module: nn.Module, ckpt, sources: dict[str, list[str]], prefix: str = "", device="cpu") -> nn.Module:
+def materialize(
+    module: nn.Module, ckpt, sources: dict[str, list[str]], prefix: str = "", device="cpu", rows: dict[str, tuple[int, int]] | None = None
+) -> nn.Module:
     """module (built on the meta device) with each parameter filled from the checkpoint tensors
-    sources[prefix + name] (names.parameter_sources), one parameter at a time; returns module."""
+    sources[prefix + name] (names.parameter_sources), one parameter at a time; returns module.
+    rows: parameters filled from rows first..stop-1 of their tensors only (expert_slice)."""
     for name, p in list(module.named_parameters()):
         t = hugepages.empty(p.shape, p.dtype, device)
-        fill(t, ckpt, sources[prefix + name])
+        fill(t, ckpt, sources[prefix + name], (rows or {}).get(prefix + name))
         owner, _, leaf = name.rpartition(".")
         setattr(module.get_submodule(owner), leaf, nn.Parameter(t, requires_grad=False))
     return module
 
 
-def fill(dest: torch.Tensor, ckpt, names: list[str]) -> None:
-    """Copy (and cast) the named tensors, flattened and concatenated in order, into dest.
+def fill(dest: torch.Tensor, ckpt, names: list[str], rows: tuple[int, int] | None = None) -> None:
+    """Copy (and cast) the named tensors, flattened and concatenated in order, into dest; with rows
+    (first, stop), only rows first..stop-1 of each tensor's first dimension (only their bytes are read).
 
     Reads go through the memory map in pieces of LOAD_CHUNK_BYTES, and the map is closed after
     each piece, so at most one piece of file pages is ever resident beside the model.
@@ -186,11 +218,13 @@ def fill(dest: torch.Tensor, ckpt, names: list[str]) -> None:
     flat, offset = dest.view(-1), 0
     for name in names:
         info = ckpt.tensors[name]
+        row = info.numel // info.shape[0] if rows is not None else 0  # elements per row
+        lo, hi = (0, info.numel) if rows is None else (rows[0] * row, rows[1] * row)
         step = max(1, LOAD_CHUNK_BYTES * info.numel // max(info.nbytes, 1))  # elements per piece
-        for a in range(0, info.numel, step):
-            src = ckpt.tensor(name).view(-1)[a : a + step]  # memory-mapped, no copy
-            flat[offset + a : offset + a + src.numel()].copy_(src)
+        for a in range(lo, hi, step):
+            src = ckpt.tensor(name).view(-1)[a : min(a + step, hi)]  # memory-mapped, no copy
+            flat[offset + a - lo : offset + a - lo + src.numel()].copy_(src)
             del src
             ckpt.close()  # unmap: the pages just read leave this process's resident set
-        offset += info.numel
+        offset += hi - lo
     assert offset == flat.numel(), (names, offset, flat.numel())

@@ -84,6 +84,9 @@ class MoE(nn.Module):
         self.down = _param((E, H, I), dtype, device)
         self.shared_w13 = _param((2 * Is, H), dtype, device) if Is else None
         self.shared_w2 = _param((H, Is), dtype, device) if Is else None
+        # Expert parallelism (moge_cli.distributed): gate_up / down then hold this rank's experts only, and this
+        # callable (x, logits, expert_ids, weights, gate_up, down) -> routed output summed over all ranks replaces moe.
+        self.expert_parallel = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, H]
         with section("router"):
@@ -91,7 +94,10 @@ class MoE(nn.Module):
             expert_ids, weights = route(logits, self.n_groups, self.picks, self.router_scale)  # [N, k] each
         record_routing(self.layer, logits, expert_ids)
         with section("routed_experts"):
-            y = moe(x, expert_ids, weights, self.gate_up, self.down)  # float32, or the dtype the stacks ran in
+            if self.expert_parallel is None:
+                y = moe(x, expert_ids, weights, self.gate_up, self.down)  # float32, or the dtype the stacks ran in
+            else:
+                y = self.expert_parallel(x, logits, expert_ids, weights, self.gate_up, self.down)
         if self.shared_w13 is not None:
             with section("shared_expert"):
                 y = y + shared_mlp(x, self.shared_w13, self.shared_w2)

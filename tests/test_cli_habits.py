@@ -142,8 +142,9 @@ def test_bad_device_is_one_line_before_the_model_loads(monkeypatch, command, dev
 
 
 # load --verify checks the source, convert/quantize --verify the output; fixture's own --layout, --seed (of its random
-# weights) and defaults (--dtype bfloat16, --max-shard-size: one file); the same value syntax
-SAME_NAME_OTHER_IDEA = {"--verify", "--layout", "--max-shard-size", "--seed", "--dtype"}
+# weights) and defaults (--dtype bfloat16, --max-shard-size: one file); the same value syntax; convert --ep writes rank
+# directories, generate --ep runs ranks
+SAME_NAME_OTHER_IDEA = {"--verify", "--layout", "--max-shard-size", "--seed", "--dtype", "--ep"}
 
 
 def test_shared_options_have_one_help_text():

@@ -10,7 +10,7 @@ import typer
 
 from moge_cli.commands.common import handle_errors, human_bytes, print_json
 from moge_cli.commands.options import (
-    DEVICE, DTYPE, JSON, MAX_NEW_TOKENS, PROMPT, PROMPT_FILE, PROMPT_IDS, QUIET, REVISION, THREADS, apply_threads, parse_ids,
+    DEVICE, DTYPE, EP, JSON, MAX_NEW_TOKENS, PROMPT, PROMPT_FILE, PROMPT_IDS, QUIET, REVISION, THREADS, apply_threads, parse_ids,
 )  # fmt: skip
 from moge_cli.errors import UsageError
 
@@ -37,6 +37,7 @@ def generate_command(
     dtype: DTYPE = None,
     device: DEVICE = "cpu",
     threads: THREADS = None,
+    ep: EP = None,
     quiet: QUIET = False,
     as_json: JSON = False,
 ) -> None:
@@ -44,15 +45,21 @@ def generate_command(
 
     The prompt: --prompt, --file, --prompt-ids, or stdin when it is not a terminal. Generation ends at an end-of-sequence token (finish: eos), a --stop text (stop), -n tokens (length), or the model's context window (context, with a note on stderr).
 
+    --ep N runs N ranks (expert parallel); the text is printed when generation ends, and per-rank statistics follow on stderr (in the JSON: "ep").
+
     Exit codes: 0 done, 2 error or bad usage (bad option, unreadable checkpoint, prompt longer than the context), 130 Ctrl-C, 141 output pipe closed.
     """
     from moge_cli.devices import check_device
+    from moge_cli.ep import refuse_rank_directory
 
+    refuse_rank_directory(model_path)  # one rank of `convert --ep`: say so, before reading a prompt
     chat = chat or system is not None
     if sum(x is not None for x in (prompt, prompt_file, prompt_ids)) > 1:
         raise UsageError("give one of --prompt, --file or --prompt-ids")
     if interactive and (prompt is not None or prompt_file is not None or prompt_ids is not None or as_json):
         raise UsageError("--interactive reads its prompts from the terminal; drop --prompt, --file, --prompt-ids and --json")
+    if interactive and ep is not None:
+        raise UsageError("--interactive runs in one process; drop --ep")
     if prompt_ids is not None and chat:
         raise UsageError("--chat and --system format text prompts; they cannot be used with --prompt-ids")
     ids = parse_ids(prompt_ids) if prompt_ids is not None else None
@@ -68,6 +75,10 @@ def generate_command(
 
     ckpt = open_checkpoint(model_path, revision=revision)
     root = ckpt.root
+    if ep is not None:
+        from moge_cli.distributed import check_checkpoint
+
+        check_checkpoint(ckpt, ep)  # before anything is spawned
     tokenizer = None
     if has_tokenizer(root):
         tokenizer = load_tokenizer(root)
@@ -82,6 +93,14 @@ def generate_command(
     if stop and tokenizer is None:
         raise UsageError("--stop needs a tokenizer, and this checkpoint has none")
 
+    if ep is not None:
+        ckpt.close()
+        if ids is None:
+            ids = _encode(tokenizer, prompt, system, chat)
+        run_expert_parallel(str(root), ep, ids, tokenizer, dict(max_new_tokens=max_new_tokens, stop_ids=stop_ids, **sampling),
+                            dtype=dtype, device=device, threads=threads, quiet=quiet, as_json=as_json)  # fmt: skip
+        return
+
     from moge_cli.loader import load_model
 
     model = load_model(ckpt, dtype=dtype, device=device)
@@ -89,10 +108,7 @@ def generate_command(
         run_interactive(model, tokenizer, system=system, max_new_tokens=max_new_tokens, quiet=quiet, **sampling)
         return
     if ids is None:
-        from moge_cli.chat import chat_prompt, encode_prompt, messages_for
-
-        text = chat_prompt(tokenizer, messages_for(prompt, system)) if chat else prompt
-        ids = encode_prompt(tokenizer, text)
+        ids = _encode(tokenizer, prompt, system, chat)
 
     from moge_cli.generate import context_capacity, run_generation
 
@@ -110,6 +126,46 @@ def generate_command(
         sys.stderr.write(context_note(result, context_capacity(model), max_new_tokens) + "\n")
     if not as_json:
         sys.stderr.write(stats_line(result) + "\n")
+
+
+def _encode(tokenizer: Any, prompt: str, system: Optional[str], chat: bool) -> list[int]:
+    from moge_cli.chat import chat_prompt, encode_prompt, messages_for
+
+    text = chat_prompt(tokenizer, messages_for(prompt, system)) if chat else prompt
+    return encode_prompt(tokenizer, text)
+
+
+def run_expert_parallel(root: str, world: int, ids: list[int], tokenizer: Any, options: dict[str, Any], *, dtype: Optional[str],
+                        device: str, threads: Optional[int], quiet: bool, as_json: bool) -> None:  # fmt: skip
+    """--ep N: generate on N ranks; rank 0's text (or JSON with "ep") on stdout, per-rank statistics on stderr."""
+    from moge_cli.distributed import generate_on_ranks
+
+    tokenizer_root = root if tokenizer is not None else None
+    result = generate_on_ranks(root, world, ids, tokenizer_root, options, dtype=dtype, device=device, threads=threads)
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        printed = result.text if tokenizer is not None else ",".join(map(str, result.generated_ids))
+        sys.stdout.write(printed)
+        _end_line(printed)
+    if quiet or as_json:
+        return
+    sys.stderr.write(stats_line(result) + "\n")
+    for line in ep_lines(result.extra["ep"]):
+        sys.stderr.write(line + "\n")
+
+
+def ep_lines(ep: dict[str, Any]) -> list[str]:
+    """--ep's per-rank statistics, one line each, and the balance line (MoGE against plain top-k routing)."""
+    lines = [f"expert parallel: {ep['world_size']} ranks ({ep['backend']}), decode {ep['decode_path']}"]
+    for r in ep["ranks"]:
+        lines.append(
+            f"rank {r['rank']}: groups {r['groups'][0]}..{r['groups'][1] - 1}, experts {r['experts'][0]}..{r['experts'][1] - 1} | "
+            f"peak memory {human_bytes(r['peak_memory_bytes'])} | routed experts {r['routed_expert_seconds_per_token'] * 1e3:.3f} ms/token, "
+            f"all-reduce {r['all_reduce_seconds_per_token'] * 1e3:.3f} ms/token ({r['all_reduces']} all-reduces)"
+        )
+    lines.append(f"token-expert pairs per rank: MoGE {ep['token_expert_pairs']}, plain top-k would give {ep['topk_token_expert_pairs']}")
+    return lines
 
 
 def context_note(result: Any, capacity: int, max_new_tokens: int) -> str:

@@ -1,0 +1,311 @@
+"""Expert parallelism on torch.distributed: N ranks on this machine, each holding the replicated parts of the
+model (embeddings, attention, norms, router, shared expert, lm_head) and the routed experts of G/N groups.
+
+`run_on_ranks` spawns the ranks (torch.multiprocessing, spawn start method; gloo on the CPU, NCCL on CUDA with
+one GPU per rank: untested) and watches them: a rank that fails or dies stops them all, with one error, as
+soon as the parent sees it. Each rank loads only its experts' bytes (`loader.load_model(experts=...)`), puts
+an `ExpertShare` in every MoE layer and runs a job (`generate_job`, `logits_job`).
+
+Every rank routes every token (same weights, same inputs: same picks). MoGE's pick columns are group-major,
+so rank r's picks are columns r*k/N .. (r+1)*k/N - 1: every token sends exactly k/N picks to every rank. A rank
+computes those, and one all-reduce per MoE layer sums the routed output over the ranks before the shared
+expert is added. kernels/step.c's whole-step decode cannot all-reduce mid-step, so under expert parallelism
+every step runs op by op (kernels/decode_step.plan declines).
+"""
+
+from __future__ import annotations
+
+import os
+import queue as queue_module
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import Any, Callable
+
+from moge_cli.errors import MogeError, UsageError, describe_error
+
+RANK_TIMEOUT_S = 60.0  # the process group's timeout: a collective waiting longer than this fails
+FAULT_ENV = "MOGE_EP_TEST_FAULT"  # tests only: "RANK:load" raises while that rank loads, "RANK:exit" kills it before its first forward
+DIED = "died"  # a failure without a report: the process ended
+GRACE_S = 1.0  # after the first failure, how long to wait for the other ranks' reports (to name the cause)
+
+
+# ---- checks before spawning ----------------------------------------------------------------------
+def check_world(cfg, world: int) -> None:
+    """--ep N must give every rank whole groups of a MoE model."""
+    if world < 1:
+        raise UsageError(f"--ep must be at least 1, got {world}")
+    if cfg.n_groups % world:
+        divisors = [d for d in range(1, cfg.n_groups + 1) if cfg.n_groups % d == 0]
+        raise UsageError(
+            f"--ep {world}: the {cfg.n_groups} expert groups cannot be split evenly over {world} ranks; "
+            f"choose one of {', '.join(map(str, divisors))}"
+        )
+
+
+def check_checkpoint(ckpt, world: int) -> None:
+    """A whole float checkpoint of a MoE model whose groups split evenly over `world` ranks (open Checkpoint)."""
+    cfg = ckpt.config
+    if cfg.extra.get("moge_ep") is not None:
+        raise UsageError(
+            f"{ckpt.root}: this is one rank directory of `moge convert --ep`; --ep runs a whole checkpoint "
+            f"(give the checkpoint it was converted from, or merge the rank directories with moge convert)"
+        )
+    check_world(cfg, world)
+
+
+def rank_slice(cfg, rank: int, world: int) -> dict[str, tuple[int, int]]:
+    """Rank `rank`'s groups, experts and pick columns, each as (first, stop)."""
+    g, e, k = cfg.n_groups // world, cfg.num_experts // world, cfg.num_experts_per_tok // world
+    return {"groups": (rank * g, (rank + 1) * g), "experts": (rank * e, (rank + 1) * e), "columns": (rank * k, (rank + 1) * k)}
+
+
+# ---- one rank's share of the MoE layers -----------------------------------------------------------
+@dataclass
+class RankStats:
+    """What one rank measured over its MoE layers (times summed over layers; pairs: token-expert pairs)."""
+
+    rank: int
+    groups: tuple[int, int]
+    experts: tuple[int, int]
+    tokens: int = 0  # tokens through the model (counted at the first MoE layer)
+    routed_expert_seconds: float = 0.0
+    all_reduce_seconds: float = 0.0
+    all_reduces: int = 0
+    token_expert_pairs: int = 0  # this rank's picks (MoGE routing)
+    topk_token_expert_pairs: int = 0  # picks that would land on this rank under plain top-k routing
+
+    def to_dict(self, peak_memory_bytes: int) -> dict[str, Any]:
+        d = asdict(self)
+        d["groups"], d["experts"] = list(self.groups), list(self.experts)
+        d["peak_memory_bytes"] = peak_memory_bytes
+        per = max(self.tokens, 1)
+        d["routed_expert_seconds_per_token"] = self.routed_expert_seconds / per
+        d["all_reduce_seconds_per_token"] = self.all_reduce_seconds / per
+        return d
+
+
+class ExpertShare:
+    """MoE.expert_parallel of one layer: this rank's picks through its experts, then one all-reduce."""
+
+    def __init__(self, stats: RankStats, columns: tuple[int, int], k: int, all_reduce: Callable, counts_tokens: bool) -> None:
+        self.stats, self.columns, self.k = stats, slice(*columns), k
+        self.first, self.stop = stats.experts
+        self.all_reduce, self.counts_tokens = all_reduce, counts_tokens
+
+    def __call__(self, x, logits, expert_ids, weights, gate_up, down):  # x [N, H], logits [N, E], ids / weights [N, k]
+        import torch
+
+        from moge_cli.routing_stats import global_topk
+        from moge_kernels.ops import moe
+
+        s = self.stats
+        t0 = time.perf_counter()
+        y = moe(x, expert_ids[:, self.columns] - self.first, weights[:, self.columns].contiguous(), gate_up, down).contiguous()
+        t1 = time.perf_counter()
+        self.all_reduce(y)  # [N, H]: the routed output of every rank's experts
+        t2 = time.perf_counter()
+        s.routed_expert_seconds += t1 - t0
+        s.all_reduce_seconds += t2 - t1
+        s.all_reduces += 1
+        s.tokens += x.shape[0] if self.counts_tokens else 0
+        s.token_expert_pairs += expert_ids[:, self.columns].numel()
+        topk = global_topk(torch.softmax(logits.float(), dim=-1).cpu().numpy(), self.k)  # [N, k] the counterfactual
+        s.topk_token_expert_pairs += int(((topk >= self.first) & (topk < self.stop)).sum())
+        return y
+
+
+def load_share(path: str, rank: int, world: int, *, dtype=None, device="cpu"):
+    """(model holding rank `rank`'s experts with an ExpertShare in every MoE layer, its RankStats); needs an
+    initialised default process group."""
+    import torch.distributed as dist
+
+    from moge_cli.checkpoint import open_checkpoint
+    from moge_cli.loader import load_model
+
+    ckpt = open_checkpoint(path)
+    check_checkpoint(ckpt, world)
+    where = rank_slice(ckpt.config, rank, world)
+    model = load_model(ckpt, dtype=dtype, device=device, experts=where["experts"])
+    stats = RankStats(rank, where["groups"], where["experts"])
+    first = True
+    for layer in model.layers:
+        if hasattr(layer.mlp, "expert_parallel"):
+            layer.mlp.expert_parallel = ExpertShare(stats, where["columns"], model.config.num_experts_per_tok, dist.all_reduce, first)
+            first = False
+    model._plan = False  # rebuilt (declined) at the first decode step
+    return model, stats
+
+
+# ---- jobs a rank runs ------------------------------------------------------------------------------
+def generate_job(model, rank: int, ids: list[int], tokenizer_root: str | None, options: dict[str, Any]):
+    """run_generation on this rank (every rank runs the same steps); rank 0's GenerationResult, None elsewhere."""
+    from moge_cli.generate import run_generation
+
+    tokenizer = None
+    if tokenizer_root is not None:
+        from moge_cli.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_root)
+    result = run_generation(model, ids, tokenizer=tokenizer, **options)
+    return result if rank == 0 else None
+
+
+def logits_job(model, rank: int, ids: list[int]):
+    """Float32 logits [1, T, V] of one forward over ids (rank 0; None elsewhere)."""
+    import torch
+
+    logits = model(torch.tensor([ids]))
+    return logits if rank == 0 else None
+
+
+# ---- spawning and watching the ranks --------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_on_ranks(path: str, world: int, job: Callable, job_args: tuple = (), *, dtype=None, device: str = "cpu",
+                 threads: int | None = None, timeout_s: float = RANK_TIMEOUT_S) -> list[tuple[Any, dict[str, Any]]]:  # fmt: skip
+    """Spawn `world` ranks on this machine; each loads its share of `path` and returns job(model, rank, *job_args).
+    Returns [(job result, rank stats dict)] in rank order. A rank that raises or dies stops every rank and raises
+    one MogeError naming it (the rank's own error class where it raised one). MASTER_PORT, when set, is the
+    rendezvous port (else a free one)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    reports = ctx.Queue()
+    port = int(os.environ.get("MASTER_PORT") or free_port())
+    threads = threads or max(1, (os.cpu_count() or 1) // world)
+    args = (world, port, str(path), dtype, device, threads, timeout_s, job, job_args, reports)
+    procs = [ctx.Process(target=_rank_main, args=(rank, *args), daemon=True) for rank in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, tuple[Any, dict[str, Any]]] = {}
+    try:
+        failures = _watch(procs, reports, results, world)
+    finally:
+        _stop(procs)
+    if failures:
+        raise _failure(failures)
+    return [results[r] for r in range(world)]
+
+
+def _watch(procs, reports, results: dict, world: int) -> list[tuple[int, Any, str]]:
+    """Collect the ranks' reports until all are done or one fails (then GRACE_S more, for the others' reports);
+    returns the failures seen: (rank, its MogeError, DIED or "error", message)."""
+    failures: list[tuple[int, Any, str]] = []
+    deadline = None
+    while len(results) < world and (deadline is None or time.monotonic() < deadline):
+        try:
+            kind, rank, *rest = reports.get(timeout=0.05)
+        except queue_module.Empty:
+            for rank, p in enumerate(procs):
+                if p.exitcode not in (None, 0) and rank not in results and all(f[0] != rank for f in failures):
+                    failures.append((rank, DIED, f"rank {rank} of {world} stopped ({_exit_words(p.exitcode)})"))
+            if failures and deadline is None:
+                deadline = time.monotonic() + GRACE_S
+            continue
+        if kind == "done":
+            results[rank] = tuple(rest)
+        else:
+            error, message = rest
+            failures = [f for f in failures if f[0] != rank] + [(rank, error, f"rank {rank} of {world}: {message}")]
+            deadline = deadline or time.monotonic() + GRACE_S
+    return failures
+
+
+def _failure(failures: list[tuple[int, Any, str]]) -> MogeError:
+    """The one error to report: a rank's own MogeError first (the cause), then a rank that died, then the rest
+    (the ranks left waiting on a dead peer report its closed connection)."""
+    own = [f for f in failures if isinstance(f[1], MogeError)]
+    died = [f for f in failures if f[1] is DIED]
+    rank, error, message = (own or died or failures)[0]
+    cls = type(error) if isinstance(error, MogeError) else MogeError
+    try:
+        return cls(f"expert parallel run stopped: {message}")
+    except TypeError:
+        return MogeError(f"expert parallel run stopped: {message}")
+
+
+def _exit_words(code: int) -> str:
+    return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+
+
+def _stop(procs) -> None:
+    """Let finished ranks exit; kill the rest (each by its own process)."""
+    deadline = time.monotonic() + 5.0
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()) if p.exitcode is None else 0)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5.0)
+
+
+def _rank_main(rank: int, world: int, port: int, path: str, dtype, device: str, threads: int, timeout_s: float,
+               job: Callable, job_args: tuple, reports) -> None:  # fmt: skip
+    """One rank: join the process group, load this rank's share, run the job, report (result, stats)."""
+    try:
+        import torch
+        import torch.distributed as dist
+
+        from moge_cli.profiling import peak_memory_bytes
+
+        torch.set_num_threads(threads)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        backend = "gloo"
+        if torch.device(device).type == "cuda":  # one GPU per rank (untested here)
+            backend, device = "nccl", f"cuda:{rank}"
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+        _fault(rank, "load")
+        model, stats = load_share(path, rank, world, dtype=dtype, device=device)
+        _fault(rank, "exit")
+        out = job(model, rank, *job_args)
+        dist.barrier()
+        reports.put(("done", rank, out, stats.to_dict(peak_memory_bytes(device))))
+        dist.destroy_process_group()
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which stops every rank
+        message, _ = describe_error(e)
+        reports.put(("error", rank, e if isinstance(e, MogeError) else "error", message))
+        reports.close()
+        reports.join_thread()
+        sys.exit(1)
+
+
+def _fault(rank: int, where: str) -> None:
+    """Tests only (FAULT_ENV): fail this rank at `where`, as a broken shard or a killed process would."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec != f"{rank}:{where}":
+        return
+    if where == "exit":
+        os._exit(9)
+    from moge_cli.errors import CheckpointError
+
+    raise CheckpointError(f"injected load failure ({FAULT_ENV}={spec})")
+
+
+# ---- what the ranks measured ---------------------------------------------------------------------
+def summary(stats: list[dict[str, Any]], device: str = "cpu") -> dict[str, Any]:
+    """The `ep` object of --json: per-rank stats and the token-expert pairs per rank, MoGE against plain top-k."""
+    return {
+        "world_size": len(stats),
+        "backend": "nccl" if device.startswith("cuda") else "gloo",
+        "decode_path": "op by op (the whole-step C decode cannot all-reduce mid-step)",
+        "token_expert_pairs": [s["token_expert_pairs"] for s in stats],
+        "topk_token_expert_pairs": [s["topk_token_expert_pairs"] for s in stats],
+        "ranks": stats,
+    }
+
+
+def generate_on_ranks(path: str, world: int, ids: list[int], tokenizer_root: str | None, options: dict[str, Any], *,
+                      dtype=None, device: str = "cpu", threads: int | None = None):  # fmt: skip
+    """run_generation on `world` ranks: rank 0's GenerationResult, with summary() in result.extra["ep"]."""
+    out = run_on_ranks(path, world, generate_job, (ids, tokenizer_root, options), dtype=dtype, device=device, threads=threads)
+    result = out[0][0]
+    result.extra["ep"] = summary([stats for _, stats in out], device)
+    return result
