@@ -217,7 +217,8 @@ def convert(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Convert the checkpoint at `src` (a path, or a Hugging Face repo id in the local cache at
-    `revision`) into a new directory `dst`; return the summary (`--json`).
+    `revision`) into a new directory `dst`; return the summary (`--json`). The top directory of an
+    `ep` split is read as the checkpoint it came from: converting it merges the ranks back.
 
     layout: 'per-expert' | 'stacked' (default: keep); dtype: 'bfloat16' | 'float16' | 'float32'
     (default: keep); clamp: clamp float16 overflows instead of refusing; max_shard_size: '5GB',

@@ -6,6 +6,10 @@ stays the global count, so the router tensors keep their [E, H] / [1, E] shapes)
 experts, named by LOCAL id 0..El-1 (per-expert) or stacked [El, ...]; local id i is global id
 experts[i]. Non-expert tensors are replicated on every rank. The top directory holds rank-0 ...
 rank-{N-1} and ep_plan.json, which maps every global expert id to (rank, local id).
+
+`moge load` reports a rank directory as such (rank_summary); commands that need the whole model refuse
+one with that sentence (refuse_rank_directory); `moge convert TOP DST` merges the ranks back
+(moge_converters.sources.SplitSource).
 """
 
 from __future__ import annotations
@@ -54,12 +58,12 @@ def local_expected(expected: dict[str, tuple[int, ...]], n_local: int) -> dict[s
     return out
 
 
-def rank_summary(cfg: MoGEConfig, ep: dict[str, Any]) -> dict[str, Any]:
-    """ep_info plus the groups the rank holds and the sentence that says what the directory is."""
+def rank_summary(cfg: MoGEConfig, ep: dict[str, Any], parent: str | Path) -> dict[str, Any]:
+    """ep_info plus the groups the rank holds and the sentence that says what the directory is (parent: the split's top)."""
     groups = sorted({e // cfg.experts_per_group for e in ep["experts"]})
     what = (
         f"rank {ep['rank']} of {ep['world_size']} of an expert-parallel split (groups {_span(groups)}, experts {_span(ep['experts'])}); "
-        f"load the split's parent directory, or run it with `moge generate PARENT --ep {ep['world_size']}`"
+        f"load the split's parent directory, or run it with `moge generate {parent} --ep {ep['world_size']}`"
     )
     return {**ep, "groups": groups, "explanation": what}
 
@@ -84,8 +88,7 @@ def rank_directory_error(path: str | Path) -> str | None:
         ep = ep_info(cfg)
     except (MogeError, OSError):
         return None
-    text = rank_summary(cfg, ep)["explanation"].replace("PARENT", str(p.parent))
-    return f"{p}: {text}"
+    return f"{p}: {rank_summary(cfg, ep, p.parent)['explanation']}"
 
 
 def refuse_rank_directory(path: str | Path) -> None:

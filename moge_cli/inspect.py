@@ -191,9 +191,7 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
 
 def rank_report(ckpt: Checkpoint, ep: dict[str, Any]) -> dict[str, Any]:
     """A rank directory's `ep`: rank, world_size, experts, groups, and what to do with it (explanation)."""
-    out = rank_summary(ckpt.config, ep)
-    out["explanation"] = out["explanation"].replace("PARENT", str(Path(ckpt.source).parent))
-    return out
+    return rank_summary(ckpt.config, ep, Path(ckpt.source).parent)
 
 
 def quantization_summary(ckpt: Checkpoint) -> dict[str, Any] | None:

@@ -125,3 +125,19 @@ def test_ep_that_does_not_divide_the_groups_is_refused_up_front(ckpt, split, tmp
     assert res.exit_code == 2, res.output
     assert "--ep 3: the model has 4 expert groups; N must divide it" in res.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_only_moves_bytes(tmp_path):
+    """A merge that keeps the dtype is a file-to-file copy like every such convert: torch is never imported."""
+    import subprocess
+    import sys
+
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-moge"
+    script = (
+        "import sys; from moge_converters.convert import convert; "
+        f"convert({str(fixture)!r}, {str(tmp_path / 'split')!r}, ep=2, layout='stacked'); "
+        f"r = convert({str(tmp_path / 'split')!r}, {str(tmp_path / 'merged')!r}); "
+        "assert 'torch' not in sys.modules, 'torch imported'; print(r['layout'])"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "'to': 'stacked'" in res.stdout, res.stderr

@@ -1,4 +1,4 @@
-"""`moge convert`: layout, dtype, sharding, layer extraction and expert-parallel splits, streamed."""
+"""`moge convert`: layout, dtype, sharding, layer extraction, expert-parallel splits and their merge, streamed."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ def convert_command(
     q: ALIAS_Q = False,
 ) -> None:
     """Convert a checkpoint in one streaming pass (layout, dtype, shards, layers, expert-parallel split).
+
+    SRC may be the top directory of a --ep split: its rank directories are merged back into one checkpoint (bit-exact).
 
     Exit codes: 0 done, 1 --verify mismatch, 2 error or bad usage (nothing left behind), 130 Ctrl-C, 141 output pipe closed, 143 SIGTERM (cleaned up as on Ctrl-C).
     """
