@@ -22,9 +22,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable
 
-from moge_cli.errors import MogeError, UsageError, describe_error
+from moge_cli.errors import CheckpointError, MogeError, UsageError, describe_error
 
 RANK_TIMEOUT_S = 60.0  # the process group's timeout: a collective waiting longer than this fails
 FAULT_ENV = "MOGE_EP_TEST_FAULT"  # tests only: "RANK:load" raises while that rank loads, "RANK:exit" kills it before its first forward
@@ -54,6 +55,29 @@ def check_checkpoint(ckpt, world: int) -> None:
             f"(give the checkpoint it was converted from, or merge the rank directories with moge convert)"
         )
     check_world(cfg, world)
+
+
+def open_source(path: str, world: int | None, revision: str | None = None):
+    """(open checkpoint whose config and tokenizer the ranks use, the path the ranks load), after the checks that
+    need no rank: a whole checkpoint (check_checkpoint; a repo id resolves to its directory), or the top of a
+    `convert --ep` split of exactly `world` ranks (its rank-0 directory is the checkpoint returned). world None: one
+    process (a split is refused)."""
+    from moge_cli.checkpoint import open_checkpoint
+    from moge_cli.ep import is_ep_dir, read_ep_plan
+
+    if not is_ep_dir(path):
+        ckpt = open_checkpoint(path, revision=revision)
+        if world is not None:
+            check_checkpoint(ckpt, world)
+        return ckpt, str(ckpt.root)
+    plan = read_ep_plan(Path(path))
+    n = plan["world_size"]
+    if world != n:
+        raise UsageError(
+            f"{path}: an expert-parallel split into {n} ranks (moge convert --ep {n}); run it with --ep {n}, "
+            f"or merge it with moge convert to run it on another number of ranks"
+        )
+    return open_checkpoint(Path(path) / plan["ranks"][0]["path"]), str(path)
 
 
 def rank_slice(cfg, rank: int, world: int) -> dict[str, tuple[int, int]]:
@@ -123,12 +147,16 @@ def load_share(path: str, rank: int, world: int, *, dtype=None, device="cpu"):
     import torch.distributed as dist
 
     from moge_cli.checkpoint import open_checkpoint
+    from moge_cli.ep import is_ep_dir
     from moge_cli.loader import load_model
 
-    ckpt = open_checkpoint(path)
-    check_checkpoint(ckpt, world)
-    where = rank_slice(ckpt.config, rank, world)
-    model = load_model(ckpt, dtype=dtype, device=device, experts=where["experts"])
+    if is_ep_dir(path):
+        model, where = _load_split_rank(Path(path), rank, world, dtype=dtype, device=device)
+    else:
+        ckpt = open_checkpoint(path)
+        check_checkpoint(ckpt, world)
+        where = rank_slice(ckpt.config, rank, world)
+        model = load_model(ckpt, dtype=dtype, device=device, experts=where["experts"])
     stats = RankStats(rank, where["groups"], where["experts"])
     first = True
     for layer in model.layers:
@@ -137,6 +165,27 @@ def load_share(path: str, rank: int, world: int, *, dtype=None, device="cpu"):
             first = False
     model._plan = False  # rebuilt (declined) at the first decode step
     return model, stats
+
+
+def _load_split_rank(root: Path, rank: int, world: int, *, dtype, device):
+    """(model, rank_slice) from rank `rank`'s directory of a `convert --ep` split: its experts are named by local id."""
+    from moge_cli.checkpoint import open_checkpoint
+    from moge_cli.ep import ep_info, local_expected, read_ep_plan
+    from moge_cli.loader import load_model
+
+    plan = read_ep_plan(root)
+    ckpt = open_checkpoint(root / plan["ranks"][rank]["path"])
+    where = rank_slice(ckpt.config, rank, world)
+    first, stop = where["experts"]
+    info = ep_info(ckpt.config)
+    if info is None or (info["rank"], info["world_size"], info["experts"]) != (rank, world, list(range(first, stop))):
+        raise CheckpointError(
+            f"{ckpt.root}: config.json moge_ep is {info}; rank {rank} of {world} must hold experts {first}..{stop - 1} "
+            f"(whole groups in rank order, as moge convert --ep writes them)"
+        )
+    n = stop - first
+    model = load_model(ckpt, dtype=dtype, device=device, experts=(0, n), narrow=lambda expected: local_expected(expected, n))
+    return model, where
 
 
 # ---- jobs a rank runs ------------------------------------------------------------------------------

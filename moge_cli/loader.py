@@ -29,7 +29,7 @@ LOAD_CHUNK_BYTES = 1 << 20  # file bytes mapped at a time while loading
 
 
 # ---- float and quantized checkpoints ------------------------------------------------------------
-def load_model(path, *, dtype=None, device="cpu", revision=None, experts: tuple[int, int] | None = None) -> MoGEForCausalLM:
+def load_model(path, *, dtype=None, device="cpu", revision=None, experts: tuple[int, int] | None = None, narrow=None) -> MoGEForCausalLM:
     """Load a per-expert or stacked checkpoint (path, repo id or open Checkpoint) for inference.
 
     dtype: "float32" / "bfloat16" / "float16" / torch dtype, or None for the checkpoint's dtype.
@@ -39,6 +39,7 @@ def load_model(path, *, dtype=None, device="cpu", revision=None, experts: tuple[
     A quantized (compressed-tensors) checkpoint is loaded by `load_quantized`.
     experts (first, stop): hold only those routed experts in every MoE layer (expert parallelism,
     moge_cli.distributed): their stacks are [stop - first, ...] and only their bytes are read.
+    narrow: expected tensors -> the ones this checkpoint holds (a rank directory of `convert --ep`: moge_cli.ep.local_expected).
     """
     ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path, revision=revision)
     try:
@@ -46,7 +47,7 @@ def load_model(path, *, dtype=None, device="cpu", revision=None, experts: tuple[
             if experts is not None:
                 raise UsageError(f"{ckpt.root}: expert parallelism runs float checkpoints; this one is quantized")
             return load_quantized(ckpt, quant, dtype=dtype, device=device)
-        sources = checked_sources(ckpt)
+        sources = checked_sources(ckpt, narrow=narrow)
         dtype = resolve_dtype(dtype, default=checkpoint_dtype(ckpt))
         check_tied_head(ckpt)
         model = MoGEForCausalLM.from_config(ckpt.config, dtype, "meta")
@@ -117,9 +118,9 @@ def _dequantized(ckpt, module: str, name: str, quant: QuantizedCheckpoint) -> to
 
 
 # ---- checks and choices before loading ----------------------------------------------------------
-def checked_sources(ckpt, quant: QuantizedCheckpoint | None = None) -> dict[str, list[str]]:
+def checked_sources(ckpt, quant: QuantizedCheckpoint | None = None, narrow=None) -> dict[str, list[str]]:
     """names.parameter_sources for the checkpoint's layout, after checking it holds exactly the tensors its
-    config (and quantization) asks for, each of the expected shape."""
+    config (and quantization) asks for, each of the expected shape (narrow: see load_model)."""
     layout, cfg = ckpt.layout, ckpt.config
     if layout == "mixed":
         raise CheckpointError(f"{ckpt.root}: holds both per-expert and stacked expert tensors; convert it to one layout")
@@ -127,6 +128,8 @@ def checked_sources(ckpt, quant: QuantizedCheckpoint | None = None) -> dict[str,
     expected = expected_tensors(cfg, layout)
     if quant is not None:
         expected = expected_quantized(expected, quant.modules)
+    if narrow is not None:
+        expected = narrow(expected)
     missing = [n for n in expected if n not in ckpt.tensors]
     unexpected = [n for n in ckpt.tensors if n not in expected and skipped_reason(n, cfg) is None]
     wrong = [f"{n} {list(i.shape)} (expected {list(expected[n])})" for n, i in ckpt.tensors.items()

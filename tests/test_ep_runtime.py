@@ -68,6 +68,21 @@ def test_two_ranks_give_the_single_process_logits_and_greedy_tokens(ckpt_dir):
     assert [r["rank"] for r in result.extra["ep"]["ranks"]] == [0, 1]
 
 
+def test_a_convert_ep_split_runs_as_the_whole_checkpoint(ckpt_dir, tmp_path):
+    split = tmp_path / "split"
+    run = subprocess.run([str(MOGE), "convert", str(ckpt_dir), str(split), "--ep", "2"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert not (split / "config.json").exists() and (split / "rank-1" / "config.json").exists()
+    whole = distributed.run_on_ranks(str(ckpt_dir), 2, distributed.logits_job, (IDS,))
+    ranks = distributed.run_on_ranks(str(split), 2, distributed.logits_job, (IDS,))
+    assert torch.equal(ranks[0][0], whole[0][0])  # the same experts on the same ranks: the same bits
+    assert ranks[1][1]["experts"] == whole[1][1]["experts"]
+    with pytest.raises(UsageError, match="split into 2 ranks .* run it with --ep 2"):
+        distributed.open_source(str(split), 4)
+    with pytest.raises(UsageError, match="run it with --ep 2"):
+        distributed.open_source(str(split), None)
+
+
 def test_a_rank_holds_only_its_experts(ckpt_dir):
     whole = load_model(ckpt_dir, dtype="float32")
     E = whole.config.num_experts

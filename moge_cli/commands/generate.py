@@ -70,15 +70,12 @@ def generate_command(
     check_device(device)
     apply_threads(threads)
 
-    from moge_cli.checkpoint import open_checkpoint
     from moge_cli.tokenizer import eos_ids_from_dir, has_tokenizer, load_tokenizer
 
-    ckpt = open_checkpoint(model_path, revision=revision)
-    root = ckpt.root
-    if ep is not None:
-        from moge_cli.distributed import check_checkpoint
+    from moge_cli.distributed import open_source
 
-        check_checkpoint(ckpt, ep)  # before anything is spawned
+    ckpt, ranks_path = open_source(model_path, ep, revision)  # with --ep every check before anything is spawned; a split: its rank 0
+    root = ckpt.root
     tokenizer = None
     if has_tokenizer(root):
         tokenizer = load_tokenizer(root)
@@ -97,7 +94,7 @@ def generate_command(
         ckpt.close()
         if ids is None:
             ids = _encode(tokenizer, prompt, system, chat)
-        run_expert_parallel(str(root), ep, ids, tokenizer, dict(max_new_tokens=max_new_tokens, stop_ids=stop_ids, **sampling),
+        run_expert_parallel(ranks_path, str(root), ep, ids, tokenizer, dict(max_new_tokens=max_new_tokens, stop_ids=stop_ids, **sampling),
                             dtype=dtype, device=device, threads=threads, quiet=quiet, as_json=as_json)  # fmt: skip
         return
 
@@ -135,13 +132,14 @@ def _encode(tokenizer: Any, prompt: str, system: Optional[str], chat: bool) -> l
     return encode_prompt(tokenizer, text)
 
 
-def run_expert_parallel(root: str, world: int, ids: list[int], tokenizer: Any, options: dict[str, Any], *, dtype: Optional[str],
+def run_expert_parallel(path: str, root: str, world: int, ids: list[int], tokenizer: Any, options: dict[str, Any], *, dtype: Optional[str],
                         device: str, threads: Optional[int], quiet: bool, as_json: bool) -> None:  # fmt: skip
-    """--ep N: generate on N ranks; rank 0's text (or JSON with "ep") on stdout, per-rank statistics on stderr."""
+    """--ep N: generate on N ranks loading `path` (tokenizer from `root`); rank 0's text (or JSON with "ep") on stdout,
+    per-rank statistics on stderr."""
     from moge_cli.distributed import generate_on_ranks
 
     tokenizer_root = root if tokenizer is not None else None
-    result = generate_on_ranks(root, world, ids, tokenizer_root, options, dtype=dtype, device=device, threads=threads)
+    result = generate_on_ranks(path, world, ids, tokenizer_root, options, dtype=dtype, device=device, threads=threads)
     if as_json:
         print_json(result.to_dict())
     else:
