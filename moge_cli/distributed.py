@@ -358,3 +358,40 @@ def generate_on_ranks(path: str, world: int, ids: list[int], tokenizer_root: str
     result = out[0][0]
     result.extra["ep"] = summary([stats for _, stats in out], device)
     return result
+
+
+def profile_on_ranks(path: str, world: int, *, prompt: str | None = None, text_file=None, prompt_ids: list[int] | None = None,
+                     decode: int = 32, dtype=None, device: str = "cpu", revision: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """`moge profile --ep N`: prefill the prompt and decode `decode` greedy tokens on `world` ranks; speed and the
+    per-rank statistics (summary()). The per-component timers, bandwidth and per-layer routing tables of a one-process
+    profile are not measured here."""
+    from moge_cli.profiling import prompt_tokens
+
+    ckpt, ranks_path = open_source(path, world, revision)
+    root = ckpt.root
+    ckpt.close()
+    ids, tok = prompt_tokens(root, prompt, text_file, prompt_ids)
+    options = dict(max_new_tokens=decode, stop_ids=())
+    result = generate_on_ranks(ranks_path, world, ids, str(root) if tok is not None else None, options, dtype=dtype, device=device)
+    return {
+        "model": str(path),
+        "device": device,
+        "prompt_tokens": len(ids),
+        "prefill": {"tokens": result.prefill_tokens, "seconds": result.prefill_seconds, "tokens_per_s": result.prefill_tokens_per_s},
+        "decode": {"tokens": result.decode_tokens, "seconds": result.decode_seconds, "tokens_per_s": result.decode_tokens_per_s},
+        "generated_ids": result.generated_ids,
+        "ep": result.extra["ep"],
+    }
+
+
+def rank_lines(ep: dict[str, Any]) -> list[str]:
+    """summary() as text: one line per rank, and the balance line (MoGE against plain top-k routing)."""
+    lines = [f"expert parallel: {ep['world_size']} ranks ({ep['backend']}), decode {ep['decode_path']}"]
+    for r in ep["ranks"]:
+        lines.append(
+            f"rank {r['rank']}: groups {r['groups'][0]}..{r['groups'][1] - 1}, experts {r['experts'][0]}..{r['experts'][1] - 1} | "
+            f"peak memory {r['peak_memory_bytes'] / 1e6:.1f} MB | routed experts {r['routed_expert_seconds_per_token'] * 1e3:.3f} ms/token, "
+            f"all-reduce {r['all_reduce_seconds_per_token'] * 1e3:.3f} ms/token ({r['all_reduces']} all-reduces)"
+        )
+    lines.append(f"token-expert pairs per rank: MoGE {ep['token_expert_pairs']}, plain top-k would give {ep['topk_token_expert_pairs']}")
+    return lines

@@ -63,7 +63,7 @@ def peak_memory_bytes(device: Any = "cpu") -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
 
 
-def _prompt_ids(model_path: Path, prompt: str | None, text_file: str | None, prompt_ids: list[int] | None) -> tuple[list[int], Any]:
+def prompt_tokens(model_path: Path, prompt: str | None, text_file: str | None, prompt_ids: list[int] | None) -> tuple[list[int], Any]:
     from moge_cli.tokenizer import has_tokenizer, load_tokenizer
 
     tok = load_tokenizer(model_path) if has_tokenizer(model_path) else None
@@ -203,7 +203,7 @@ def profile(
         raise UsageError(f"--devices {devices}: whole groups must be spread evenly; choose a divisor of {ckpt.config.n_groups}")
     if decode < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {decode}")
-    ids, tok = _prompt_ids(root, prompt, text_file, prompt_ids)
+    ids, tok = prompt_tokens(root, prompt, text_file, prompt_ids)
     if not ids:
         raise UsageError("the prompt is empty")
     check_device(device)  # before the model loads

@@ -147,3 +147,18 @@ def test_generate_cli_with_ep_exits_2_on_a_failed_rank_and_prints_ranks_on_succe
     failed = subprocess.run(args[:-1], capture_output=True, text=True, timeout=120, env=env)
     assert failed.returncode == 2
     assert failed.stderr.strip().splitlines()[-1].startswith("error: expert parallel run stopped: rank 0 of 2 stopped")
+
+
+def test_profile_with_ep_reports_every_rank_and_decodes_the_single_process_tokens(ckpt_dir):
+    ids = ",".join(map(str, IDS))
+    run = subprocess.run([str(MOGE), "profile", str(ckpt_dir), "--prompt-ids", ids, "-n", "3", "--dtype", "f32", "--ep", "2", "--json"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    single = run_generation(load_model(ckpt_dir, dtype="float32"), IDS, max_new_tokens=3, stop_ids=())
+    assert report["generated_ids"] == single.generated_ids
+    assert report["prefill"]["tokens"] == len(IDS) and report["decode"]["tokens"] == 2
+    assert [r["rank"] for r in report["ep"]["ranks"]] == [0, 1]
+    assert report["ep"]["token_expert_pairs"][0] == report["ep"]["token_expert_pairs"][1]
+    refused = subprocess.run([str(MOGE), "profile", str(ckpt_dir), "--prompt-ids", ids, "--ep", "2", "--weights"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "drop --weights" in refused.stderr

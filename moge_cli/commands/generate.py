@@ -149,21 +149,10 @@ def run_expert_parallel(path: str, root: str, world: int, ids: list[int], tokeni
     if quiet or as_json:
         return
     sys.stderr.write(stats_line(result) + "\n")
-    for line in ep_lines(result.extra["ep"]):
+    from moge_cli.distributed import rank_lines
+
+    for line in rank_lines(result.extra["ep"]):
         sys.stderr.write(line + "\n")
-
-
-def ep_lines(ep: dict[str, Any]) -> list[str]:
-    """--ep's per-rank statistics, one line each, and the balance line (MoGE against plain top-k routing)."""
-    lines = [f"expert parallel: {ep['world_size']} ranks ({ep['backend']}), decode {ep['decode_path']}"]
-    for r in ep["ranks"]:
-        lines.append(
-            f"rank {r['rank']}: groups {r['groups'][0]}..{r['groups'][1] - 1}, experts {r['experts'][0]}..{r['experts'][1] - 1} | "
-            f"peak memory {human_bytes(r['peak_memory_bytes'])} | routed experts {r['routed_expert_seconds_per_token'] * 1e3:.3f} ms/token, "
-            f"all-reduce {r['all_reduce_seconds_per_token'] * 1e3:.3f} ms/token ({r['all_reduces']} all-reduces)"
-        )
-    lines.append(f"token-expert pairs per rank: MoGE {ep['token_expert_pairs']}, plain top-k would give {ep['topk_token_expert_pairs']}")
-    return lines
 
 
 def context_note(result: Any, capacity: int, max_new_tokens: int) -> str:

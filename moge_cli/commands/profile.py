@@ -9,9 +9,11 @@ import typer
 
 from moge_cli.commands.common import handle_errors, human_bytes, print_json, stderr_console, stdout_console
 from moge_cli.commands.options import (
-    ALIAS_DECODE, ALIAS_TEXT_FILE, DEVICE, DTYPE, JSON, MAX_NEW_TOKENS, PERPLEXITY, PROMPT, PROMPT_FILE, PROMPT_IDS, QUIET, REVISION,
+    ALIAS_DECODE, ALIAS_TEXT_FILE, DEVICE, DTYPE, EP, JSON, MAX_NEW_TOKENS, PERPLEXITY, PROMPT, PROMPT_FILE, PROMPT_IDS, QUIET, REVISION,
     THREADS, apply_threads, either, parse_ids,
 )  # fmt: skip
+
+from moge_cli.errors import UsageError
 
 DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -26,6 +28,7 @@ def profile_command(
     dtype: DTYPE = None,
     device: DEVICE = "cpu",
     threads: THREADS = None,
+    ep: EP = None,
     devices: Optional[int] = typer.Option(None, "--devices", help="Devices whole expert groups are placed on for the Imbalance Score (default: one group per device)."),
     perplexity: PERPLEXITY = None,
     weights: bool = typer.Option(False, "--weights", help="Also stream per-tensor weight statistics."),
@@ -51,6 +54,11 @@ def profile_command(
 
         check_plot_target(plot)  # before minutes of profiling, not after
     apply_threads(threads)
+    if ep is not None:
+        profile_ranks(model, ep, prompt=prompt, text_file=either(prompt_file, text_file, None), prompt_ids=prompt_ids,
+                      decode=either(max_new_tokens, decode, DEFAULT_MAX_NEW_TOKENS), dtype=dtype, device=device, revision=revision,
+                      others=dict(devices=devices, perplexity=perplexity, weights=weights or None, plot=plot), as_json=as_json)  # fmt: skip
+        return
     err = stderr_console()
     report = profile(
         model,
@@ -74,6 +82,25 @@ def profile_command(
         print_json(report)
     else:
         render(report)
+
+
+def profile_ranks(model: str, world: int, *, prompt_ids: Optional[str], others: dict[str, Any], as_json: bool, **options: Any) -> None:
+    """--ep N: prefill and greedy decode on N ranks; speed and per-rank statistics (no per-component table)."""
+    from moge_cli.distributed import profile_on_ranks, rank_lines
+
+    given = [f"--{name}" for name, value in others.items() if value is not None]
+    if given:
+        raise UsageError(f"--ep profiles speed and per-rank balance only; drop {', '.join(given)} (or run without --ep)")
+    report = profile_on_ranks(model, world, prompt_ids=parse_ids(prompt_ids) if prompt_ids is not None else None, **options)
+    if as_json:
+        print_json(report)
+        return
+    out = stdout_console()
+    out.print(f"[bold]{report['model']}[/bold]  (on {report['device']})")
+    pre, dec = report["prefill"], report["decode"]
+    out.print(f"prefill {pre['tokens']} tokens: {pre['tokens_per_s']:.1f} tok/s   decode {dec['tokens']} tokens: {dec['tokens_per_s']:.1f} tok/s")
+    for line in rank_lines(report["ep"]):
+        out.print(line, soft_wrap=True)
 
 
 def _pct(x: float) -> str:
