@@ -38,6 +38,8 @@ def check_world(cfg, world: int) -> None:
     """--ep N must give every rank whole groups of a MoE model."""
     if world < 1:
         raise UsageError(f"--ep must be at least 1, got {world}")
+    if not cfg.num_experts:
+        raise UsageError("--ep splits routed experts, and this model has none (num_experts is 0)")
     if cfg.n_groups % world:
         divisors = [d for d in range(1, cfg.n_groups + 1) if cfg.n_groups % d == 0]
         raise UsageError(

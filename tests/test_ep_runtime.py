@@ -162,3 +162,9 @@ def test_profile_with_ep_reports_every_rank_and_decodes_the_single_process_token
     assert report["ep"]["token_expert_pairs"][0] == report["ep"]["token_expert_pairs"][1]
     refused = subprocess.run([str(MOGE), "profile", str(ckpt_dir), "--prompt-ids", ids, "--ep", "2", "--weights"], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "drop --weights" in refused.stderr
+
+
+def test_ep_on_a_model_without_routed_experts_is_refused():
+    dense = dataclasses.replace(MoGEConfig.from_name("tiny-moge"), num_experts=0, intermediate_size=64)
+    with pytest.raises(UsageError, match="this model has none"):
+        distributed.check_world(dense, 2)
