@@ -11,6 +11,11 @@ so rank r's picks are columns r*k/N .. (r+1)*k/N - 1: every token sends exactly 
 computes those, and one all-reduce per MoE layer sums the routed output over the ranks before the shared
 expert is added. kernels/step.c's whole-step decode cannot all-reduce mid-step, so under expert parallelism
 every step runs op by op (kernels/decode_step.plan declines).
+
+Under `torchrun --nproc-per-node N -m moge_cli ...` (its variables in the environment: `launched_world`) nothing is
+spawned: this process is one rank (`run_this_rank`), joins the group with init_method env://, and only rank 0
+returns the result (the others return None and print nothing). A rank that fails prints its one `error:` line and
+exits non-zero; torchrun then stops the other ranks (and the process group's timeout bounds any wait).
 """
 
 from __future__ import annotations
@@ -31,6 +36,27 @@ RANK_TIMEOUT_S = 60.0  # the process group's timeout: a collective waiting longe
 FAULT_ENV = "MOGE_EP_TEST_FAULT"  # tests only: "RANK:load" raises while that rank loads, "RANK:exit" kills it before its first forward
 DIED = "died"  # a failure without a report: the process ended
 GRACE_S = 1.0  # after the first failure, how long to wait for the other ranks' reports (to name the cause)
+
+
+# ---- launched by torchrun ------------------------------------------------------------------------
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def torchrun_env() -> dict[str, int] | None:
+    """{"rank", "world", "local_rank"} when this process is one rank of a torchrun launch (all of TORCHRUN_ENV set), else None."""
+    if not all(os.environ.get(name) for name in TORCHRUN_ENV):
+        return None
+    return {"rank": int(os.environ["RANK"]), "world": int(os.environ["WORLD_SIZE"]), "local_rank": int(os.environ["LOCAL_RANK"])}
+
+
+def launched_world(ep: int | None) -> int | None:
+    """The number of ranks: --ep, or under torchrun WORLD_SIZE (--ep may be omitted; given, it must match)."""
+    env = torchrun_env()
+    if env is None or ep is None or ep == env["world"]:
+        return ep if env is None else env["world"]
+    if env["rank"] != 0:  # the same refusal on every rank: rank 0 says it
+        raise SystemExit(2)
+    raise UsageError(f"--ep {ep}, but torchrun started {env['world']} ranks (WORLD_SIZE); give --ep {env['world']} or omit --ep")
 
 
 # ---- checks before spawning ----------------------------------------------------------------------
@@ -224,7 +250,9 @@ def run_on_ranks(path: str, world: int, job: Callable, job_args: tuple = (), *, 
     """Spawn `world` ranks on this machine; each loads its share of `path` and returns job(model, rank, *job_args).
     Returns [(job result, rank stats dict)] in rank order. A rank that raises or dies stops every rank and raises
     one MogeError naming it (the rank's own error class where it raised one). MASTER_PORT, when set, is the
-    rendezvous port (else a free one)."""
+    rendezvous port (else a free one). Under torchrun (torchrun_env): run_this_rank, None on ranks other than 0."""
+    if torchrun_env() is not None:
+        return run_this_rank(path, world, job, job_args, dtype=dtype, device=device, threads=threads, timeout_s=timeout_s)
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -243,6 +271,52 @@ def run_on_ranks(path: str, world: int, job: Callable, job_args: tuple = (), *, 
     if failures:
         raise _failure(failures)
     return [results[r] for r in range(world)]
+
+
+def run_this_rank(path: str, world: int, job: Callable, job_args: tuple = (), *, dtype=None, device: str = "cpu",
+                  threads: int | None = None, timeout_s: float = RANK_TIMEOUT_S) -> list[tuple[Any, dict[str, Any]]] | None:  # fmt: skip
+    """This process as one rank of a torchrun launch: join the group (env://), load this rank's share, run the job.
+    Rank 0 returns [(job result, rank stats dict)] in rank order (every rank's stats, rank 0's result); the others
+    None. A failure here raises MogeError "rank r of N: ..." (torchrun stops the other ranks when this one exits)."""
+    import torch
+    import torch.distributed as dist
+
+    from moge_cli.profiling import peak_memory_bytes
+
+    env = torchrun_env()
+    rank = env["rank"]
+    if env["world"] != world:
+        raise UsageError(f"--ep {world}, but torchrun started {env['world']} ranks (WORLD_SIZE)")
+    if threads:
+        torch.set_num_threads(threads)
+    backend = "gloo"
+    if torch.device(device).type == "cuda":  # one GPU per rank (untested here)
+        backend, device = "nccl", f"cuda:{env['local_rank']}"
+        torch.cuda.set_device(device)
+    try:
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+        _fault(rank, "load")
+        model, stats = load_share(path, rank, world, dtype=dtype, device=device)
+        _fault(rank, "exit")
+        out = job(model, rank, *job_args)
+        gathered: list[Any] | None = [None] * world if rank == 0 else None
+        dist.gather_object(stats.to_dict(peak_memory_bytes(device)), gathered, dst=0)
+    except Exception as e:  # noqa: BLE001 - one line naming the rank; torchrun stops the others
+        message, _ = describe_error(e)
+        if not isinstance(e, MogeError) and "closed by peer" in str(e):  # gloo: another rank ended; its error says why
+            message = "another rank stopped (its error line says why)"
+        cls = type(e) if isinstance(e, MogeError) else MogeError
+        try:
+            error = cls(f"expert parallel run stopped: rank {rank} of {world}: {message}")
+        except TypeError:
+            error = MogeError(f"expert parallel run stopped: rank {rank} of {world}: {message}")
+        raise error from e
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank != 0:
+        return None
+    return [(out if r == 0 else None, gathered[r]) for r in range(world)]
 
 
 def _watch(procs, reports, results: dict, world: int) -> list[tuple[int, Any, str]]:
@@ -355,8 +429,11 @@ def summary(stats: list[dict[str, Any]], device: str = "cpu") -> dict[str, Any]:
 
 def generate_on_ranks(path: str, world: int, ids: list[int], tokenizer_root: str | None, options: dict[str, Any], *,
                       dtype=None, device: str = "cpu", threads: int | None = None):  # fmt: skip
-    """run_generation on `world` ranks: rank 0's GenerationResult, with summary() in result.extra["ep"]."""
+    """run_generation on `world` ranks: rank 0's GenerationResult, with summary() in result.extra["ep"] (None on
+    torchrun ranks other than 0)."""
     out = run_on_ranks(path, world, generate_job, (ids, tokenizer_root, options), dtype=dtype, device=device, threads=threads)
+    if out is None:  # a torchrun rank other than 0
+        return None
     result = out[0][0]
     result.extra["ep"] = summary([stats for _, stats in out], device)
     return result
@@ -375,6 +452,8 @@ def profile_on_ranks(path: str, world: int, *, prompt: str | None = None, text_f
     ids, tok = prompt_tokens(root, prompt, text_file, prompt_ids)
     options = dict(max_new_tokens=decode, stop_ids=())
     result = generate_on_ranks(ranks_path, world, ids, str(root) if tok is not None else None, options, dtype=dtype, device=device)
+    if result is None:  # a torchrun rank other than 0
+        return None
     return {
         "model": str(path),
         "device": device,

@@ -45,12 +45,15 @@ def generate_command(
 
     The prompt: --prompt, --file, --prompt-ids, or stdin when it is not a terminal. Generation ends at an end-of-sequence token (finish: eos), a --stop text (stop), -n tokens (length), or the model's context window (context, with a note on stderr).
 
-    --ep N runs N ranks (expert parallel); the text is printed when generation ends, and per-rank statistics follow on stderr (in the JSON: "ep").
+    --ep N runs N ranks (expert parallel); the text is printed when generation ends, and per-rank statistics follow on stderr (in the JSON: "ep"). Under `torchrun --nproc-per-node N -m moge_cli generate ...` each process is one rank (--ep may be omitted) and rank 0 prints.
 
     Exit codes: 0 done, 2 error or bad usage (bad option, unreadable checkpoint, prompt longer than the context), 130 Ctrl-C, 141 output pipe closed.
     """
     from moge_cli.devices import check_device
+    from moge_cli.distributed import launched_world
     from moge_cli.ep import refuse_rank_directory
+
+    ep = launched_world(ep)  # under torchrun: its WORLD_SIZE
 
     refuse_rank_directory(model_path)  # one rank of `convert --ep`: say so, before reading a prompt
     chat = chat or system is not None
@@ -140,6 +143,8 @@ def run_expert_parallel(path: str, root: str, world: int, ids: list[int], tokeni
 
     tokenizer_root = root if tokenizer is not None else None
     result = generate_on_ranks(path, world, ids, tokenizer_root, options, dtype=dtype, device=device, threads=threads)
+    if result is None:  # a torchrun rank other than 0: rank 0 prints
+        return
     if as_json:
         print_json(result.to_dict())
     else:

@@ -39,7 +39,7 @@ REVISION = Annotated[Optional[str], typer.Option("--revision", help="Branch, tag
 DTYPE = Annotated[Optional[str], typer.Option("--dtype", callback=canonical_dtype, help=f"{DTYPE_CHOICES}; default: the checkpoint's.")]
 DEVICE = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N | mps; checked before anything loads.")]
 THREADS = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="CPU threads (default: torch's, one per core).")]
-EP = Annotated[Optional[int], typer.Option("--ep", metavar="N", min=1, help="Expert parallel: N ranks on this machine (torch.distributed: gloo on cpu, NCCL on cuda), each holding G/N groups of experts; N must divide the groups.")]
+EP = Annotated[Optional[int], typer.Option("--ep", metavar="N", min=1, help="Expert parallel: N ranks on this machine (torch.distributed: gloo on cpu, NCCL on cuda), each holding G/N groups of experts; N must divide the groups. Under torchrun --nproc-per-node N each process is one rank (--ep defaults to its WORLD_SIZE).")]
 
 # -- what goes in
 PROMPT = Annotated[Optional[str], typer.Option("--prompt", "-p", help="Prompt text.")]

@@ -45,8 +45,11 @@ def profile_command(
 
     Exit codes: 0 done, 2 error or bad usage (checked before the model loads: --device, --plot's matplotlib), 130 Ctrl-C, 141 output pipe closed.
     """
+    from moge_cli.distributed import launched_world
     from moge_cli.ep import refuse_rank_directory
     from moge_cli.profiling import profile
+
+    ep = launched_world(ep)  # under torchrun: its WORLD_SIZE
 
     refuse_rank_directory(model)  # one rank of `convert --ep`: say so, before loading anything
     if plot is not None:
@@ -92,6 +95,8 @@ def profile_ranks(model: str, world: int, *, prompt_ids: Optional[str], others: 
     if given:
         raise UsageError(f"--ep profiles speed and per-rank balance only; drop {', '.join(given)} (or run without --ep)")
     report = profile_on_ranks(model, world, prompt_ids=parse_ids(prompt_ids) if prompt_ids is not None else None, **options)
+    if report is None:  # a torchrun rank other than 0: rank 0 prints
+        return
     if as_json:
         print_json(report)
         return
