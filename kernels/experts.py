@@ -49,29 +49,20 @@ def moe_experts(
     return moe_prefill(x, expert_ids, weights, gate_up, down)
 
 
-def moe_decode(
-    x: torch.Tensor,
-    expert_ids: torch.Tensor,
-    weights: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
-) -> torch.Tensor:
+def moe_decode(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """moe_experts for a few tokens: groups the picks on the host, one pass per picked expert."""
-    T, k = _check(x, expert_ids, weights, gate_up, down)
-    y = by_expert_few(x, expert_ids, gate_up.shape[0], lambda xe, e: _swiglu(xe, gate_up[e], down[e]))
-    return _combine(y.view(T, k, x.shape[1]), weights)
+    return _grouped_moe(by_expert_few, x, expert_ids, weights, gate_up, down)
 
 
-def moe_prefill(
-    x: torch.Tensor,
-    expert_ids: torch.Tensor,
-    weights: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
-) -> torch.Tensor:
+def moe_prefill(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """moe_experts for many tokens: sorts the pairs by expert, one matmul pair per non-empty expert."""
+    return _grouped_moe(by_expert_many, x, expert_ids, weights, gate_up, down)
+
+
+def _grouped_moe(group, x, expert_ids, weights, gate_up, down) -> torch.Tensor:
+    """The routed output with the (token, slot) pairs grouped per expert by `group` (a by_expert* function)."""
     T, k = _check(x, expert_ids, weights, gate_up, down)
-    y = by_expert_many(x, expert_ids, gate_up.shape[0], lambda xe, e: _swiglu(xe, gate_up[e], down[e]))
+    y = group(x, expert_ids, gate_up.shape[0], lambda xe, e: _swiglu(xe, gate_up[e], down[e]))  # [T*k, H]
     return _combine(y.view(T, k, x.shape[1]), weights)
 
 
