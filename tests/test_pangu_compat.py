@@ -15,7 +15,7 @@ from moge_cli.checkpoint import open_checkpoint
 from moge_cli.cli import app
 from moge_cli.config import PRESETS, MoGEConfig
 from moge_cli.errors import CheckpointError, ConfigError
-from moge_cli.inspect import count_params, inspect_checkpoint
+from moge_cli.inspect import count_params
 from moge_cli.loader import load_model
 from moge_cli.names import expected_tensors
 from moge_cli.reference_model import reference_logits
