@@ -7,24 +7,37 @@ experts, named by LOCAL id 0..El-1 (per-expert) or stacked [El, ...]; local id i
 experts[i]. Non-expert tensors are replicated on every rank. The top directory holds rank-0 ...
 rank-{N-1} and ep_plan.json, which maps every global expert id to (rank, local id).
 
-`moge load` reports a rank directory as such (rank_summary); commands that need the whole model refuse
+`moge load` reports a rank directory as such (rank_summary) and a split as one checkpoint (inspect.inspect_split); commands that need the whole model refuse
 one with that sentence (refuse_rank_directory); `moge convert TOP DST` merges the ranks back
 (moge_converters.sources.SplitSource).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from moge_cli.config import MoGEConfig
 from moge_cli.errors import CheckpointError, ConfigError, MogeError, UsageError
 from moge_cli.files import checked_dir, checked_file, present, read_json
 from moge_cli.names import PER_EXPERT_RE, STACKED_RE
-from moge_cli.problems import Problem
 
 EP_PLAN_NAME = "ep_plan.json"
+
+
+@dataclass
+class RankSummary:
+    """One rank directory of a split, as `moge load` reports it: which experts and groups, and what to do with it."""
+
+    rank: int
+    world_size: int
+    experts: list[int]  # global expert ids, in local id order
+    groups: list[int]  # expert groups they make up
+    explanation: str  # the sentence a command that needs the whole model prints
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def ep_info(cfg: MoGEConfig) -> dict[str, Any] | None:
@@ -58,14 +71,14 @@ def local_expected(expected: dict[str, tuple[int, ...]], n_local: int) -> dict[s
     return out
 
 
-def rank_summary(cfg: MoGEConfig, ep: dict[str, Any], parent: str | Path) -> dict[str, Any]:
+def rank_summary(cfg: MoGEConfig, ep: dict[str, Any], parent: str | Path) -> RankSummary:
     """ep_info plus the groups the rank holds and the sentence that says what the directory is (parent: the split's top)."""
     groups = sorted({e // cfg.experts_per_group for e in ep["experts"]})
     what = (
         f"rank {ep['rank']} of {ep['world_size']} of an expert-parallel split (groups {_span(groups)}, experts {_span(ep['experts'])}); "
         f"load the split's parent directory, or run it with `moge generate {parent} --ep {ep['world_size']}`"
     )
-    return {**ep, "groups": groups, "explanation": what}
+    return RankSummary(ep["rank"], ep["world_size"], ep["experts"], groups, what)
 
 
 def _span(ids: list[int]) -> str:
@@ -88,7 +101,7 @@ def rank_directory_error(path: str | Path) -> str | None:
         ep = ep_info(cfg)
     except (MogeError, OSError):
         return None
-    return f"{p}: {rank_summary(cfg, ep, p.parent)['explanation']}"
+    return f"{p}: {rank_summary(cfg, ep, p.parent).explanation}"
 
 
 def refuse_rank_directory(path: str | Path) -> None:
@@ -138,38 +151,3 @@ def plan_problems(plan: dict[str, Any], rank_eps: list[dict[str, Any] | None]) -
         if owners.get(m.get("expert")) != [(m.get("rank"), m.get("local"))]:
             out.append((f"expert {m.get('expert')}", f"mapped to rank {m.get('rank')} local {m.get('local')}, ranks hold {owners.get(m.get('expert'))}"))
     return out
-
-
-def inspect_ep_dir(root: Path, inspect_one: Callable[..., dict[str, Any]], **options: Any) -> dict[str, Any]:
-    """The `moge load` report of a split: rank 0's report, totals over ranks, every rank's problems, plan checks."""
-    if options.get("manifest") or options.get("check"):
-        raise UsageError(f"{root}: manifests are per checkpoint; pass one rank directory ({root}/rank-0)")
-    plan = read_ep_plan(root)
-    reports = [inspect_one(root / r["path"], **options) for r in plan["ranks"]]
-    report = dict(reports[0])
-    report["path"] = str(root)
-    report.pop("ep", None)
-    eps = [{k: r["ep"][k] for k in ("rank", "world_size", "experts")} if r.get("ep") else None for r in reports]
-    problems = [asdict_problem("ep", t, d) for t, d in plan_problems(plan, eps)]
-    for entry, rep in zip(plan["ranks"], reports):
-        problems += [{**p, "tensor": f"{entry['path']}/{p['tensor']}"} for p in rep["problems"]]
-    report["problems"] = problems
-    report["num_tensors"] = sum(r["num_tensors"] for r in reports)
-    report["size_bytes"] = sum(r["size_bytes"] for r in reports)
-    report["tensor_bytes"] = sum(r["tensor_bytes"] for r in reports)
-    report["shards"] = [f"{e['path']}/{s}" for e, r in zip(plan["ranks"], reports) for s in r["shards"]]
-    if "tensors" in report:
-        report["tensors"] = [{**t, "shard": f"{e['path']}/{t['shard']}"} for e, r in zip(plan["ranks"], reports) for t in r["tensors"]]
-    if "verify" in report:
-        v = {k: sum(r["verify"][k] for r in reports) for k in ("tensors_checked", "nan", "inf", "all_zero_tensors")}
-        v["files"] = {f"{e['path']}/{f}": h for e, r in zip(plan["ranks"], reports) for f, h in r["verify"]["files"].items()}
-        report["verify"] = v
-    report["ep_plan"] = {
-        "world_size": plan["world_size"],
-        "ranks": [{"rank": e["rank"], "path": e["path"], "groups": e.get("groups"), "experts": e["experts"]} for e in plan["ranks"]],
-    }
-    return report
-
-
-def asdict_problem(kind: str, tensor: str, detail: str) -> dict[str, str]:
-    return asdict(Problem(kind, tensor, detail))

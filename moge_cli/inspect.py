@@ -1,4 +1,4 @@
-"""`inspect_checkpoint`: the report behind `moge load` (schema check, parameter counts, sizes)."""
+"""`inspect_checkpoint`: the report behind `moge load` (schema check, parameter counts, sizes), as a CheckpointReport."""
 
 from __future__ import annotations
 
@@ -6,19 +6,97 @@ import fnmatch
 import math
 import os
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from moge_cli.checkpoint import Checkpoint, open_checkpoint, resolve_location
 from moge_cli.config import MODEL_TYPE, MoGEConfig
 from moge_cli.dtypes import FLOAT_CODES as FLOAT_DTYPES
-from moge_cli.ep import ep_info, inspect_ep_dir, is_ep_dir, local_expected, rank_summary
-from moge_cli.errors import CheckpointError
+from moge_cli.ep import RankSummary, ep_info, is_ep_dir, local_expected, plan_problems, rank_summary, read_ep_plan
+from moge_cli.errors import CheckpointError, UsageError
 from moge_cli.names import LAYOUTS, PER_EXPERT, PER_EXPERT_RE, STACKED, STACKED_RE, component_of, expected_tensors, skipped_notes
 from moge_cli.problems import Problem
 from moge_cli.quant_format import expected_quantized, read_quantization
 from moge_cli.safetensors_format import TORCH_NAMES
+
+@dataclass
+class QuantizationSummary:
+    """What a quantized checkpoint (`moge quantize` output, compressed-tensors) holds: settings and bytes."""
+
+    format: str | None  # quantization_config.format, e.g. "pack-quantized"
+    method: str  # rtn | mse, or another tool's name
+    calibration: dict[str, Any] | None  # --calib: file, tokens, modules, experts, experts_reached; None without
+    bits: int | None
+    group_size: int | None  # None: one scale per output channel
+    symmetric: bool | None
+    schemes: dict[str, int]  # scheme label (int4-g128-asym...) -> quantized weights
+    tensors: int  # quantized weights
+    components: dict[str, int]  # component -> quantized weights
+    quantized_params: int  # float weights they replace
+    quantized_bytes: int  # packed ints + scales + zero points
+    float_bytes: int  # every other tensor
+    bits_per_quantized_weight: float  # 8 * quantized_bytes / quantized_params
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class VerifySummary:
+    """The streamed check of `moge load --verify`: values counted over every tensor, hashes of every shard."""
+
+    files: dict[str, dict[str, Any]]  # shard (relative path) -> {"sha256", "bytes"}
+    tensors_checked: int
+    nan: int
+    inf: int
+    all_zero_tensors: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CheckpointReport:
+    """What `moge load` reports about a checkpoint (the config, counts, sizes, problems); `to_dict()` is its --json."""
+
+    path: str
+    model_type: str
+    layout: str  # per-expert | stacked | mixed | ...
+    dtype: str  # torch name of the floating dtype holding most bytes; "" for none
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    num_experts: int
+    num_experts_per_tok: int
+    num_groups: int
+    experts_per_group: int
+    picks_per_group: int
+    moe_intermediate_size: int
+    shared_expert_intermediate_size: int
+    dense_layers: list[int]
+    params: dict[str, int]  # total, active, one per COMPONENTS, active_routed_experts (count_params)
+    num_tensors: int
+    size_bytes: int  # files on disk
+    tensor_bytes: int  # tensor data
+    shards: list[str]  # file names (rank-i/name for a split)
+    problems: list[Problem]
+    notes: list[str]
+    skipped_tensors: list[str]  # known buffers a load skips
+    ep: RankSummary | None = None  # one rank directory of `convert --ep`
+    quantization: QuantizationSummary | None = None  # a quantized checkpoint
+    tensors: list[dict[str, Any]] | None = None  # tensors=GLOB: rows of name, dtype, shape, shard, bytes
+    verify: VerifySummary | None = None  # verify=True
+    ep_plan: dict[str, Any] | None = None  # the top of a split: world_size, ranks [{rank, path, groups, experts}]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The --json object: the sections that are None are left out."""
+        d = asdict(self)
+        return {f.name: d[f.name] for f in fields(self) if f.default is not None or d[f.name] is not None}
+
 
 COMPONENTS = ("embeddings", "attention", "router", "routed_experts", "shared_experts", "dense_mlp", "norms", "lm_head")
 
@@ -101,32 +179,34 @@ def inspect_checkpoint(
     check: str | os.PathLike | None = None,
     tensors: str | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> dict[str, Any]:
-    """Inspect a checkpoint and return the report `moge load --json` prints.
+) -> CheckpointReport:
+    """Inspect a checkpoint; the report's to_dict() is what `moge load --json` prints.
 
     verify: stream every tensor (NaN/Inf, all-zero) and hash every shard; manifest: write those
     hashes to this file; check: compare shard hashes against a manifest written earlier;
-    tensors: a glob; matching tensors are listed under "tensors".
+    tensors: a glob; matching tensors are listed in report.tensors.
     progress(n_bytes, total_bytes) is called as bytes are streamed. Raises MogeError if unreadable.
     """
     path = resolve_location(path, revision)  # a local path, or a repo id's snapshot in the Hugging Face cache
     if is_ep_dir(path):  # the top of a `convert --ep` split: every rank plus the plan
-        return inspect_ep_dir(path, inspect_checkpoint, verify=verify, manifest=manifest, check=check, tensors=tensors, progress=progress)
+        if manifest or check:
+            raise UsageError(f"{path}: manifests are per checkpoint; pass one rank directory ({path}/rank-0)")
+        return inspect_split(Path(path), verify=verify, tensors=tensors, progress=progress)
     ckpt = open_checkpoint(path)
     try:
         report = summarize(ckpt)
         if tensors is not None:
-            report["tensors"] = tensor_rows(ckpt, tensors)
+            report.tensors = tensor_rows(ckpt, tensors)
         if verify or manifest or check:
             from moge_cli.shard_scan import check_manifest, verify_checkpoint, write_manifest
 
             result = verify_checkpoint(ckpt, progress=progress)
-            report["verify"] = result.summary()
-            report["problems"] += [asdict(p) for p in result.problems]
+            report.verify = VerifySummary(**result.summary())
+            report.problems += result.problems
             if manifest:
                 write_manifest(result, Path(manifest))
             if check:
-                report["problems"] += [asdict(p) for p in check_manifest(result, Path(check))]
+                report.problems += check_manifest(result, Path(check))
         return report
     finally:
         ckpt.close()
@@ -153,48 +233,45 @@ def load_notes(ckpt: Checkpoint) -> tuple[list[str], list[str]]:
     return skipped, notes
 
 
-def summarize(ckpt: Checkpoint) -> dict[str, Any]:
+def summarize(ckpt: Checkpoint) -> CheckpointReport:
+    """The report of one checkpoint from its headers and config (no tensor data read)."""
     cfg = ckpt.config
     dtype = main_dtype(ckpt)
     skipped, notes = load_notes(ckpt)
-    return {
-        "path": str(ckpt.source),
-        "model_type": cfg.model_type,
-        "layout": ckpt.layout,
-        "dtype": TORCH_NAMES.get(dtype, dtype),
-        "num_layers": cfg.num_hidden_layers,
-        "hidden_size": cfg.hidden_size,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
-        "vocab_size": cfg.vocab_size,
-        "num_experts": cfg.num_experts,
-        "num_experts_per_tok": cfg.num_experts_per_tok,
-        "num_groups": cfg.n_groups,
-        "experts_per_group": cfg.experts_per_group,
-        "picks_per_group": cfg.picks_per_group,
-        "moe_intermediate_size": cfg.moe_intermediate_size,
-        "shared_expert_intermediate_size": cfg.shared_expert_intermediate_size,
-        "dense_layers": cfg.dense_layers,
-        "params": count_params(cfg),
-        "num_tensors": len(ckpt.tensors),
-        "size_bytes": ckpt.size_bytes,
-        "tensor_bytes": sum(t.nbytes for t in ckpt.tensors.values()),
-        "shards": [f.name for f in ckpt.files],
-        "problems": [asdict(p) for p in schema_problems(ckpt, dtype)],
-        "notes": notes,
-        "skipped_tensors": skipped,
-        **({"ep": rank_report(ckpt, ep)} if (ep := ep_info(cfg)) else {}),
-        **({"quantization": q} if (q := quantization_summary(ckpt)) else {}),
-    }
+    ep = ep_info(cfg)
+    return CheckpointReport(
+        path=str(ckpt.source),
+        model_type=cfg.model_type,
+        layout=ckpt.layout,
+        dtype=TORCH_NAMES.get(dtype, dtype),
+        num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        vocab_size=cfg.vocab_size,
+        num_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.num_experts_per_tok,
+        num_groups=cfg.n_groups,
+        experts_per_group=cfg.experts_per_group,
+        picks_per_group=cfg.picks_per_group,
+        moe_intermediate_size=cfg.moe_intermediate_size,
+        shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
+        dense_layers=cfg.dense_layers,
+        params=count_params(cfg),
+        num_tensors=len(ckpt.tensors),
+        size_bytes=ckpt.size_bytes,
+        tensor_bytes=sum(t.nbytes for t in ckpt.tensors.values()),
+        shards=[f.name for f in ckpt.files],
+        problems=schema_problems(ckpt, dtype),
+        notes=notes,
+        skipped_tensors=skipped,
+        ep=rank_summary(cfg, ep, Path(ckpt.source).parent) if ep else None,
+        quantization=quantization_summary(ckpt),
+    )
 
 
-def rank_report(ckpt: Checkpoint, ep: dict[str, Any]) -> dict[str, Any]:
-    """A rank directory's `ep`: rank, world_size, experts, groups, and what to do with it (explanation)."""
-    return rank_summary(ckpt.config, ep, Path(ckpt.source).parent)
-
-
-def quantization_summary(ckpt: Checkpoint) -> dict[str, Any] | None:
+def quantization_summary(ckpt: Checkpoint) -> QuantizationSummary | None:
     """Bits, group size, method and which tensors of a quantized checkpoint, with its bytes; None if not quantized."""
     try:
         quant = read_quantization(ckpt.config.extra, {n: t.shape for n, t in ckpt.tensors.items()})
@@ -208,18 +285,48 @@ def quantization_summary(ckpt: Checkpoint) -> dict[str, Any] | None:
     float_shapes = expected_tensors(ckpt.config, PER_EXPERT)  # what each quantized weight was
     quantized_params = sum(math.prod(float_shapes.get(m + ".weight", (0,))) for m in quant.modules)
     first = next(iter(quant.modules.values()), None)
-    return {
-        "format": quant.config.get("format"),
-        "method": quant.method,
-        "calibration": quant.moge.get("calibration"),  # --calib: file, tokens, experts reached; None without
-        "bits": quant.moge.get("bits", first.bits if first else None),
-        "group_size": quant.moge.get("group_size", first.group_size if first else None),
-        "symmetric": quant.moge.get("symmetric", first.symmetric if first else None),
-        "schemes": dict(schemes),
-        "tensors": len(quant.modules),
-        "components": dict(components),
-        "quantized_params": quantized_params,
-        "quantized_bytes": quantized_bytes,
-        "float_bytes": sum(t.nbytes for t in ckpt.tensors.values()) - quantized_bytes,
-        "bits_per_quantized_weight": 8 * quantized_bytes / quantized_params if quantized_params else 0.0,
-    }
+    return QuantizationSummary(
+        format=quant.config.get("format"),
+        method=quant.method,
+        calibration=quant.moge.get("calibration"),
+        bits=quant.moge.get("bits", first.bits if first else None),
+        group_size=quant.moge.get("group_size", first.group_size if first else None),
+        symmetric=quant.moge.get("symmetric", first.symmetric if first else None),
+        schemes=dict(schemes),
+        tensors=len(quant.modules),
+        components=dict(components),
+        quantized_params=quantized_params,
+        quantized_bytes=quantized_bytes,
+        float_bytes=sum(t.nbytes for t in ckpt.tensors.values()) - quantized_bytes,
+        bits_per_quantized_weight=8 * quantized_bytes / quantized_params if quantized_params else 0.0,
+    )
+
+
+def inspect_split(root: Path, **options: Any) -> CheckpointReport:
+    """The report of a `convert --ep` split: rank 0's, with totals over ranks, every rank's problems and the plan's checks."""
+    plan = read_ep_plan(root)
+    ranks = plan["ranks"]  # [{rank, path, groups, experts}]
+    reports = [inspect_checkpoint(root / r["path"], **options) for r in ranks]
+    eps = [{"rank": r.ep.rank, "world_size": r.ep.world_size, "experts": r.ep.experts} if r.ep else None for r in reports]
+    problems = [Problem("ep", tensor, detail) for tensor, detail in plan_problems(plan, eps)]
+    problems += [replace(p, tensor=f"{e['path']}/{p.tensor}") for e, r in zip(ranks, reports) for p in r.problems]
+    first = reports[0]
+    return replace(
+        first,
+        path=str(root),
+        problems=problems,
+        num_tensors=sum(r.num_tensors for r in reports),
+        size_bytes=sum(r.size_bytes for r in reports),
+        tensor_bytes=sum(r.tensor_bytes for r in reports),
+        shards=[f"{e['path']}/{s}" for e, r in zip(ranks, reports) for s in r.shards],
+        ep=None,
+        tensors=None if first.tensors is None else [{**t, "shard": f"{e['path']}/{t['shard']}"} for e, r in zip(ranks, reports) for t in r.tensors],
+        verify=None if first.verify is None else VerifySummary(
+            files={f"{e['path']}/{f}": h for e, r in zip(ranks, reports) for f, h in r.verify.files.items()},
+            **{k: sum(getattr(r.verify, k) for r in reports) for k in ("tensors_checked", "nan", "inf", "all_zero_tensors")},
+        ),
+        ep_plan={
+            "world_size": plan["world_size"],
+            "ranks": [{"rank": e["rank"], "path": e["path"], "groups": e.get("groups"), "experts": e["experts"]} for e in ranks],
+        },
+    )

@@ -73,7 +73,7 @@ def load_json(path: str) -> int:
 
     try:
         report = inspect_checkpoint(path)
-        print_json(report)
+        print_json(report.to_dict())
         sys.stdout.flush()
     except BrokenPipeError:
         return silence_broken_pipe()
@@ -81,4 +81,4 @@ def load_json(path: str) -> int:
         if debug_enabled() and not isinstance(e, KeyboardInterrupt):
             raise
         return report_error(e, as_json=True)
-    return 1 if report["problems"] else 0
+    return 1 if report.problems else 0

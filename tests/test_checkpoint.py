@@ -12,6 +12,7 @@ from moge_cli.synthetic import write_checkpoint
 from moge_cli import inspect_checkpoint, open_checkpoint
 from moge_cli.config import PRESETS, MoGEConfig
 from moge_cli.errors import CheckpointError, ConfigError
+from moge_cli.problems import Problem
 
 TINY = MoGEConfig.from_dict(PRESETS["tiny-moge"])
 
@@ -50,9 +51,9 @@ def test_sharded_directory_reads_headers_only(sharded):
     assert ckpt.layout == "per-expert"
     assert not ckpt._maps  # nothing memory-mapped until a tensor is asked for
     report = inspect_checkpoint(sharded)
-    assert report["problems"] == []
-    assert report["num_groups"] == 4 and report["experts_per_group"] == 2 and report["picks_per_group"] == 1
-    assert report["params"]["total"] == sum(t.numel for t in ckpt.tensors.values())
+    assert report.problems == []
+    assert report.num_groups == 4 and report.experts_per_group == 2 and report.picks_per_group == 1
+    assert report.params["total"] == sum(t.numel for t in ckpt.tensors.values())
 
 
 def test_single_file_and_single_model_safetensors(sharded, tmp_path):
@@ -64,9 +65,9 @@ def test_single_file_and_single_model_safetensors(sharded, tmp_path):
     d.mkdir()
     shutil.copy(sharded / "config.json", d)
     save_file(state, d / "model.safetensors", metadata={"format": "pt"})
-    assert inspect_checkpoint(d)["problems"] == []
+    assert inspect_checkpoint(d).problems == []
     r = inspect_checkpoint(d / "model.safetensors")  # the file itself, config.json beside it
-    assert r["problems"] == [] and r["path"].endswith("model.safetensors")
+    assert r.problems == [] and r.path.endswith("model.safetensors")
 
 
 def test_lazy_tensor_access_matches_file_bytes(sharded):
@@ -95,7 +96,7 @@ def test_tensor_file_is_never_modified(copy):
 def test_stacked_layout_detected(tmp_path):
     d = write_checkpoint(TINY, tmp_path / "st", dtype="float32", layout="stacked", tokenizer=False)
     r = inspect_checkpoint(d)
-    assert r["layout"] == "stacked" and r["problems"] == []
+    assert r.layout == "stacked" and r.problems == []
 
 
 def test_schema_problems_reported_not_raised(copy):
@@ -109,7 +110,7 @@ def test_schema_problems_reported_not_raised(copy):
     index["weight_map"]["model.layers.0.mlp.extra_scale"] = index["weight_map"].pop(gone)
     (copy / "model.safetensors.index.json").write_text(json.dumps(index))
     r = inspect_checkpoint(copy)
-    kinds = {(p["kind"], p["tensor"]) for p in r["problems"]}
+    kinds = {(p.kind, p.tensor) for p in r.problems}
     assert ("missing", gone) in kinds
     assert ("unexpected", "model.layers.0.mlp.extra_scale") in kinds
 
@@ -120,8 +121,8 @@ def test_wrong_shape_reported(copy):
     header, body = read_raw_header(shard)
     header[name]["shape"] = [16, 32]
     write_raw(shard, header, body)
-    problems = inspect_checkpoint(copy)["problems"]
-    assert {"kind": "shape", "tensor": name, "detail": "shape [16, 32], config says [8, 64]"} in problems
+    problems = inspect_checkpoint(copy).problems
+    assert Problem("shape", name, "shape [16, 32], config says [8, 64]") in problems
 
 
 def test_mixed_float_dtypes_reported(tmp_path):
@@ -135,8 +136,8 @@ def test_mixed_float_dtypes_reported(tmp_path):
     shutil.copy(tmp_path / "a" / "config.json", d)
     save_file(state, d / "model.safetensors")
     r = inspect_checkpoint(d)
-    assert r["dtype"] == "bfloat16"
-    assert [(p["kind"], p["tensor"]) for p in r["problems"]] == [("dtype", "model.norm.weight")]
+    assert r.dtype == "bfloat16"
+    assert [(p.kind, p.tensor) for p in r.problems] == [("dtype", "model.norm.weight")]
 
 
 def test_verify_counts_nonfinite_and_zero(copy):
@@ -156,10 +157,10 @@ def test_verify_counts_nonfinite_and_zero(copy):
     write_raw(shard, header, body)
     seen = []
     r = inspect_checkpoint(copy, verify=True, progress=lambda n, total: seen.append((n, total)))
-    assert r["verify"]["nan"] == 1 and r["verify"]["inf"] == 2
-    assert {"kind": "nonfinite", "tensor": name, "detail": "1 NaN and 2 Inf values"} in r["problems"]
+    assert r.verify.nan == 1 and r.verify.inf == 2
+    assert Problem("nonfinite", name, "1 NaN and 2 Inf values") in r.problems
     if zero in header:
-        assert {"kind": "zero", "tensor": zero, "detail": "every value is zero"} in r["problems"]
+        assert Problem("zero", zero, "every value is zero") in r.problems
     assert sum(n for n, _ in seen) == sum(p.stat().st_size for p in copy.glob("*.safetensors"))
 
 
@@ -171,13 +172,13 @@ def test_manifest_round_trip_and_tamper(copy, tmp_path):
     files = json.loads(manifest.read_text())["files"]
     for name, entry in files.items():
         assert entry["sha256"] == hashlib.sha256((copy / name).read_bytes()).hexdigest()
-    assert inspect_checkpoint(copy, check=manifest)["problems"] == []
+    assert inspect_checkpoint(copy, check=manifest).problems == []
     victim = sorted(copy.glob("model-*.safetensors"))[-1]
     data = bytearray(victim.read_bytes())
     data[-1] ^= 0x01  # flip one bit of tensor data: still a valid file
     victim.write_bytes(bytes(data))
-    problems = inspect_checkpoint(copy, check=manifest)["problems"]
-    assert [(p["kind"], p["tensor"]) for p in problems] == [("hash", victim.name)]
+    problems = inspect_checkpoint(copy, check=manifest).problems
+    assert [(p.kind, p.tensor) for p in problems] == [("hash", victim.name)]
 
 
 def test_hub_repo_id_resolved_from_local_cache_only(sharded, tmp_path, monkeypatch):
@@ -191,8 +192,8 @@ def test_hub_repo_id_resolved_from_local_cache_only(sharded, tmp_path, monkeypat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
     r = inspect_checkpoint("pangu/tiny-moge")
-    assert r["problems"] == [] and Path(r["path"]) == snap
-    assert inspect_checkpoint("pangu/tiny-moge", revision=commit)["problems"] == []
+    assert r.problems == [] and Path(r.path) == snap
+    assert inspect_checkpoint("pangu/tiny-moge", revision=commit).problems == []
     with pytest.raises(CheckpointError, match="pangu/other.*hf download pangu/other"):
         inspect_checkpoint("pangu/other")
     with pytest.raises(CheckpointError, match="revision v2"):

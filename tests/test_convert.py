@@ -52,7 +52,7 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def no_problems(path: Path) -> None:
     report = inspect_checkpoint(path)
-    assert report["problems"] == [], report["problems"][:5]
+    assert report.problems == [], report.problems[:5]
 
 
 def test_per_expert_stacked_per_expert_is_bit_exact(src, tmp_path):
@@ -284,7 +284,7 @@ def test_ep_split_holds_whole_groups(src, tmp_path, layout):
         assert (rank / "tokenizer.json").read_text() == EXTRA_FILES["tokenizer.json"]
         no_problems(rank)
     report = inspect_checkpoint(out)  # the top directory: every rank and the plan
-    assert report["problems"] == [] and report["ep_plan"]["world_size"] == 2
+    assert report.problems == [] and report.ep_plan["world_size"] == 2
     with pytest.raises(UsageError, match="must divide"):
         convert(src, tmp_path / "ep3", ep=3)
 

@@ -256,17 +256,17 @@ def test_verify_catches_a_corrupted_output(src, tmp_path, monkeypatch):
 def test_load_reports_quantized_checkpoints(q4):
     out, _ = q4
     report = inspect_checkpoint(out)
-    assert report["problems"] == []
-    assert report["layout"] == "per-expert"
-    assert report["params"] == inspect_checkpoint(Path(__file__).resolve().parents[1] / "fixtures" / "tiny-moge")["params"]  # counted as the original model
-    q = report["quantization"]
-    assert (q["bits"], q["group_size"], q["method"], q["tensors"]) == (4, 128, "rtn", 62)
-    assert q["schemes"] == {"int4 g64 asym": 46, "int4 g32 asym": 16}
-    assert q["components"] == {"attention": 8, "routed_experts": 48, "shared_experts": 6}
+    assert report.problems == []
+    assert report.layout == "per-expert"
+    assert report.params == inspect_checkpoint(Path(__file__).resolve().parents[1] / "fixtures" / "tiny-moge").params  # counted as the original model
+    q = report.quantization
+    assert (q.bits, q.group_size, q.method, q.tensors) == (4, 128, "rtn", 62)
+    assert q.schemes == {"int4 g64 asym": 46, "int4 g32 asym": 16}
+    assert q.components == {"attention": 8, "routed_experts": 48, "shared_experts": 6}
     per_layer = (64 + 32 + 32 + 64) * 64 + 8 * 3 * 32 * 64 + 3 * 64 * 64  # q k v o, 8 experts, shared expert
-    assert q["quantized_params"] == 2 * per_layer
-    assert 4.0 < q["bits_per_quantized_weight"] < 5.0
-    assert q["quantized_bytes"] + q["float_bytes"] == report["tensor_bytes"]
+    assert q.quantized_params == 2 * per_layer
+    assert 4.0 < q.bits_per_quantized_weight < 5.0
+    assert q.quantized_bytes + q.float_bytes == report.tensor_bytes
 
 
 def test_read_quantization_matching_rules():

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
 
 from moge_cli.commands.common import handle_errors, human_bytes, human_count, print_json, stderr_console, stdout_console
 from moge_cli.commands.options import JSON, QUIET, REVISION
+
+if TYPE_CHECKING:
+    from moge_cli.inspect import CheckpointReport
 
 
 @handle_errors
@@ -37,14 +40,14 @@ def load_command(
     else:
         report = inspect_checkpoint(path, **options)
     if as_json:
-        print_json(report)
+        print_json(report.to_dict())
     else:
         render(report)
-    if report["problems"]:
+    if report.problems:
         raise typer.Exit(1)
 
 
-def _with_progress(run: Callable[[Callable[[int, int], None]], dict[str, Any]]) -> dict[str, Any]:
+def _with_progress(run: Callable[[Callable[[int, int], None]], CheckpointReport]) -> CheckpointReport:
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
     columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
@@ -53,44 +56,42 @@ def _with_progress(run: Callable[[Callable[[int, int], None]], dict[str, Any]]) 
         return run(lambda n, total: bar.update(task, advance=n, total=total))
 
 
-def render(report: dict[str, Any]) -> None:
+def render(report: CheckpointReport) -> None:
     from rich.table import Table
 
     out = stdout_console()
-    p = report["params"]
+    r, p = report, report.params
     summary = Table(show_header=False, box=None, pad_edge=False)
     summary.add_column(style="bold cyan")
     summary.add_column()
     rows = [
-        ("path", report["path"]),
-        ("architecture", f"{report['model_type']}  ({report['num_layers']} layers, hidden {report['hidden_size']}, vocab {report['vocab_size']})"),
-        ("attention", f"{report['num_attention_heads']} heads / {report['num_key_value_heads']} kv heads, head_dim {report['head_dim']}"),
+        ("path", r.path),
+        ("architecture", f"{r.model_type}  ({r.num_layers} layers, hidden {r.hidden_size}, vocab {r.vocab_size})"),
+        ("attention", f"{r.num_attention_heads} heads / {r.num_key_value_heads} kv heads, head_dim {r.head_dim}"),
         (
             "experts",
-            f"{report['num_experts']} = {report['num_groups']} groups x {report['experts_per_group']} experts, "
-            f"{report['picks_per_group']} pick(s) per group ({report['num_experts_per_tok']} per token); "
-            f"width {report['moe_intermediate_size']}, shared expert {report['shared_expert_intermediate_size']}",
+            f"{r.num_experts} = {r.num_groups} groups x {r.experts_per_group} experts, "
+            f"{r.picks_per_group} pick(s) per group ({r.num_experts_per_tok} per token); "
+            f"width {r.moe_intermediate_size}, shared expert {r.shared_expert_intermediate_size}",
         ),
-        ("dense layers", ", ".join(map(str, report["dense_layers"])) or "none"),
-        ("layout", report["layout"]),
-        ("dtype", report["dtype"] or "-"),
-        ("shards", f"{len(report['shards'])} file(s), {human_bytes(report['size_bytes'])} on disk, {report['num_tensors']} tensors"),
+        ("dense layers", ", ".join(map(str, r.dense_layers)) or "none"),
+        ("layout", r.layout),
+        ("dtype", r.dtype or "-"),
+        ("shards", f"{len(r.shards)} file(s), {human_bytes(r.size_bytes)} on disk, {r.num_tensors} tensors"),
         ("parameters", f"{human_count(p['total'])} total, {human_count(p['active'])} active per token ({p['total']:,} / {p['active']:,})"),
     ]
-    if "ep" in report:  # one rank of `moge convert --ep`
-        e = report["ep"]
-        rows.append(("expert parallel", f"{e['explanation']}; its experts are stored by local id 0..{len(e['experts']) - 1}"))
-    if "ep_plan" in report:  # the top directory of a split
-        rows.append(("expert parallel", "; ".join(f"{r['path']}: experts {r['experts'][0]}..{r['experts'][-1]}" for r in report["ep_plan"]["ranks"])))
-    if "quantization" in report:  # `moge quantize` output (compressed-tensors)
-        q = report["quantization"]
-        comps = ", ".join(f"{c} {n}" for c, n in q["components"].items())
-        cal = q.get("calibration")
-        method = q["method"] + (f" calibrated on {cal['tokens']} tokens of {cal['file']}" if cal else "")
-        rows.append(("quantization", f"{q['format']}: {', '.join(f'{s} x{n}' for s, n in q['schemes'].items())}, method {method}; {q['tensors']} tensors ({comps})"))
-        rows.append(("quantized bytes", f"{human_bytes(q['quantized_bytes'])} for {human_count(q['quantized_params'])} weights "
-                     f"({q['bits_per_quantized_weight']:.2f} bits each, scales included); float tensors {human_bytes(q['float_bytes'])}"))  # fmt: skip
-    rows += [("note", note) for note in report.get("notes", [])]  # skipped buffers, tied embeddings, rope_scaling
+    if (e := r.ep) is not None:  # one rank of `moge convert --ep`
+        rows.append(("expert parallel", f"{e.explanation}; its experts are stored by local id 0..{len(e.experts) - 1}"))
+    if r.ep_plan is not None:  # the top directory of a split
+        rows.append(("expert parallel", "; ".join(f"{x['path']}: experts {x['experts'][0]}..{x['experts'][-1]}" for x in r.ep_plan["ranks"])))
+    if (q := r.quantization) is not None:  # `moge quantize` output (compressed-tensors)
+        comps = ", ".join(f"{c} {n}" for c, n in q.components.items())
+        cal = q.calibration
+        method = q.method + (f" calibrated on {cal['tokens']} tokens of {cal['file']}" if cal else "")
+        rows.append(("quantization", f"{q.format}: {', '.join(f'{s} x{n}' for s, n in q.schemes.items())}, method {method}; {q.tensors} tensors ({comps})"))
+        rows.append(("quantized bytes", f"{human_bytes(q.quantized_bytes)} for {human_count(q.quantized_params)} weights "
+                     f"({q.bits_per_quantized_weight:.2f} bits each, scales included); float tensors {human_bytes(q.float_bytes)}"))  # fmt: skip
+    rows += [("note", note) for note in r.notes]  # skipped buffers, tied embeddings, rope_scaling
     for k, v in rows:
         summary.add_row(k, v)
     out.print(summary)
@@ -104,20 +105,19 @@ def render(report: dict[str, Any]) -> None:
             breakdown.add_row(comp, f"{p[comp]:,}", f"{active:,}", f"{100 * p[comp] / p['total']:.1f}%")
     out.print(breakdown)
 
-    if "verify" in report:
-        v = report["verify"]
-        out.print(f"verified {v['tensors_checked']} tensors: {v['nan']} NaN, {v['inf']} Inf, {v['all_zero_tensors']} all-zero")
-        for name, f in v["files"].items():
+    if (v := r.verify) is not None:
+        out.print(f"verified {v.tensors_checked} tensors: {v.nan} NaN, {v.inf} Inf, {v.all_zero_tensors} all-zero")
+        for name, f in v.files.items():
             out.print(f"  {f['sha256']}  {name}", soft_wrap=True)
-    if "tensors" in report:
-        t = Table(title=f"{len(report['tensors'])} tensors", title_justify="left")
+    if r.tensors is not None:
+        t = Table(title=f"{len(r.tensors)} tensors", title_justify="left")
         for col in ("name", "dtype", "shape", "shard", "bytes"):
             t.add_column(col, justify="right" if col == "bytes" else "left")
-        for r in report["tensors"]:
-            t.add_row(r["name"], r["dtype"], str(r["shape"]), r["shard"], f"{r['bytes']:,}")
+        for row in r.tensors:
+            t.add_row(row["name"], row["dtype"], str(row["shape"]), row["shard"], f"{row['bytes']:,}")
         out.print(t)
 
-    problems = report["problems"]
+    problems = r.problems
     if not problems:
         out.print("[green]no problems found[/green]")
         return
@@ -125,7 +125,7 @@ def render(report: dict[str, Any]) -> None:
     for col in ("kind", "tensor", "detail"):
         t.add_column(col)
     for pr in problems[:50]:
-        t.add_row(pr["kind"], pr["tensor"], pr["detail"])
+        t.add_row(pr.kind, pr.tensor, pr.detail)
     out.print(t)
     if len(problems) > 50:
         out.print(f"... and {len(problems) - 50} more (use --json for all)")
