@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 
 from moge_cli.errors import UsageError
+from moge_cli.memory_plan import cache_tokens
 from moge_cli.profiling import peak_memory_bytes
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ def generate(
     if budget <= 0:
         return
     if cache is None:
-        cache = model.new_cache(batch_size=1, max_len=min(capacity, len(ids) + budget))
+        cache = model.new_cache(batch_size=1, max_len=cache_tokens(capacity, len(ids), budget))  # as memory_plan counts it
     device = model_device(model)
     gen = make_generator(seed)
     stops = {int(i) for i in stop_ids}

@@ -47,7 +47,7 @@ def generate_command(
 
     --ep N runs N ranks (expert parallel); the text is printed when generation ends, and per-rank statistics follow on stderr (in the JSON: "ep"). Under `torchrun --nproc-per-node N -m moge_cli generate ...` each process is one rank (--ep may be omitted) and rank 0 prints.
 
-    Exit codes: 0 done, 2 error or bad usage (bad option, unreadable checkpoint, prompt longer than the context), 130 Ctrl-C, 141 output pipe closed.
+    Exit codes: 0 done, 2 error or bad usage (bad option, unreadable checkpoint, prompt longer than the context, a model that does not fit the device's free memory: the figures are printed), 130 Ctrl-C, 141 output pipe closed.
     """
     from moge_cli.devices import check_device
     from moge_cli.distributed import launched_world
@@ -101,14 +101,17 @@ def generate_command(
                             dtype=dtype, device=device, threads=threads, quiet=quiet, as_json=as_json)  # fmt: skip
         return
 
+    if ids is None and not interactive:
+        ids = _encode(tokenizer, prompt, system, chat)
+    plan = memory_plan(ckpt, ids, max_new_tokens, dtype=dtype, device=device)
+    plan.check()  # does not fit: exit 2 with the figures, before any weight is read
+
     from moge_cli.loader import load_model
 
     model = load_model(ckpt, dtype=dtype, device=device)
     if interactive:
         run_interactive(model, tokenizer, system=system, max_new_tokens=max_new_tokens, quiet=quiet, **sampling)
         return
-    if ids is None:
-        ids = _encode(tokenizer, prompt, system, chat)
 
     from moge_cli.generate import context_capacity, run_generation
 
@@ -117,7 +120,7 @@ def generate_command(
         stream = dict(on_text=_writer()) if tokenizer is not None else dict(on_token=_id_writer())
     result = run_generation(model, ids, tokenizer=tokenizer, max_new_tokens=max_new_tokens, stop_ids=stop_ids, **sampling, **stream)
     if as_json:
-        print_json(result.to_dict())
+        print_json(result.to_dict() | {"memory_plan": plan.to_dict()})
     else:
         _end_line(result.text if tokenizer is not None else result.generated_ids)
     if quiet:
@@ -133,6 +136,15 @@ def _encode(tokenizer: Any, prompt: str, system: Optional[str], chat: bool) -> l
 
     text = chat_prompt(tokenizer, messages_for(prompt, system)) if chat else prompt
     return encode_prompt(tokenizer, text)
+
+
+def memory_plan(ckpt: Any, ids: Optional[list[int]], max_new_tokens: int, *, dtype: Optional[str], device: str) -> Any:
+    """What loading `ckpt` and generating will hold (moge_cli.memory_plan): the KV cache generate allocates
+    for the prompt and -n tokens, or the interactive chat's default cache (ids None)."""
+    from moge_cli.memory_plan import cache_tokens, plan_memory
+
+    context = None if ids is None else cache_tokens(ckpt.config.max_position_embeddings, len(ids), max_new_tokens)
+    return plan_memory(ckpt, device=device, dtype=dtype, context=context, prompt_tokens=None if ids is None else len(ids))
 
 
 def run_expert_parallel(path: str, root: str, world: int, ids: list[int], tokenizer: Any, options: dict[str, Any], *, dtype: Optional[str],
