@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     # perplexity, plot, fixture checkpoints, convert and quantize pipelines, calibration), and their helpers.
     ("library", [
         "moge_cli.inspect", "moge_cli.ep", "moge_cli.shard_scan",  # moge load
-        "moge_cli.generate", "moge_cli.chat", "moge_cli.template_sandbox", "moge_cli.distributed",  # moge generate (--ep)
+        "moge_cli.generate", "moge_cli.chat", "moge_cli.template_sandbox", "moge_cli.distributed", "moge_cli.memory_plan",  # moge generate (--ep; will it fit)
         "moge_cli.profiling", "moge_cli.perplexity", "moge_cli.routing_stats", "moge_cli.weight_stats", "moge_cli.plot",  # moge profile
         "moge_cli.synthetic", "moge_cli.synthetic_tokenizer",  # moge fixture
         "moge_converters.*",  # moge convert, moge quantize (with calibration)
