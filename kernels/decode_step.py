@@ -1,15 +1,21 @@
-"""A whole one-token decode step on kernels/cpu.c (kernels/step.c), from a plan of pointers built once per model.
+"""How a model's forward call runs: a whole one-token decode step as one C call (kernels/step.c, from a
+plan of pointers built once per model), or op by op through moge_kernels.ops on the right threads.
 
 Running a step's ops one by one from Python costs more per layer than reading its weights; the plan
 hands kernels/step.c every weight's address once, and a step is then one C call. The plan's field
 order is written out in kernels/step.c; `plan` below builds it in the same order. A model whose
 weights the kernels cannot read (float16, torch's int4 packing, shapes the int4 kernel does not
 take) gets no plan and keeps the op-by-op path.
+
+The model asks `try_step` first (logits, or None: run op by op) and runs its op-by-op forward inside
+`forward_context`; both choices are made here, not in the model.
 """
 
 from __future__ import annotations
 
 import weakref
+from contextlib import AbstractContextManager
+from typing import Callable
 
 import torch
 
@@ -102,3 +108,30 @@ def plan(model) -> DecodePlan | None:
         return DecodePlan(fields, keep, cfg.vocab_size, cfg.rms_norm_eps)
     except ValueError:  # kernels/step.c's own checks (routing counts, head sizes): the op-by-op path runs it
         return None
+
+
+def try_step(plan: Callable[[], DecodePlan | None], input_ids, cache, rope_tables: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+    """One token's logits [1, 1, V] float32 as one C call (kernels/step.c), or None where that path does
+    not apply; the caller then runs op by op (whose checks explain bad input: a token id outside the
+    vocabulary, a full cache). Writes the token's k and v to the cache; the caller advances cache.length.
+
+    plan(): the model's plan (built at its first call; None where step.c cannot run the model). cache:
+    the model's KV cache (k, v [L, B, nKV, S, D], length, max_len, batch_size). rope_tables(n): the
+    (cos, sin) tables [P, D] for at least n positions. Between two steps Python runs on caches the
+    weights have just swept (see DecodePlan.step), so this path makes as few torch calls as it can: no
+    tensor ops but the token's value and the logits' allocation."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.shape != (1, 1) or input_ids.dtype.is_floating_point:
+        return None
+    if not native.available() or (p := plan()) is None:
+        return None
+    token, pos = int(input_ids), cache.length
+    if not 0 <= token < p.vocab or pos >= cache.max_len or cache.batch_size != 1:
+        return None  # the op-by-op path explains
+    return p.step(token, pos, cache, rope_tables(pos + 1))
+
+
+def forward_context(tokens: int, device: torch.device, native_weights: bool = True) -> AbstractContextManager:
+    """What an op-by-op forward call of `tokens` tokens runs inside: one token on the CPU lends torch's
+    threads to the one-token kernels (native.decode_threads; torch runs on one), unless some weight runs
+    on torch's int kernels (native_weights False: moge_kernels.ops.runs_natively), which want them."""
+    return native.decode_threads(tokens == 1 and device.type == "cpu" and native_weights)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moge_kernels import decode_step, native
+from moge_kernels import decode_step
 from moge_kernels.ops import attention, linear, mlp, moe, rms_norm, route, shared_mlp
 from moge_cli import instrument, rope
 from moge_cli.config import MoGEConfig
@@ -151,7 +151,7 @@ class MoGEForCausalLM(nn.Module):
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rope_len = 0
         self.quantization = None  # set by moge_cli.loader.load_quantized
-        self.native_decode = True  # one-token steps on kernels/cpu.c's threads (false where torch's int4 kernels run)
+        self.native_decode = True  # the loader's moge_kernels.ops.runs_natively: passed back to the kernels' choices
         self._plan: decode_step.DecodePlan | None | bool = False  # built at the first decode step (None: cannot run)
         self.eval()
 
@@ -187,30 +187,14 @@ class MoGEForCausalLM(nn.Module):
         )
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits [B, T, V] float32 for int ids [B, T]; with a cache, continue at cache.length and advance it."""
-        if cache is not None and (logits := self._c_step(input_ids, cache)) is not None:
-            return logits
+        """Logits [B, T, V] float32 for int ids [B, T]; with a cache, continue at cache.length and advance it.
+        The kernels may run a whole decode step at once (decode_step.try_step); a Recorder times every
+        section, so while one is active the model runs op by op."""
+        if cache is not None and not instrument.active():
+            if (logits := decode_step.try_step(self.decode_plan, input_ids, cache, self._rope_tables)) is not None:
+                cache.length += 1
+                return logits
         return self._forward(input_ids, cache)
-
-    def _c_step(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
-        """One token's logits [1, 1, V] as one C call (kernels/step.c), advancing the cache; None where
-        that path does not apply. Between two steps Python runs on caches the weights have just swept
-        (see DecodePlan.step), so this path makes as few torch calls as it can: no tensor ops but the
-        token's value and the logits' allocation."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.shape != (1, 1) or input_ids.dtype.is_floating_point:
-            return None
-        if self._plan is None or not self.native_decode or instrument.active() or not native.available():
-            return None
-        if (plan := self.decode_plan()) is None:
-            return None
-        token, pos, vocab = int(input_ids), cache.length, plan.vocab
-        if not 0 <= token < vocab:
-            raise UsageError(f"token id {token} is outside the vocabulary 0..{vocab - 1}")
-        if pos >= cache.max_len or cache.batch_size != 1:
-            return None  # _forward explains
-        logits = plan.step(token, pos, cache, self._rope_tables(pos + 1))
-        cache.length += 1
-        return logits
 
     @torch.inference_mode()
     def _forward(self, input_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
@@ -222,8 +206,7 @@ class MoGEForCausalLM(nn.Module):
                 f"got {B} x {T} more tokens; make a bigger one with new_cache(batch_size, max_len)"
             )
         cos, sin = self._rope_rows(start, T)  # [T, 1, D] each
-        one_token = B * T == 1 and self.device.type == "cpu" and self.native_decode
-        with native.decode_threads(one_token):
+        with decode_step.forward_context(B * T, self.device, self.native_decode):
             with section("embedding"):
                 x = F.embedding(input_ids.to(self.device), self.embed_tokens)  # [B, T, H]
             for layer in self.layers:
@@ -235,7 +218,7 @@ class MoGEForCausalLM(nn.Module):
                 return linear(x, self.lm_head).float()  # [B, T, V]
 
     def decode_plan(self) -> decode_step.DecodePlan | None:
-        """kernels/step.c's plan for this model, built at the first decode step, or None where it cannot run.
+        """The kernels' whole-step plan for this model, built at the first decode step, or None where it cannot run.
         It holds the weights' addresses: after replacing a parameter, set model._plan = False to rebuild it."""
         if self._plan is False:
             self._plan = decode_step.plan(self)

@@ -95,6 +95,33 @@ def test_a_dropped_cache_is_freed_though_the_plan_ran_on_it():
     assert k() is None
 
 
+def test_a_bad_token_on_the_step_path_is_a_usage_error_and_leaves_the_cache():
+    """The kernels decline a token id outside the vocabulary; the model's own check names it, as for prefill."""
+    from moge_cli.errors import UsageError
+
+    model = random_model("G2-K2", torch.float32)
+    cache = model.new_cache(1, 16)
+    model(torch.tensor([[1]]), cache)
+    assert model._plan not in (None, False) and cache.length == 1  # the step path is the one asked
+    for bad in (96, -1):
+        with pytest.raises(UsageError, match=rf"^token id {bad} is outside the vocabulary 0\.\.95$"):
+            model(torch.tensor([[bad]]), cache)
+    assert cache.length == 1
+
+
+def test_a_recorder_makes_decode_run_op_by_op():
+    """Profiling times every section: while a Recorder is active no plan is built and no step runs."""
+    from moge_cli.instrument import Recorder
+
+    model = random_model("G2-K2", torch.float32)
+    cache = model.new_cache(1, 16)
+    with Recorder() as rec:
+        model(torch.tensor([[1]]), cache)
+    assert model._plan is False and rec.seconds["routed_experts"] > 0 and cache.length == 1
+    model(torch.tensor([[2]]), cache)
+    assert model._plan not in (None, False) and cache.length == 2
+
+
 def test_float16_and_torch_int4_models_get_no_plan(tmp_path):
     model = random_model("G2-K2", torch.float16)
     assert model.decode_plan() is None

@@ -129,6 +129,21 @@ def test_decode_threads_lends_torchs_threads_to_the_kernels():
         torch.set_num_threads(before)
 
 
+def test_forward_context_lends_the_threads_for_one_cpu_token_of_kernel_weights_only():
+    from moge_kernels.decode_step import forward_context
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cases = [(1, "cpu", True, 1), (2, "cpu", True, 2), (1, "meta", True, 2), (1, "cpu", False, 2)]  # ..., torch's threads inside
+        for tokens, device, native_weights, threads in cases:
+            with forward_context(tokens, torch.device(device), native_weights):
+                assert torch.get_num_threads() == threads, (tokens, device, native_weights)
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_moge_native_0_turns_it_off_and_forked_children_still_compute():
     """MOGE_NATIVE=0 is the switch benchmarks use for the torch baseline; a fork after the pool started works."""
     code = (
