@@ -1,0 +1,68 @@
+"""Routed experts of quantized stacks without host round-trips: for CUDA (and any device); runs on the CPU too.
+
+`moe_device(x, expert_ids, weights, gate_up, down)` computes what ops._quantized_experts computes (each token's
+k experts' SwiGLU outputs in the model dtype, summed in float32 with the routing weights) without .tolist(),
+.item(), nonzero or a Python list of ids: the picked experts stay device tensors, so a decode step can run
+under torch.cuda.set_sync_debug_mode("error") and be captured in a CUDA graph.
+
+Two ways, chosen from shapes only (P = T*k picked (token, expert) pairs against E experts):
+  P <= E  (decode, a few tokens)  `_picked`: gather the P picked experts' stored integers and dequantise only those.
+  P >  E  (prefill)               `_every_expert`: each of the E experts on all T tokens, masked by the routing.
+Dimension letters: T tokens, k experts per token, P = T*k pairs, E experts, H hidden, I expert width (gate_up: 2I rows).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moge_kernels.experts import combine_f32
+from moge_kernels.qlinear import QLinear
+
+
+def moe_device(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, gate_up: QLinear, down: QLinear) -> torch.Tensor:
+    """x [T, H] (model dtype), expert_ids [T, k] int64, weights [T, k] float32; gate_up / down QLinear stacks of E
+    experts ([2I, H] / [H, I] each) -> float32 [T, H], with no host sync."""
+    T, k = expert_ids.shape
+    if T * k <= gate_up.num_experts and gate_up.dequantizable and down.dequantizable:
+        return _picked(x, expert_ids, weights, gate_up, down)
+    return _every_expert(x, expert_ids, weights, gate_up, down)
+
+
+def _picked(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, gate_up: QLinear, down: QLinear) -> torch.Tensor:
+    """The P picked experts, dequantised into [P, N, K] stacks (QLinear.dequantized_experts: an index gather),
+    then one batched matmul per projection.
+
+    Cost per projection: the P experts' integers read once (k experts' bytes per token: what an integer kernel
+    reads), plus the dequantised copy written and read back (2 + 2 bytes per weight in bfloat16) and, for int8,
+    the gathered int8 copy (1 + 1): ~5-7x the integer bytes, so below the int kernels' bandwidth, but a fixed
+    ~6 launches per projection for any k and no sync. A fused kernel reading expert rows by index would read
+    only the integers (the next step for the decode targets).
+    """
+    T, k = expert_ids.shape
+    ids = expert_ids.reshape(-1)  # [P], token-major: pair p = (p // k, p % k)
+    xs = x.unsqueeze(1).expand(T, k, x.shape[-1]).reshape(T * k, 1, -1)  # [P, 1, H]
+    h = torch.bmm(xs, gate_up.dequantized_experts(ids, x.dtype).transpose(1, 2))  # [P, 1, 2I]
+    gate, up = h.chunk(2, dim=-1)
+    a = F.silu(gate) * up  # [P, 1, I]
+    y = torch.bmm(a, down.dequantized_experts(ids, x.dtype).transpose(1, 2))  # [P, 1, H]
+    return combine_f32(y.view(T, k, -1), weights)
+
+
+def _every_expert(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, gate_up: QLinear, down: QLinear) -> torch.Tensor:
+    """Every expert on every token, its result kept where the router picked it (a Python loop over E, an int
+    from the shapes: no sync).
+
+    Cost: each expert's weights read once (QLinear.forward: MANY_TOKENS or more dequantise it for one GEMM), as
+    any prefill reads them, but E/k times the routed FLOPs: fine while a prefill is bandwidth- or launch-bound,
+    wasteful for long prompts, where grouped GEMMs over tokens sorted by expert belong (kernels/gemm.py).
+    """
+    w = weights.float()
+    out = torch.zeros(x.shape[0], down.out_features, dtype=torch.float32, device=x.device)  # [T, H]
+    for e in range(gate_up.num_experts):
+        picked = expert_ids == e  # [T, k]
+        we = torch.where(picked, w, 0).sum(-1, keepdim=True)  # [T, 1]: e's routing weight, 0 where not picked
+        gate, up = gate_up.forward(x, None, e).chunk(2, dim=-1)  # [T, I] each, model dtype
+        y = down.forward(F.silu(gate) * up, None, e)  # [T, H], model dtype
+        out += torch.where(picked.any(-1, keepdim=True), y.float() * we, 0)  # not 0 * y: an unpicked token's y may be inf
+    return out
