@@ -73,7 +73,7 @@ if variant == "copy":
         shutil.copyfile(f, dst / f.name)
 elif variant.startswith("moge"):
     opts = {"layout": "stacked"} if variant == "moge stacked" else {"dtype": "float16"}
-    own = moge_converters.convert.convert(src, dst, **opts)["peak_rss_bytes"]
+    own = moge_converters.convert.convert(src, dst, **opts).peak_rss_bytes
 else:
     sd = {}
     for f in shards:

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             qdirs[q] = Path(tmp) / q
             r = quantize_checkpoint(path, qdirs[q], lm_head=lm_head, **opts)
-            print(f"quantized {q} in {time.perf_counter() - t:.1f} s ({r['bytes_out'] / 1e6:.0f} MB)", file=sys.stderr)
+            print(f"quantized {q} in {time.perf_counter() - t:.1f} s ({r.bytes_out / 1e6:.0f} MB)", file=sys.stderr)
         rows = run(path, qdirs, args)
     if args.json:
         print(json.dumps(rows, indent=1))

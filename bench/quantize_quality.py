@@ -47,14 +47,14 @@ def main(argv: list[str] | None = None) -> int:
                 calib = args.calib_text if method.endswith("+calib") else None
                 out = Path(tmp) / f"{label}-{method}".replace(" ", "_")
                 r = quantize_checkpoint(args.checkpoint, out, method=method.removesuffix("+calib"), calib=calib, eval_text=text, **opts)
-                q, e = r["quality"], r["eval"]
+                q, e = r.quality, r.eval
                 rows.append({
-                    "scheme": label, "method": method, "rel_error": q["overall"]["rel_error"], "sqnr_db": q["overall"]["sqnr_db"],
-                    "components": {c: v["rel_error"] for c, v in q["components"].items()},
-                    "ppl_before": e["before"], "ppl_after": e["after"], "change": e["change"], "tokens": e["tokens"],
-                    "bytes_out": r["bytes_out"], "bytes_in": r["bytes_in"],
+                    "scheme": label, "method": method, "rel_error": q.overall["rel_error"], "sqnr_db": q.overall["sqnr_db"],
+                    "components": {c: v["rel_error"] for c, v in q.components.items()},
+                    "ppl_before": e.before, "ppl_after": e.after, "change": e.change, "tokens": e.tokens,
+                    "bytes_out": r.bytes_out, "bytes_in": r.bytes_in,
                 })  # fmt: skip
-                print(f"{label} {method}: ppl {e['before']:.4f} -> {e['after']:.4f}", file=sys.stderr)
+                print(f"{label} {method}: ppl {e.before:.4f} -> {e.after:.4f}", file=sys.stderr)
     if args.json:
         print(json.dumps(rows, indent=1))
     print(table(rows))

@@ -1,4 +1,5 @@
-"""`convert()`: plan from the source headers, stream every output shard into a staging directory, verify, rename.
+"""`convert()`: plan from the source headers, stream every output shard into a staging directory, verify, rename;
+returns a ConvertResult (a DryRunPlan with dry_run).
 
 torch is imported only for a plan that casts (converters/cast.py): a layout change, re-shard,
 --layers or --ep split of a safetensors checkpoint only moves bytes, and starts without it.
@@ -21,6 +22,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +37,69 @@ EP_PLAN_NAME = "ep_plan.json"
 COPY_CHUNK = 64 * 1024 * 1024  # bytes per write when copying from a memory map
 CAST_THREADS = max(1, min(4, os.cpu_count() or 1))  # casting is the one CPU-bound step; the kernel copies the rest
 MAX_IN_FLIGHT = 4 * CAST_THREADS  # queued cast blocks before the caller waits (each thread has its own buffers)
+
+
+@dataclass
+class ConvertResult:
+    """What `convert()` wrote: sizes, time, peak memory, output files, clamped values; `to_dict()` is its --json."""
+
+    source: str
+    destination: str
+    src_layout: str  # per-expert | stacked
+    layout: str
+    dtype: str | None  # the output dtype (torch name); None: each tensor kept its own
+    tensors: int  # tensors written (per rank: replicated ones counted once)
+    bytes_in: int  # source tensor bytes read
+    bytes_out: int  # output file bytes
+    seconds: float
+    peak_rss_bytes: int  # anonymous resident memory (memory-mapped pages not counted)
+    outputs: list[dict[str, Any]]  # [{"file": path relative to destination, "bytes"}]
+    clamped_values: int  # float16 overflows clamped to +-65504 (clamp=True)
+    clamped_tensors: dict[str, int]  # the 20 tensors with the most, name -> count
+    verified: bool
+    ep: int | None  # ranks of an --ep split; None: one checkpoint
+    notes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source, "destination": self.destination, "layout": {"from": self.src_layout, "to": self.layout},
+            "dtype": self.dtype, "tensors": self.tensors, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "seconds": self.seconds, "peak_rss_bytes": self.peak_rss_bytes, "outputs": self.outputs,
+            "clamped": {"values": self.clamped_values, "tensors": self.clamped_tensors}, "verified": self.verified,
+            "ep": self.ep is not None and {"world_size": self.ep, "plan": EP_PLAN_NAME},  # False without --ep
+            "notes": self.notes,
+        }  # fmt: skip
+
+
+@dataclass
+class DryRunPlan:
+    """What `convert(dry_run=True)` would write: shards with their tensors, dtype changes, memory and disk estimates."""
+
+    source: str
+    destination: str
+    src_layout: str
+    layout: str
+    dtype: str | None
+    dtype_changes: dict[str, int]  # "bfloat16 -> float16" -> tensors
+    tensors: int
+    bytes_in: int
+    disk_bytes: int  # what the output will take, configs and copied files included
+    estimated_peak_rss_bytes: int
+    largest_tensor_bytes: int
+    outputs: list[dict[str, Any]]  # [{"file", "bytes", "tensors": [{"name", "dtype", "shape", "bytes", "from"}]}]
+    index: list[str]  # index files, one per rank
+    copied_files: list[str]  # tokenizer, generation config...
+    ep_plan: dict[str, Any] | None  # ep_plan.json's content with --ep, else None
+    notes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layout"] = {"from": d.pop("src_layout"), "to": d["layout"]}
+        return {"dry_run": True, **{k: d[k] for k in DRY_RUN_KEYS}}
+
+
+DRY_RUN_KEYS = ("source", "destination", "layout", "dtype", "dtype_changes", "tensors", "bytes_in", "disk_bytes", "estimated_peak_rss_bytes",
+                "largest_tensor_bytes", "outputs", "index", "copied_files", "ep_plan", "notes")  # --json order  # fmt: skip
 
 
 def rss_anon() -> int:
@@ -215,15 +280,15 @@ def convert(
     verify: bool = False,
     revision: str | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> dict[str, Any]:
+) -> ConvertResult | DryRunPlan:
     """Convert the checkpoint at `src` (a path, or a Hugging Face repo id in the local cache at
-    `revision`) into a new directory `dst`; return the summary (`--json`). The top directory of an
+    `revision`) into a new directory `dst`; return what was written (its to_dict() is `--json`). The top directory of an
     `ep` split is read as the checkpoint it came from: converting it merges the ranks back.
 
     layout: 'per-expert' | 'stacked' (default: keep); dtype: 'bfloat16' | 'float16' | 'float32'
     (default: keep); clamp: clamp float16 overflows instead of refusing; max_shard_size: '5GB',
     '512MiB' or bytes; layers: '0-1,5' or a list, kept and renumbered from 0; ep: N rank
-    directories of whole expert groups plus ep_plan.json; dry_run: return the plan, write nothing;
+    directories of whole expert groups plus ep_plan.json; dry_run: return the DryRunPlan, write nothing;
     force: replace an existing dst; verify: re-read the output and compare every tensor with its
     recipe before it is renamed into place. progress(n_bytes, total_bytes) is called as data is written.
 
@@ -277,22 +342,25 @@ def convert(
             if gc_was_on:
                 gc.enable()
         stats = emitter.stats
-        return {
-            "source": str(source.source),
-            "destination": str(dst),
-            "layout": {"from": plan.src_layout, "to": plan.layout},
-            "dtype": plan.dtype,
-            "tensors": len(plan.tensors),
-            "bytes_in": bytes_in,
-            "bytes_out": sum(e["bytes"] for e in output_entries(dst, outputs)),
-            "seconds": round(time.perf_counter() - t0, 3),
-            "peak_rss_bytes": peak.peak,
-            "outputs": output_entries(dst, outputs),
-            "clamped": {"values": stats.total_overflow, "tensors": dict(stats.worst(20))},
-            "verified": verify,
-            "ep": plan.ep_plan is not None and {"world_size": len(plan.ranks), "plan": EP_PLAN_NAME},
-            "notes": list(source.notes) + cleanup_notes,
-        }
+        entries = output_entries(dst, outputs)
+        return ConvertResult(
+            source=str(source.source),
+            destination=str(dst),
+            src_layout=plan.src_layout,
+            layout=plan.layout,
+            dtype=plan.dtype,
+            tensors=len(plan.tensors),
+            bytes_in=bytes_in,
+            bytes_out=sum(e["bytes"] for e in entries),
+            seconds=round(time.perf_counter() - t0, 3),
+            peak_rss_bytes=peak.peak,
+            outputs=entries,
+            clamped_values=stats.total_overflow,
+            clamped_tensors=dict(stats.worst(20)),
+            verified=verify,
+            ep=len(plan.ranks) if plan.ep_plan is not None else None,
+            notes=list(source.notes) + cleanup_notes,
+        )
 
 
 def computes(plan: Plan, source) -> bool:
@@ -348,7 +416,7 @@ def estimated_peak(plan: Plan, source, base: int) -> int:
     return n
 
 
-def describe(plan: Plan, layouts, source, dst, copies: list[Path], disk: int, bytes_in: int, peak: PeakRss) -> dict[str, Any]:
+def describe(plan: Plan, layouts, source, dst, copies: list[Path], disk: int, bytes_in: int, peak: PeakRss) -> DryRunPlan:
     """The --dry-run report: output shards with their tensors, dtype changes, peak memory and disk estimates."""
     changes: dict[str, int] = {}
     for t in plan.tensors:
@@ -356,19 +424,19 @@ def describe(plan: Plan, layouts, source, dst, copies: list[Path], disk: int, by
             key = f"{TORCH_NAMES[t.src_dtype]} -> {TORCH_NAMES[t.dtype]}"
             changes[key] = changes.get(key, 0) + 1
     peak.sample()
-    return {
-        "dry_run": True,
-        "source": str(source.source),
-        "destination": str(dst),
-        "layout": {"from": plan.src_layout, "to": plan.layout},
-        "dtype": plan.dtype,
-        "dtype_changes": changes,
-        "tensors": len(plan.tensors),
-        "bytes_in": bytes_in,
-        "disk_bytes": disk,
-        "estimated_peak_rss_bytes": estimated_peak(plan, source, peak.peak),
-        "largest_tensor_bytes": max((t.nbytes for t in plan.tensors), default=0),
-        "outputs": [
+    return DryRunPlan(
+        source=str(source.source),
+        destination=str(dst),
+        src_layout=plan.src_layout,
+        layout=plan.layout,
+        dtype=plan.dtype,
+        dtype_changes=changes,
+        tensors=len(plan.tensors),
+        bytes_in=bytes_in,
+        disk_bytes=disk,
+        estimated_peak_rss_bytes=estimated_peak(plan, source, peak.peak),
+        largest_tensor_bytes=max((t.nbytes for t in plan.tensors), default=0),
+        outputs=[
             {
                 "file": str(Path(r.subdir) / s.file),
                 "bytes": s.file_bytes,
@@ -380,8 +448,8 @@ def describe(plan: Plan, layouts, source, dst, copies: list[Path], disk: int, by
             for r, shards in layouts
             for s in shards
         ],
-        "index": [str(Path(r.subdir) / INDEX_NAME) for r in plan.ranks],
-        "copied_files": [f.name for f in copies],
-        "ep_plan": plan.ep_plan,
-        "notes": list(source.notes),
-    }
+        index=[str(Path(r.subdir) / INDEX_NAME) for r in plan.ranks],
+        copied_files=[f.name for f in copies],
+        ep_plan=plan.ep_plan,
+        notes=list(source.notes),
+    )

@@ -1,7 +1,7 @@
 """`quantize_checkpoint()`: convert's streaming pipeline with a quantizing emitter, plus the quality report.
 
 Plan (quantize_plan) -> shards (plan_shards) -> staging dir -> write_shards with QuantEmitter ->
-optional --verify -> rename. Float tensors go through convert's Emitter (sendfile copies); a
+optional --verify -> rename; returns a QuantizeResult (a QuantizeDryRun with dry_run). Float tensors go through convert's Emitter (sendfile copies); a
 quantized module is read from the memory-mapped source in row blocks of ROW_BLOCK_ELEMS, so memory
 holds one block plus the module's scales and zero points, whatever the model size.
 """
@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +25,7 @@ from moge_cli.quant_format import pack_int32
 
 from moge_converters.calibrate import calibrate
 from moge_converters.cast import byte_view, torch_dtype
-from moge_converters.convert import Emitter, PeakRss, describe, output_entries, prepare, start_writing
+from moge_converters.convert import DryRunPlan, Emitter, PeakRss, describe, output_entries, prepare, start_writing
 from moge_converters.quantize import dequantize, error_sums, error_stats, quantize
 from moge_converters.quantize_plan import SCALE_CODES, QuantOptions, QuantOut, build_quant_plan
 from moge_converters.shards import ShardFile, parse_size, staging_dir, write_shards
@@ -33,6 +34,91 @@ from moge_converters.verify import VerifyError, same_bytes, tensor_matches
 
 ROW_BLOCK_ELEMS = 1 << 20  # weight elements quantized at a time
 COMPONENT_ORDER = ("attention", "routed_experts", "shared_experts", "dense_mlp", "embeddings", "lm_head")
+
+
+@dataclass
+class QuantSettings:
+    """How the weights were quantized: config.json's `moge_quantization` block."""
+
+    method: str  # rtn | mse
+    bits: int  # 4 | 8
+    group_size: int | None  # None: one scale per output channel (8 bits)
+    symmetric: bool
+    tensors: int  # quantized weights
+    components: dict[str, int]  # component -> quantized weights
+    calibration: dict[str, Any] | None = None  # --calib: file, tokens, modules, experts, experts_reached
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.calibration is None:  # absent, as in config.json
+            del d["calibration"]
+        return d
+
+
+@dataclass
+class QualityReport:
+    """Reconstruction error of the quantized weights: per tensor, per component, over all of them."""
+
+    tensors: list[dict[str, Any]]  # per weight: tensor, component, scheme, numel, calibrated, rel_error, sqnr_db
+    components: dict[str, dict[str, Any]]  # component -> tensors, rel_error, sqnr_db (pooled), mean_sqnr_db, min_sqnr_db
+    overall: dict[str, float]  # rel_error, sqnr_db pooled over every quantized weight
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EvalResult:
+    """Perplexity of the source and of the quantized checkpoint on one text (`--perplexity`)."""
+
+    text: str  # the file
+    tokens: int
+    before: float
+    window: int  # tokens per scored window
+    stride: int
+    after: float
+    change: float  # after / before - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class QuantizeResult:
+    """What `quantize_checkpoint()` wrote: settings, sizes, time, memory, error report; `to_dict()` is its --json."""
+
+    source: str
+    destination: str
+    quantization: QuantSettings
+    tensors: int  # tensors written
+    quantized_tensors: int
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    peak_rss_bytes: int
+    outputs: list[dict[str, Any]]  # [{"file", "bytes"}]
+    quality: QualityReport
+    verified: bool
+    notes: list[str]
+    eval: EvalResult | None = None  # eval_text given
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["quantization"] = self.quantization.to_dict()
+        if self.eval is None:
+            del d["eval"]
+        return d
+
+
+@dataclass
+class QuantizeDryRun(DryRunPlan):
+    """The --dry-run plan of a quantization: convert's plan plus the settings and how many weights."""
+
+    quantization: QuantSettings
+    quantized_tensors: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return super().to_dict() | {"quantization": self.quantization.to_dict(), "quantized_tensors": self.quantized_tensors}
 
 
 class QuantEmitter:
@@ -143,12 +229,13 @@ def quantize_checkpoint(
     calib: str | os.PathLike | None = None,
     calib_tokens: int = 2048,
     revision: str | None = None,
+    device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
     calib_progress: Callable[[int, int], None] | None = None,
     eval_progress: Callable[[int, int], None] | None = None,
-) -> dict[str, Any]:
+) -> QuantizeResult | QuantizeDryRun:
     """Quantize the checkpoint at `src` (a path, or a Hugging Face repo id in the local cache at `revision`)
-    into `dst` (compressed-tensors pack-quantized); return the summary.
+    into `dst` (compressed-tensors pack-quantized); return what was written (its to_dict() is `--json`).
 
     bits 8: symmetric, one scale per output channel; bits 4: groups of group_size (default 128)
     columns, asymmetric unless symmetric=True. method: 'rtn' (round to nearest) or 'mse' (a search
@@ -160,15 +247,19 @@ def quantize_checkpoint(
     eval_text: perplexity of the source and of the output on that text (needs a tokenizer).
     calib: a text file run through the model (its first calib_tokens tokens) to weight each column's
     error in the mse search by the activations it meets (converters/calibrate.py; method mse only);
+    device: where the model runs for calib and eval_text (checked first; the rounding itself runs on the CPU);
     calib_progress(1, layers) after each layer of it, progress(bytes, total) while writing,
     eval_progress(tokens scored, total) during eval_text (the source's pass, then the output's).
     Raises UsageError / CheckpointError (exit 2), VerifyError (1).
     """
+    from moge_cli.devices import check_device
+
     t0 = time.perf_counter()
     peak = PeakRss()
     opts = QuantOptions(bits, group_size, symmetric, method, embeddings, lm_head, tuple(include), tuple(exclude))
     if calib is not None and method != "mse":
         raise UsageError("--calib weights the mse search: add --method mse")
+    check_device(device)  # before anything is read or written
     max_bytes = parse_size(max_shard_size)
     src = resolve_location(src, revision)  # once: calibration and --eval read the same snapshot
     source = open_source(src)
@@ -177,13 +268,13 @@ def quantize_checkpoint(
         layouts, copies, disk, bytes_in, dst = prepare(plan, source, dst, force, max_bytes)
         settings = plan.ranks[0].config["moge_quantization"]
         if dry_run:
-            report = describe(plan, layouts, source, dst, copies, disk, bytes_in, peak)
-            report["estimated_peak_rss_bytes"] += ROW_BLOCK_ELEMS * 40  # a row block in float32 and its temporaries
-            report.update(quantization=settings, quantized_tensors=len(schemes), notes=list(source.notes) + notes)
-            return report
+            base = describe(plan, layouts, source, dst, copies, disk, bytes_in, peak)
+            base.estimated_peak_rss_bytes += ROW_BLOCK_ELEMS * 40  # a row block in float32 and its temporaries
+            base.notes = list(source.notes) + notes
+            return QuantizeDryRun(**vars(base), quantization=QuantSettings(**settings), quantized_tensors=len(schemes))
         cal = None
         if calib is not None:
-            cal = calibrate(src, calib, max_tokens=calib_tokens, progress=calib_progress)
+            cal = calibrate(src, calib, max_tokens=calib_tokens, device=device, progress=calib_progress)
             settings["calibration"] = cal.summary(Path(calib).name)  # into config.json's moge_quantization too
             peak.sample()
         tick, cleanup_notes = start_writing(layouts, dst, disk, progress)
@@ -203,29 +294,30 @@ def quantize_checkpoint(
                     peak.sample()
         finally:
             emitter.close()
-        result = {
-            "source": str(source.source),
-            "destination": str(dst),
-            "quantization": settings,
-            "tensors": len(plan.tensors),
-            "quantized_tensors": len(schemes),
-            "bytes_in": bytes_in,
-            "bytes_out": sum(e["bytes"] for e in output_entries(dst, outputs)),
-            "seconds": round(time.perf_counter() - t0, 3),
-            "peak_rss_bytes": peak.peak,
-            "outputs": output_entries(dst, outputs),
-            "quality": quality_report(emitter.errors),
-            "verified": verify,
-            "notes": list(source.notes) + notes + cleanup_notes,
-        }
+        entries = output_entries(dst, outputs)
+        result = QuantizeResult(
+            source=str(source.source),
+            destination=str(dst),
+            quantization=QuantSettings(**settings),
+            tensors=len(plan.tensors),
+            quantized_tensors=len(schemes),
+            bytes_in=bytes_in,
+            bytes_out=sum(e["bytes"] for e in entries),
+            seconds=round(time.perf_counter() - t0, 3),
+            peak_rss_bytes=peak.peak,
+            outputs=entries,
+            quality=quality_report(emitter.errors),
+            verified=verify,
+            notes=list(source.notes) + notes + cleanup_notes,
+        )
     finally:
         source.close()
     if eval_text is not None:
-        result["eval"] = evaluate(src, dst, eval_text, window=eval_window, progress=eval_progress)
+        result.eval = evaluate(src, dst, eval_text, window=eval_window, device=device, progress=eval_progress)
     return result
 
 
-def quality_report(errors: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def quality_report(errors: dict[str, dict[str, Any]]) -> QualityReport:
     """Per tensor (relative Frobenius error, SQNR) and per component (pooled error, mean / worst SQNR)."""
     tensors = [{k: v for k, v in row.items() if not k.startswith("_")} for row in errors.values()]
     comps: dict[str, dict[str, Any]] = {}
@@ -244,7 +336,7 @@ def quality_report(errors: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "mean_sqnr_db": sum(c["_sqnr"]) / len(c["_sqnr"]), "min_sqnr_db": min(c["_sqnr"]),
         }  # fmt: skip
     total = error_stats(sum(r["_err2"] for r in errors.values()), sum(r["_ref2"] for r in errors.values()))
-    return {"tensors": tensors, "components": summary, "overall": total}
+    return QualityReport(tensors=tensors, components=summary, overall=total)
 
 
 def verify_quantized(source, shards, out_dir: Path, config: dict[str, Any], importance: dict[str, torch.Tensor] | None = None) -> None:
@@ -287,29 +379,31 @@ def verify_quantized(source, shards, out_dir: Path, config: dict[str, Any], impo
         raise VerifyError(f"verification failed for {len(bad)} item(s): {'; '.join(bad[:10])}{more}; nothing was written")
 
 
-def evaluate(src, dst, text_file, *, window: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Perplexity of the source and of the quantized checkpoint on a text file (the source's tokenizer)."""
-    from moge_cli.errors import UsageError
+def evaluate(
+    src, dst, text_file, *, window: int | None = None, device: str = "cpu", progress: Callable[[int, int], None] | None = None
+) -> EvalResult:
+    """Perplexity of the source and of the quantized checkpoint on a text file (the source's tokenizer), on `device`."""
+    from moge_cli.devices import check_device
     from moge_cli.loader import load_model
     from moge_cli.perplexity import perplexity
     from moge_cli.tokenizer import has_tokenizer, load_tokenizer
 
+    check_device(device)
     source = open_source(src)
     root = source.root
     source.close()
     if not has_tokenizer(root):
         raise UsageError(f"{root}: --perplexity needs a tokenizer (tokenizer.model or tokenizer.json)")
     ids = load_tokenizer(root).encode(Path(text_file).read_text(encoding="utf-8"), add_bos=True)
-    out = {"text": str(text_file), "tokens": len(ids)}
-    for n, (key, path) in enumerate((("before", src), ("after", dst))):
-        model = load_model(path)
+    runs = []  # perplexity() of the source, then of the output
+    for n, path in enumerate((src, dst)):
+        model = load_model(path, device=device)
         tick = progress and (lambda done, total, n=n: progress(n * total + done, 2 * total))  # over both passes
-        r = perplexity(model, ids, window=window, progress=tick)
+        runs.append(perplexity(model, ids, window=window, progress=tick))
         del model
-        out[key] = r["perplexity"]
-        out["window"], out["stride"] = r["window"], r["stride"]
-    out["change"] = out["after"] / out["before"] - 1
-    return out
+    before, after = runs[0]["perplexity"], runs[1]["perplexity"]
+    return EvalResult(str(text_file), len(ids), before, runs[1]["window"], runs[1]["stride"], after, after / before - 1)
 
 
-__all__ = ["quantize_checkpoint", "QuantEmitter", "quality_report", "verify_quantized", "evaluate"]
+__all__ = ["quantize_checkpoint", "QuantizeResult", "QuantizeDryRun", "QuantSettings", "QualityReport", "EvalResult", "QuantEmitter",
+           "quality_report", "verify_quantized", "evaluate"]  # fmt: skip

@@ -66,10 +66,10 @@ def test_importance_is_the_mean_square_of_what_each_weight_meets():
 
 def test_experts_no_token_reaches_fall_back_to_the_plain_search(tmp_path):
     r = quantize_checkpoint(TRAINED, tmp_path / "cal", bits=4, method="mse", calib=CALIB, calib_tokens=12, verify=True)
-    c = r["quantization"]["calibration"]
+    c = r.quantization.calibration
     assert c["tokens"] == 12 and 0 < c["experts_reached"] < c["experts"]  # a dozen tokens cannot reach every expert
     quantize_checkpoint(TRAINED, tmp_path / "plain", bits=4, method="mse")
-    rows = {row["tensor"]: row["calibrated"] for row in r["quality"]["tensors"]}
+    rows = {row["tensor"]: row["calibrated"] for row in r.quality.tensors}
     cal, plain = open_checkpoint(tmp_path / "cal"), open_checkpoint(tmp_path / "plain")
     same = {name: torch.equal(cal.tensor(name.replace(".weight", ".weight_packed")), plain.tensor(name.replace(".weight", ".weight_packed")))
             for name in rows}  # fmt: skip
@@ -80,9 +80,9 @@ def test_experts_no_token_reaches_fall_back_to_the_plain_search(tmp_path):
 
 def test_calibrated_int4_scores_heldout_text_like_the_plain_search_or_better(tmp_path):
     heldout = TRAINED / "heldout.txt"
-    cal = quantize_checkpoint(TRAINED, tmp_path / "cal", bits=4, method="mse", calib=CALIB, eval_text=heldout)["eval"]
-    plain = quantize_checkpoint(TRAINED, tmp_path / "plain", bits=4, method="mse", eval_text=heldout)["eval"]
-    assert cal["change"] < 0.01 and cal["after"] <= plain["after"] * 1.001
+    cal = quantize_checkpoint(TRAINED, tmp_path / "cal", bits=4, method="mse", calib=CALIB, eval_text=heldout).eval
+    plain = quantize_checkpoint(TRAINED, tmp_path / "plain", bits=4, method="mse", eval_text=heldout).eval
+    assert cal.change < 0.01 and cal.after <= plain.after * 1.001
 
 
 def test_cli_calib_needs_mse_and_a_tokenizer(tmp_path):
@@ -114,5 +114,5 @@ def test_dense_layers_and_stacked_experts_calibrate_too(tmp_path):
     assert "model.layers.1.mlp.shared_expert.gate_proj" not in cal.importance
     assert cal.experts == 2 * 8 and cal.experts_reached > 0
     r = quantize_checkpoint(src, tmp_path / "q", bits=4, group_size=32, method="mse", calib=text, verify=True)
-    weighted = r["quantization"]["calibration"]["modules"]  # the quantized weights that met calibration tokens
-    assert weighted == sum(row["calibrated"] for row in r["quality"]["tensors"]) == len(cal.importance) - 1  # lm_head stays bf16
+    weighted = r.quantization.calibration["modules"]  # the quantized weights that met calibration tokens
+    assert weighted == sum(row["calibrated"] for row in r.quality.tensors) == len(cal.importance) - 1  # lm_head stays bf16

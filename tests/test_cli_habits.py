@@ -8,6 +8,7 @@ import subprocess
 import sys
 from importlib.metadata import version
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import typer
@@ -364,7 +365,7 @@ def fake_quantize(monkeypatch):
         if kw.get("eval_progress"):
             for done in (100, 200, 300, 400):
                 kw["eval_progress"](done, 400)
-        return {"destination": str(dst), "notes": []}
+        return SimpleNamespace(notes=[], to_dict=lambda: {"destination": str(dst), "notes": []})  # what --json reads of a result
 
     monkeypatch.setattr(qp, "quantize_checkpoint", quantize_checkpoint)
     return calls
@@ -389,7 +390,7 @@ def test_perplexity_progress_covers_both_passes(tmp_path):
     text.write_text("def add(a, b):\n    return a + b\n" * 8)
     seen = []
     r = quantize_checkpoint(TINY, tmp_path / "q", bits=8, eval_text=text, eval_window=32, eval_progress=lambda d, t: seen.append((d, t)))
-    total = 2 * r["eval"]["tokens"]
+    total = 2 * r.eval.tokens
     assert seen[-1] == (total, total) and [d for d, _ in seen] == sorted(d for d, _ in seen) and len(seen) > 2
     assert {t for _, t in seen} == {total}
 

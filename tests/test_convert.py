@@ -127,7 +127,7 @@ def test_fp16_overflow_refused_with_report_or_clamped(tmp_path):
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["f32"]
 
     r = convert(ck, tmp_path / "out", dtype="float16", clamp=True, verify=True)
-    assert r["clamped"] == {"values": 4, "tensors": {"model.layers.1.mlp.experts.3.up_proj.weight": 3, "lm_head.weight": 1}}
+    assert (r.clamped_values, r.clamped_tensors) == (4, {"model.layers.1.mlp.experts.3.up_proj.weight": 3, "lm_head.weight": 1})
     up = tensors(tmp_path / "out")["model.layers.1.mlp.experts.3.up_proj.weight"].view(-1)[:6].float()
     assert up[:3].tolist() == [65504.0, -65504.0, 65504.0] and up[3] == float("inf") and up[4].isnan() and up[5] == 65504.0
 
@@ -147,7 +147,7 @@ def test_pytorch_bin_input_weights_only(src, tmp_path):
     (bin_dir / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     out = tmp_path / "from_bin"
     r = convert(bin_dir, out, layout="stacked", verify=True)
-    assert r["notes"] == []
+    assert r.notes == []
     got, want = tensors(out), tensors(ref)
     assert list(got) == list(want) and all(bits_equal(got[n], want[n]) for n in want)
 
@@ -156,7 +156,7 @@ def test_pytorch_bin_input_weights_only(src, tmp_path):
     shutil.copy(src / "config.json", pt_dir)
     torch.save(sd, pt_dir / "model.pt", _use_new_zipfile_serialization=False)
     r = convert(pt_dir / "model.pt", tmp_path / "from_pt", dtype="float16", verify=True)
-    assert "legacy" in r["notes"][0]
+    assert "legacy" in r.notes[0]
     assert all(bits_equal(t, sd[n].half()) for n, t in tensors(tmp_path / "from_pt").items())
 
 
@@ -252,7 +252,7 @@ def test_layers_extracted_renumbered_and_loadable(tmp_path):
     src_t, got = tensors(ck), tensors(out)
     assert bits_equal(got["model.layers.0.mlp.down_proj.weight"], src_t["model.layers.1.mlp.down_proj.weight"])
     assert bits_equal(got["model.layers.1.self_attn.q_proj.weight"], src_t["model.layers.2.self_attn.q_proj.weight"])
-    assert bits_equal(got["lm_head.weight"], src_t["lm_head.weight"]) and r["tensors"] == len(got)
+    assert bits_equal(got["lm_head.weight"], src_t["lm_head.weight"]) and r.tensors == len(got)
     with pytest.raises(UsageError, match="do not exist"):
         convert(ck, tmp_path / "x", layers="2-4")
     with pytest.raises(UsageError, match="expected a list"):
@@ -293,7 +293,7 @@ def test_ep_from_stacked_slices_and_rank_dirs_convert_again(src, tmp_path):
     st = tmp_path / "st"
     convert(src, st, layout="stacked")
     plan = convert(st, tmp_path / "ep", ep=4, dry_run=True)
-    gate_up = [t for o in plan["outputs"] for t in o["tensors"] if t["name"].endswith("gate_up_proj")]
+    gate_up = [t for o in plan.outputs for t in o["tensors"] if t["name"].endswith("gate_up_proj")]
     assert gate_up[0]["shape"] == [2, 64, 64] and "stack" not in gate_up[0]["from"]  # one contiguous slice, no stacking
     convert(st, tmp_path / "ep", ep=4, verify=True)
     full = tensors(st)
@@ -315,9 +315,9 @@ def test_72b_plan_from_headers_alone(tmp_path):
 
     skel = write_skeleton(MoGEConfig.from_name("pangu-pro-moe-72b"), tmp_path / "72b")
     r = convert(skel, tmp_path / "out", layout="stacked", dtype="float16", ep=8, dry_run=True)
-    assert r["bytes_in"] == 143_977_562_112 and r["tensors"] == 8 * (3 + 48 * 17)
-    assert r["largest_tensor_bytes"] == 153376 * 5120 * 2  # embeddings; one rank's gate_up is [8, 2688, 5120]
-    assert r["estimated_peak_rss_bytes"] < 1e9 and len(r["ep_plan"]["ranks"]) == 8
+    assert r.bytes_in == 143_977_562_112 and r.tensors == 8 * (3 + 48 * 17)
+    assert r.largest_tensor_bytes == 153376 * 5120 * 2  # embeddings; one rank's gate_up is [8, 2688, 5120]
+    assert r.estimated_peak_rss_bytes < 1e9 and len(r.ep_plan["ranks"]) == 8
     assert not (tmp_path / "out").exists()
 
 
@@ -325,8 +325,8 @@ def test_dry_run_writes_nothing(src, tmp_path):
     out = tmp_path / "out"
     r = convert(src, out, layout="stacked", dtype="float16", ep=2, max_shard_size="100KB", dry_run=True)
     assert not out.exists() and list(tmp_path.iterdir()) == []
-    assert r["dtype_changes"] == {"bfloat16 -> float16": r["tensors"]} and r["outputs"][0]["file"].startswith("rank-0/")
-    assert r["disk_bytes"] > sum(o["bytes"] for o in r["outputs"]) and r["estimated_peak_rss_bytes"] > 0
+    assert r.dtype_changes == {"bfloat16 -> float16": r.tensors} and r.outputs[0]["file"].startswith("rank-0/")
+    assert r.disk_bytes > sum(o["bytes"] for o in r.outputs) and r.estimated_peak_rss_bytes > 0
     res = runner.invoke(app, ["convert", str(src), str(out), "--layout", "stacked", "--dry-run", "--verbose"])
     assert res.exit_code == 0 and "gate_up_proj" in res.output and "nothing written" in res.output and not out.exists()
 
@@ -396,4 +396,4 @@ def test_memory_is_flat_for_big_tensors(tmp_path):
     r = convert(ck, tmp_path / "out", layout="stacked", dtype="float16", verify=True)  # many cast chunks, checked
     largest = max(t.numel() * 2 for t in tensors(tmp_path / "out").values())
     assert largest == 16 * 2048 * 512 * 2
-    assert r["peak_rss_bytes"] - before < 24 * 2**20
+    assert r.peak_rss_bytes - before < 24 * 2**20

@@ -137,7 +137,7 @@ def test_merge_only_moves_bytes(tmp_path):
         "import sys; from moge_converters.convert import convert; "
         f"convert({str(fixture)!r}, {str(tmp_path / 'split')!r}, ep=2, layout='stacked'); "
         f"r = convert({str(tmp_path / 'split')!r}, {str(tmp_path / 'merged')!r}); "
-        "assert 'torch' not in sys.modules, 'torch imported'; print(r['layout'])"
+        "assert 'torch' not in sys.modules, 'torch imported'; print(r.to_dict()['layout'])"
     )
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "'to': 'stacked'" in res.stdout, res.stderr

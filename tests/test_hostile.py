@@ -255,7 +255,7 @@ def test_staging_of_a_killed_run_is_removed_and_reported_even_when_its_pid_is_re
     staging.rename(reused)
     result = convert(ck, tmp_path / "second")  # another destination in the same directory
     assert not reused.exists()
-    assert any(str(reused) in note and "killed" in note for note in result["notes"])
+    assert any(str(reused) in note and "killed" in note for note in result.notes)
 
 
 def test_staging_of_a_live_run_is_left_alone(ck, tmp_path):
@@ -268,7 +268,7 @@ def test_staging_of_a_live_run_is_left_alone(ck, tmp_path):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         result = convert(ck, tmp_path / "out")
-        assert live.exists() and not any("removed" in n for n in result["notes"])
+        assert live.exists() and not any("removed" in n for n in result.notes)
     finally:
         os.close(fd)
     assert not (tmp_path / "out" / LOCK_NAME).exists()  # the lock never reaches the output

@@ -137,7 +137,7 @@ def test_output_format(q4, src):
     assert set(qc["config_groups"]) == {"group_0", "group_1"}  # tiny widths: g64 and g32 instead of g128
     assert qc["config_groups"]["group_0"]["targets"] == ["Linear"]
     assert {"lm_head", r"re:^model\.layers\.\d+\.mlp\.gate$"} == set(qc["ignore"])
-    assert conf["moge_quantization"]["method"] == "rtn" and conf["moge_quantization"]["tensors"] == r["quantized_tensors"] == 62
+    assert conf["moge_quantization"]["method"] == "rtn" and conf["moge_quantization"]["tensors"] == r.quantized_tensors == 62
     ck = open_checkpoint(out)
     names = set(ck.tensors)
     assert len(ck.files) > 1  # sharded
@@ -152,8 +152,8 @@ def test_output_format(q4, src):
     assert ck.tensors[f"{m}.weight_zero_point"].shape == (8, 1) and ck.tensors[f"{m}.weight_zero_point"].dtype == "I32"
     assert ck.tensor(f"{m}.weight_shape").tolist() == [64, 64]
     assert (out / "tokenizer.model").is_file()
-    assert r["quality"]["components"].keys() == {"attention", "routed_experts", "shared_experts"}
-    assert all(0 < t["rel_error"] < 0.2 and t["sqnr_db"] > 10 for t in r["quality"]["tensors"])
+    assert r.quality.components.keys() == {"attention", "routed_experts", "shared_experts"}
+    assert all(0 < t["rel_error"] < 0.2 and t["sqnr_db"] > 10 for t in r.quality.tensors)
     ck.close()
 
 
@@ -215,11 +215,11 @@ def test_compressed_tensors_decompresses_to_moges_dequantization(src, tmp_path, 
 def test_verify_dry_run_and_destination_rules(src, q4, tmp_path):
     out = tmp_path / "q8"
     r = quantize_checkpoint(src, out, bits=8, method="mse", verify=True, exclude=("*.shared_expert.*",))
-    assert r["verified"] and "shared_experts" not in r["quality"]["components"]
+    assert r.verified and "shared_experts" not in r.quality.components
     assert open_checkpoint(out).tensors["model.layers.0.mlp.shared_expert.up_proj.weight"].dtype == "BF16"
     plan = quantize_checkpoint(src, tmp_path / "dry", dry_run=True)
-    assert plan["dry_run"] and not (tmp_path / "dry").exists() and plan["quantized_tensors"] == 62
-    names = [t["name"] for s in plan["outputs"] for t in s["tensors"]]
+    assert plan.to_dict()["dry_run"] and not (tmp_path / "dry").exists() and plan.quantized_tensors == 62
+    names = [t["name"] for s in plan.outputs for t in s["tensors"]]
     assert "model.layers.0.mlp.experts.0.gate_proj.weight_zero_point" in names
     with pytest.raises(UsageError, match="already exists"):
         quantize_checkpoint(src, out, bits=8)
@@ -319,7 +319,7 @@ def test_perplexity_targets_on_tiny_trained(tmp_path):
     ppl = {}
     for key, opts in {"int8": dict(bits=8), "int4 rtn": dict(bits=4), "int4 mse": dict(bits=4, method="mse")}.items():
         r = quantize_checkpoint(TRAINED, tmp_path / key.replace(" ", "-"), eval_text=text, **opts)
-        ppl[key], before = r["eval"]["after"], r["eval"]["before"]
+        ppl[key], before = r.eval.after, r.eval.before
     assert ppl["int8"] / before - 1 < 0.005, (before, ppl)
     assert ppl["int4 rtn"] / before - 1 < 0.05, (before, ppl)
     assert ppl["int4 mse"] <= ppl["int4 rtn"], (before, ppl)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
@@ -11,6 +11,9 @@ from moge_cli.commands.options import (
     ALIAS_Q, DESTINATION, DRY_RUN, DTYPE, FORCE, JSON, MAX_SHARD_SIZE, QUIET, REVISION, SOURCE, VERBOSE, VERIFY_OUTPUT,
 )  # fmt: skip
 from moge_cli.commands.render import print_notes, render_plan
+
+if TYPE_CHECKING:
+    from moge_converters.convert import ConvertResult
 
 
 @handle_errors
@@ -52,7 +55,7 @@ def convert_command(
             result = _with_progress(lambda progress: convert(src, dst, progress=progress, **options))
     print_notes(result, quiet)
     if as_json:
-        print_json(result)
+        print_json(result.to_dict())
     elif dry_run:
         render_plan(result, verbose)
     else:
@@ -68,16 +71,16 @@ def _with_progress(run):
         return run(lambda n, total: bar.update(task, advance=n, total=total))
 
 
-def render_summary(r: dict[str, Any]) -> None:
+def render_summary(r: ConvertResult) -> None:
     out = stdout_console()
-    rate = r["bytes_out"] / r["seconds"] if r["seconds"] else 0
+    rate = r.bytes_out / r.seconds if r.seconds else 0
     out.print(
-        f"wrote {r['tensors']} tensors in {len(r['outputs'])} shard(s), {human_bytes(r['bytes_out'])} "
-        f"in {r['seconds']:.1f} s ({human_bytes(rate)}/s), peak anonymous memory {human_bytes(r['peak_rss_bytes'])} -> {r['destination']}",
+        f"wrote {r.tensors} tensors in {len(r.outputs)} shard(s), {human_bytes(r.bytes_out)} "
+        f"in {r.seconds:.1f} s ({human_bytes(rate)}/s), peak anonymous memory {human_bytes(r.peak_rss_bytes)} -> {r.destination}",
         highlight=False,
     )
-    if r["clamped"]["values"]:
-        worst = ", ".join(f"{n} ({c})" for n, c in list(r["clamped"]["tensors"].items())[:5])
-        out.print(f"clamped {r['clamped']['values']} value(s) to +-65504; worst: {worst}", highlight=False)
-    if r["verified"]:
+    if r.clamped_values:
+        worst = ", ".join(f"{n} ({c})" for n, c in list(r.clamped_tensors.items())[:5])
+        out.print(f"clamped {r.clamped_values} value(s) to +-65504; worst: {worst}", highlight=False)
+    if r.verified:
         out.print("[green]verified: every tensor matches its source[/green]")

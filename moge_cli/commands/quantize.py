@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import typer
 
 from moge_cli.commands.common import handle_errors, human_bytes, print_json, sigterm_as_interrupt, stderr_console, stdout_console
 from moge_cli.commands.options import (
-    ALIAS_EVAL, ALIAS_EVAL_WINDOW, ALIAS_Q, DESTINATION, DRY_RUN, FORCE, JSON, MAX_SHARD_SIZE, PERPLEXITY, QUIET, REVISION, SOURCE,
-    THREADS, VERBOSE, VERIFY_OUTPUT, apply_threads, either,
+    ALIAS_EVAL, ALIAS_EVAL_WINDOW, ALIAS_Q, DESTINATION, DEVICE, DRY_RUN, FORCE, JSON, MAX_SHARD_SIZE, PERPLEXITY, QUIET, REVISION,
+    SOURCE, THREADS, VERBOSE, VERIFY_OUTPUT, apply_threads, either,
 )  # fmt: skip
 from moge_cli.commands.render import print_notes, render_plan
+
+if TYPE_CHECKING:
+    from moge_converters.quantize_pipeline import QuantizeResult
 
 
 @handle_errors
@@ -33,6 +36,7 @@ def quantize_command(
     perplexity_window: Optional[int] = typer.Option(None, "--perplexity-window", help="Perplexity window in tokens (default 512)."),
     calib: Optional[Path] = typer.Option(None, "--calib", metavar="FILE", help="Text run through the model to weight each column's error by its activations (with --method mse)."),
     calib_tokens: int = typer.Option(2048, "--calib-tokens", help="Tokens of the --calib text to use."),
+    device: DEVICE = "cpu",
     threads: THREADS = None,
     dry_run: DRY_RUN = False,
     force: FORCE = False,
@@ -48,13 +52,16 @@ def quantize_command(
     """Quantize a checkpoint's weights to int8 or int4 (vLLM-loadable compressed-tensors), streamed.
 
     --perplexity FILE measures the source and the output on that text (before / after). --verbose lists every tensor's error (always in --json).
+    --device runs the model of --calib and --perplexity there (the rounding runs on the CPU).
 
     Exit codes: 0 done, 1 --verify mismatch, 2 error or bad usage (nothing left behind), 130 Ctrl-C, 141 output pipe closed, 143 SIGTERM (cleaned up as on Ctrl-C).
     """
+    from moge_cli.devices import check_device
     from moge_cli.ep import refuse_rank_directory
     from moge_converters.quantize_pipeline import quantize_checkpoint
 
     refuse_rank_directory(src)  # one rank of `convert --ep`: say what it is
+    check_device(device)  # before anything loads or is written
     quiet, verbose = quiet or q, verbose or errors
     apply_threads(threads)
     options: dict[str, Any] = dict(
@@ -62,6 +69,7 @@ def quantize_command(
         include=tuple(include or ()), exclude=tuple(exclude or ()), max_shard_size=max_shard_size, dry_run=dry_run,
         force=force, verify=verify, eval_text=either(perplexity, eval_text, None),
         eval_window=either(perplexity_window, eval_window, None), calib=calib, calib_tokens=calib_tokens, revision=revision,
+        device=device,
     )  # fmt: skip
     with sigterm_as_interrupt():  # `kill` cleans up like Ctrl-C does
         if quiet or dry_run:
@@ -72,14 +80,14 @@ def quantize_command(
             )
     print_notes(result, quiet)
     if as_json:
-        print_json(result)
+        print_json(result.to_dict())
     elif dry_run:
-        qs = result["quantization"]
+        qs = result.quantization
         stdout_console().print(
-            f"quantize {result['quantized_tensors']} tensors: int{qs['bits']} "
-            + ("per channel" if qs["group_size"] is None else f"g{qs['group_size']}")
-            + (" sym" if qs["symmetric"] else " asym") + f", {qs['method']}; by component: "
-            + ", ".join(f"{c} {n}" for c, n in qs["components"].items()),
+            f"quantize {result.quantized_tensors} tensors: int{qs.bits} "
+            + ("per channel" if qs.group_size is None else f"g{qs.group_size}")
+            + (" sym" if qs.symmetric else " asym") + f", {qs.method}; by component: "
+            + ", ".join(f"{c} {n}" for c, n in qs.components.items()),
             highlight=False,
         )
         render_plan(result, verbose)
@@ -119,19 +127,19 @@ def _with_progress(run):
         return run(written, layers, scored)
 
 
-def render(r: dict[str, Any], per_tensor: bool = False) -> None:
+def render(r: QuantizeResult, per_tensor: bool = False) -> None:
     from rich.table import Table
 
     out = stdout_console()
-    q = r["quantization"]
-    what = f"int{q['bits']} " + ("per channel" if q["bits"] == 8 else f"g{q['group_size']}") + (" sym" if q["symmetric"] else " asym")
+    q = r.quantization
+    what = f"int{q.bits} " + ("per channel" if q.bits == 8 else f"g{q.group_size}") + (" sym" if q.symmetric else " asym")
     out.print(
-        f"quantized {r['quantized_tensors']} of {r['tensors']} tensors ({what}, {q['method']}): {human_bytes(r['bytes_in'])} -> "
-        f"{human_bytes(r['bytes_out'])} ({r['bytes_in'] / max(r['bytes_out'], 1):.2f}x smaller) in {r['seconds']:.1f} s, "
-        f"peak anonymous memory {human_bytes(r['peak_rss_bytes'])} -> {r['destination']}",
+        f"quantized {r.quantized_tensors} of {r.tensors} tensors ({what}, {q.method}): {human_bytes(r.bytes_in)} -> "
+        f"{human_bytes(r.bytes_out)} ({r.bytes_in / max(r.bytes_out, 1):.2f}x smaller) in {r.seconds:.1f} s, "
+        f"peak anonymous memory {human_bytes(r.peak_rss_bytes)} -> {r.destination}",
         highlight=False,
     )
-    if c := q.get("calibration"):
+    if c := q.calibration:
         out.print(
             f"calibrated on {c['tokens']} tokens of {c['file']}: {c['modules']} weights weighted by their activations; "
             f"{c['experts'] - c['experts_reached']} of {c['experts']} routed experts reached by no token (plain mse)",
@@ -140,24 +148,22 @@ def render(r: dict[str, Any], per_tensor: bool = False) -> None:
     t = Table(title="reconstruction error by component", title_justify="left")
     for col in ("component", "tensors", "rel. Frobenius error", "SQNR dB (pooled)", "SQNR dB mean", "SQNR dB worst"):
         t.add_column(col, justify="left" if col == "component" else "right")
-    for name, c in r["quality"]["components"].items():
+    for name, c in r.quality.components.items():
         t.add_row(name, str(c["tensors"]), f"{c['rel_error']:.4f}", f"{c['sqnr_db']:.2f}", f"{c['mean_sqnr_db']:.2f}", f"{c['min_sqnr_db']:.2f}")
-    o = r["quality"]["overall"]
-    t.add_row("all", str(r["quantized_tensors"]), f"{o['rel_error']:.4f}", f"{o['sqnr_db']:.2f}", "", "")
+    o = r.quality.overall
+    t.add_row("all", str(r.quantized_tensors), f"{o['rel_error']:.4f}", f"{o['sqnr_db']:.2f}", "", "")
     out.print(t)
     if per_tensor:
         t = Table(title="per tensor", title_justify="left")
         for col in ("tensor", "scheme", "rel. error", "SQNR dB"):
             t.add_column(col, justify="left" if col in ("tensor", "scheme") else "right")
-        for row in r["quality"]["tensors"]:
+        for row in r.quality.tensors:
             t.add_row(row["tensor"], row["scheme"], f"{row['rel_error']:.4f}", f"{row['sqnr_db']:.2f}")
         out.print(t)
-    if "eval" in r:
-        e = r["eval"]
+    if (e := r.eval) is not None:
         out.print(
-            f"perplexity on {e['text']} ({e['tokens']} tokens, window {e['window']}): {e['before']:.4f} -> {e['after']:.4f} "
-            f"({100 * e['change']:+.2f}%)",
+            f"perplexity on {e.text} ({e.tokens} tokens, window {e.window}): {e.before:.4f} -> {e.after:.4f} ({100 * e.change:+.2f}%)",
             highlight=False,
         )
-    if r["verified"]:
+    if r.verified:
         out.print("[green]verified: every tensor matches its source or a fresh quantization[/green]")
