@@ -29,6 +29,8 @@ WINDOW = 512  # tokens per sequence the calibration text is cut into
 
 @dataclass
 class Calibration:
+    """Column importance per quantizable module, and how many tokens and experts it came from."""
+
     importance: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> [K] float32
     tokens: int = 0
     experts: int = 0  # routed experts in the model
@@ -39,9 +41,12 @@ class Calibration:
                 "experts_reached": self.experts_reached}  # fmt: skip
 
 
-def calibrate(src, text_file, *, max_tokens: int = 2048, dtype: torch.dtype | None = None, progress=None) -> Calibration:
+def calibrate(
+    src, text_file, *, max_tokens: int = 2048, dtype: torch.dtype | None = None, device: str = "cpu", progress=None
+) -> Calibration:
     """Column importance of every quantizable module of the checkpoint at src, from text_file's first
-    max_tokens tokens (the checkpoint's tokenizer). progress(1, layers) is called after each layer."""
+    max_tokens tokens (the checkpoint's tokenizer), the layers run on `device` (the importance comes back
+    on the CPU). progress(1, layers) is called after each layer."""
     from moge_cli.checkpoint import open_checkpoint
     from moge_cli.instrument import Recorder
     from moge_cli.loader import checked_sources, checkpoint_dtype, materialize
@@ -60,12 +65,12 @@ def calibrate(src, text_file, *, max_tokens: int = 2048, dtype: torch.dtype | No
         cfg, sources = ckpt.config, checked_sources(ckpt)
         dtype = dtype or checkpoint_dtype(ckpt)
         embed = ckpt.tensor(tensor_name("embed"))
-        xs = [embed[torch.tensor(ids[a : a + WINDOW])].to(dtype)[None] for a in range(0, len(ids), WINDOW)]  # [1, W, H] each
-        cos, sin = rope_tables(cfg, min(len(ids), WINDOW), "cpu")
-        rows = [call_rows(cfg, 0, x.shape[1], "cpu") or (cos[: x.shape[1]], sin[: x.shape[1]]) for x in xs]  # each window from position 0
+        xs = [embed[torch.tensor(ids[a : a + WINDOW])].to(device, dtype)[None] for a in range(0, len(ids), WINDOW)]  # [1, W, H] each
+        cos, sin = rope_tables(cfg, min(len(ids), WINDOW), device)
+        rows = [call_rows(cfg, 0, x.shape[1], device) or (cos[: x.shape[1]], sin[: x.shape[1]]) for x in xs]  # each window from position 0
         cal = Calibration(tokens=len(ids), experts=cfg.num_experts * len(cfg.moe_layers))
         for L in range(cfg.num_hidden_layers):
-            layer = materialize(DecoderLayer(cfg, L, dtype, "meta"), ckpt, sources, f"layers.{L}.")
+            layer = materialize(DecoderLayer(cfg, L, dtype, "meta"), ckpt, sources, f"layers.{L}.", device=device)
             with torch.inference_mode(), Recorder(keep_routing=True, keep_inputs=True) as rec:
                 h1 = torch.cat([rms_norm(x, layer.input_layernorm, cfg.rms_norm_eps).flatten(0, 1) for x in xs])  # [N, H]
                 xs = [layer(x, c[:, None], s[:, None], None) for x, (c, s) in zip(xs, rows)]
@@ -75,7 +80,7 @@ def calibrate(src, text_file, *, max_tokens: int = 2048, dtype: torch.dtype | No
             if progress:
                 progress(1, cfg.num_hidden_layers)
         if tensor_name("lm_head") in ckpt.tensors and not cfg.tie_word_embeddings:
-            norm = ckpt.tensor(tensor_name("norm")).float()
+            norm = ckpt.tensor(tensor_name("norm")).to(device, torch.float32)
             cal.importance[module_name("lm_head")] = _mean_square(torch.cat([rms_norm(x.float(), norm, cfg.rms_norm_eps).flatten(0, 1) for x in xs]))
     finally:
         ckpt.close()
@@ -83,8 +88,8 @@ def calibrate(src, text_file, *, max_tokens: int = 2048, dtype: torch.dtype | No
 
 
 def _mean_square(x: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [K]: mean over tokens of x^2, in float32."""
-    return x.float().pow(2).mean(0)
+    """[N, K] -> [K]: mean over tokens of x^2, in float32, on the CPU (where quantization runs)."""
+    return x.float().pow(2).mean(0).cpu()
 
 
 def _swiglu_act(x: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
