@@ -42,11 +42,20 @@ def _picked(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, ga
     T, k = expert_ids.shape
     ids = expert_ids.reshape(-1)  # [P], token-major: pair p = (p // k, p % k)
     xs = x.unsqueeze(1).expand(T, k, x.shape[-1]).reshape(T * k, 1, -1)  # [P, 1, H]
-    h = torch.bmm(xs, gate_up.dequantized_experts(ids, x.dtype).transpose(1, 2))  # [P, 1, 2I]
-    gate, up = h.chunk(2, dim=-1)
-    a = F.silu(gate) * up  # [P, 1, I]
-    y = torch.bmm(a, down.dequantized_experts(ids, x.dtype).transpose(1, 2))  # [P, 1, H]
+    gate, up = _matvecs(xs, gate_up.dequantized_experts(ids, x.dtype)).chunk(2, dim=-1)  # [P, 1, I] each
+    y = _matvecs(F.silu(gate) * up, down.dequantized_experts(ids, x.dtype))  # [P, 1, H]
     return combine_f32(y.view(T, k, -1), weights)
+
+
+def _matvecs(xs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """xs [P, 1, K] @ w[P].T for w [P, N, K] -> [P, 1, N] in xs' dtype (float32 accumulation either way).
+
+    Under torch.compile a multiply and a sum over K: inductor fuses the producers of w (the gather by expert id,
+    the dequantisation) into that one reduction, which then reads only the picked experts' integers (gpt-fast's
+    mixtral-moe int8 does the same). Eagerly that form would write [P, N, K] products, so a batched GEMM."""
+    if torch.compiler.is_compiling():
+        return (xs * w).sum(-1, dtype=torch.float32).to(xs.dtype).unsqueeze(1)
+    return torch.bmm(xs, w.transpose(1, 2))
 
 
 def _every_expert(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, gate_up: QLinear, down: QLinear) -> torch.Tensor:

@@ -271,3 +271,27 @@ def test_moe_device_on_cuda_syncs_nothing(scheme):
         finally:
             torch.cuda.set_sync_debug_mode("default")
         torch.testing.assert_close(got.cpu(), want, atol=0.02 * float(want.abs().max()), rtol=0.02)
+
+
+@pytest.mark.parametrize("scheme, mode", [("int8", "cuda_int8"), ("int4-asym", "cuda_int4"), ("int4-sym", "dequant")])
+def test_moe_device_traces_under_compile(scheme, mode):
+    """Under torch.compile the picked experts run as multiply-and-sum (for inductor to fuse the gather and the
+    dequantisation into it): traced (backend "eager": dynamo's graph, run by torch), the same numbers."""
+    torch._dynamo.reset()
+    gate_up, down = experts_of(SCHEMES[scheme], mode)
+    compiled = torch.compile(moe_device, backend="eager", fullgraph=True)
+    for tokens in (1, 3):
+        x, ids, w = routing(tokens)
+        want = moe_device(x, ids, w, gate_up, down)
+        torch.testing.assert_close(compiled(x, ids, w, gate_up, down), want, atol=0.02 * want.abs().max().item(), rtol=0.02)
+
+
+def test_cuda_int8_forward_traces_under_compile():
+    """cuda_int8 under torch.compile: F.linear on the int8 weight cast, times the scales (for inductor to fuse)."""
+    torch._dynamo.reset()
+    parts = parts_of((96, 128), INT8, experts=2)
+    lin = qlinear(parts, INT8, mode="cuda_int8")
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(0)).bfloat16()
+    want = lin(x, None, 1)
+    got = torch.compile(lin.forward, backend="eager", fullgraph=True)(x, None, 1)
+    torch.testing.assert_close(got.float(), want.float(), atol=0.02 * want.abs().max().item(), rtol=0.02)
