@@ -29,6 +29,7 @@ from moge_cli.names import PER_EXPERT, expected_tensors, module_of, parameter_so
 from moge_cli.quant_format import Scheme, read_quantization
 from moge_cli.safetensors_format import DTYPE_SIZES
 
+DEFAULT_CONTEXT = 4096  # = model.DEFAULT_MAX_LEN (tested; the model imports torch, `moge load` must not)
 RESERVE_BYTES = 256 << 20
 RESERVE_FRACTION = 0.02
 FLOAT32_PARAMS = ("input_layernorm", "post_attention_layernorm", "norm", "gate", "router_scale")  # leaf names (model.py)
@@ -145,9 +146,7 @@ def activation_bytes(cfg: MoGEConfig, prompt: int, context: int, dtype_bytes: in
 
 def default_context(cfg: MoGEConfig) -> int:
     """The KV cache model.new_cache() allocates without a length (the interactive chat's)."""
-    from moge_cli.model import DEFAULT_MAX_LEN  # imports torch: only where no length is known
-
-    return min(cfg.max_position_embeddings, DEFAULT_MAX_LEN)
+    return min(cfg.max_position_embeddings, DEFAULT_CONTEXT)
 
 
 def cache_tokens(capacity: int, prompt_tokens: int, max_new_tokens: int) -> int:

@@ -103,9 +103,13 @@ def test_kv_cache_bytes_equal_the_cache_generate_allocates(prompt, new):
 
 
 def test_default_context_is_new_caches():
+    from moge_cli.model import DEFAULT_MAX_LEN
+
+    assert mp.DEFAULT_CONTEXT == DEFAULT_MAX_LEN
     model = load_model(TINY_DIR)
     plan = mp.plan_memory(open_checkpoint(TINY_DIR), available=1 << 40)
     cache = model.new_cache()
+    assert cache.max_len == min(TINY.max_position_embeddings, DEFAULT_MAX_LEN)
     assert plan.context_tokens == cache.max_len and plan.kv_cache_bytes == cache.k.nbytes + cache.v.nbytes
 
 
@@ -211,3 +215,15 @@ def test_generate_refuses_the_72b_skeleton(skeleton, monkeypatch):
     r = runner.invoke(app, ["generate", str(skeleton), "--prompt-ids", "1,2,3", "-n", "4"])
     assert r.exit_code == 2, r.output
     assert "error: the model does not fit" in r.stderr and "weights 144." in r.stderr and "cpu has 60.0 GB free" in r.stderr
+
+
+def test_a_float_checkpoints_plan_never_imports_torch():
+    """`moge load` (torch-free) can show the plan of a float checkpoint: headers and config only."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from moge_cli.checkpoint import open_checkpoint; from moge_cli.memory_plan import plan_memory; "
+            f"p = plan_memory(open_checkpoint({str(TINY_DIR)!r}), device='cpu'); assert p.weights_bytes > 0; "
+            "assert 'torch' not in sys.modules, 'torch imported'")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
