@@ -20,8 +20,8 @@ from moge_cli.config import MoGEConfig
 from moge_cli.dtypes import FLOAT_CODES, NAMES as DTYPES
 from moge_cli.errors import CheckpointError, UsageError
 from moge_cli.names import (
-    EXPERT_EXTRA_RE, EXPERT_KINDS, LAYOUTS, PER_EXPERT, PER_EXPERT_RE, PROJS, STACKED, STACKED_KINDS, STACKED_RE, detect_layout,
-    expected_tensors, expert_name, kind_shapes, layer_of, stacked_name, with_expert, with_layer,
+    EXPERT_EXTRA_RE, EXPERT_KINDS, LAYOUTS, PACKED, PER_EXPERT, PER_EXPERT_RE, PROJS, STACKED, STACKED_KINDS, STACKED_RE,
+    detect_layout, expected_tensors, expert_name, kind_shapes, layer_of, stacked_name, with_expert, with_layer,
 )  # fmt: skip
 from moge_cli.safetensors_format import DTYPE_SIZES, FROM_TORCH_NAME, TORCH_NAMES, TensorInfo
 
@@ -140,7 +140,7 @@ def build_plan(
         if src_layout == "mixed":
             raise UsageError("the source mixes per-expert and stacked expert tensors; choose the output with --layout")
         layout = src_layout if src_layout in LAYOUTS else PER_EXPERT
-    if layout == STACKED and (packed := sorted(n for n in tensors if EXPERT_EXTRA_RE.match(n) and n.endswith(".weight_packed"))):
+    if layout == STACKED and (packed := sorted(n for n in tensors if EXPERT_EXTRA_RE.match(n) and n.endswith("." + PACKED))):
         raise UsageError(
             f"--layout stacked: the source's experts are quantized ({len(packed)} such as {packed[0]}); quantized experts are "
             "stored one per expert, as vLLM loads them, and moge does not stack them. Convert the float checkpoint to stacked, "

@@ -11,7 +11,6 @@ I moe_intermediate_size, Is shared_expert_intermediate_size, Id dense intermedia
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
 
@@ -140,16 +139,33 @@ QUANT_SUFFIXES = PACKED, SCALE, SHAPE, ZERO_POINT = ("weight_packed", "weight_sc
 QUANT_SUFFIX_RE = re.compile(r"\.(%s)$" % "|".join(QUANT_SUFFIXES))  # X.weight_* stands for X.weight
 
 
-@functools.cache
-def _kind_re() -> re.Pattern:
-    """Every template, one named group per kind (compiled on first use: `moge load --json` never needs it)."""
-    return re.compile("|".join("(?P<%s>%s)" % (k, numbered(t.template, r"\d+")) for k, t in KINDS.items()))
+def quant_name(module: str, suffix: str) -> str:
+    """One stored tensor of a quantized module: quant_name("lm_head", PACKED) -> lm_head.weight_packed."""
+    return f"{module}.{suffix}"
+
+
+def _template_of(name: str) -> str | None:
+    """The name as a KINDS template would spell it: its first all-digit segment {L}, its second {e}
+    (model.layers.3.mlp.experts.7.down_proj.weight -> model.layers.{L}.mlp.experts.{e}.down_proj.weight).
+    A dictionary lookup then finds its kind: no regex over the whole table to compile."""
+    if "{" in name:
+        return None
+    parts, count = name.split("."), 0
+    for i, p in enumerate(parts):
+        if p.isdecimal():  # as the regex \d+ would match it
+            parts[i] = "{e}" if count else "{L}"
+            count += 1
+            if count == 2:
+                break
+    return ".".join(parts)
+
+
+_KIND_OF_TEMPLATE = {kind.template: k for k, kind in KINDS.items()}
 
 
 def kind_of_name(name: str) -> str | None:
     """The kind (a KINDS key) of a checkpoint tensor name; a quantized module's tensors count as its weight. None: not in the vocabulary."""
-    m = _kind_re().fullmatch(QUANT_SUFFIX_RE.sub(".weight", name))
-    return m.lastgroup if m else None
+    return _KIND_OF_TEMPLATE.get(_template_of(QUANT_SUFFIX_RE.sub(".weight", name)))
 
 
 # Tensors real checkpoints carry that hold no weight of the model: skipped with a note, never loaded,
@@ -163,6 +179,35 @@ KNOWN_BUFFERS = {
     re.compile(r"^model\.layers\.\d+\.self_attn\.[kv]_proj\.kv_cache_(scale|offset)$"): KV_CACHE_QUANT,
     re.compile(r"^model\.layers\.\d+\.self_attn\.(attn\.[kv]_scale|k_proj\.k_scale|v_proj\.v_scale|kv_scale)$"): KV_CACHE_QUANT,
 }
+
+
+def _scopes() -> dict[str, str]:
+    """Template -> component, for every kind's template and, for weights and biases, the module holding them
+    (model.layers.{L}.self_attn.q_proj: attention), so that other tensors of that module count with it."""
+    out = {}
+    for kind in KINDS.values():
+        owner, _, leaf = kind.template.rpartition(".")
+        for scope in (kind.template, owner) if leaf in ("weight", "bias") else (kind.template,):
+            assert out.setdefault(scope, kind.component) == kind.component, scope  # one component per module
+    return out
+
+
+_COMPONENT_OF_SCOPE = _scopes()
+
+
+def component_of(name: str) -> str:
+    """Which parameter group a tensor counts towards (load's breakdown, quantize's summary, weight stats): its
+    kind's component (a quantized module's tensors: their weight's). Buffers (KNOWN_BUFFERS) are "other"; any
+    other name outside the vocabulary counts with the nearest module of the table that holds it (W8A8's
+    X.input_scale or X.weight_offset: X's component), else it is "other"."""
+    scope = _template_of(QUANT_SUFFIX_RE.sub(".weight", name))
+    if scope not in _COMPONENT_OF_SCOPE and any(pattern.match(name) for pattern in KNOWN_BUFFERS):
+        return "other"
+    while scope:
+        if (component := _COMPONENT_OF_SCOPE.get(scope)) is not None:
+            return component
+        scope = scope.rpartition(".")[0]
+    return "other"
 
 
 def skipped_reason(name: str, cfg: MoGEConfig) -> str | None:
@@ -287,30 +332,3 @@ def layer_of(name: str) -> int | None:
     """Decoder-layer index a tensor belongs to, or None for global tensors."""
     m = LAYER_RE.match(name)
     return int(m.group(1)) if m else None
-
-
-_GLOBAL_COMPONENTS = {kind.template: kind.component for kind in KINDS.values() if "{" not in kind.template}  # whole names
-
-
-def component_of(name: str) -> str:
-    """Which parameter group a tensor counts towards (load's breakdown, quantize's summary, weight stats).
-
-    The table's component for its names (tests/test_names.py checks they agree); by substring so that names
-    outside the vocabulary (buffers, W8A8 scales, quantized tensors) are classified too, and without the
-    kind regex, which `moge load --json` does not compile.
-    """
-    if (component := _GLOBAL_COMPONENTS.get(name)) is not None:
-        return component
-    if name.endswith("layernorm.weight"):
-        return "norms"
-    if ".self_attn." in name:
-        return "attention"
-    if ".mlp.gate.weight" in name or name.endswith(".mlp.router_scale"):
-        return "router"
-    if ".mlp.shared_expert." in name:
-        return "shared_experts"
-    if ".mlp.experts." in name:
-        return "routed_experts"
-    if re.search(r"\.mlp\.(gate|up|down)_proj\.weight$", name):
-        return "dense_mlp"
-    return "other"

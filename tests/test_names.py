@@ -74,3 +74,23 @@ def test_quantized_tensors_count_as_their_weight():
         assert names.kind_of_name(f"{module}.{suffix}") == "expert_down"
     assert names.kind_of_name(f"{module}.weight_other") is None
     assert names.detect_layout([f"{module}.{names.PACKED}", f"{module}.{names.SCALE}"]) == names.PER_EXPERT
+
+
+def test_names_outside_the_vocabulary_count_with_the_module_holding_them():
+    """component_of derives from the table: a quantized module's tensors count as its weight, W8A8 scales and offsets
+    with the module they sit beside (global modules too), buffers as "other"."""
+    head, down = names.module_name("lm_head"), names.module_name("expert_down", 3, 7)
+    for suffix in names.QUANT_SUFFIXES:
+        assert names.component_of(names.quant_name(head, suffix)) == "lm_head"
+        assert names.component_of(names.quant_name(down, suffix)) == "routed_experts"
+    w8a8 = {  # msmodelslim W8A8 exports: input_scale, input_offset, deq_scale, quant_bias, weight_offset beside each weight
+        down + ".input_scale": "routed_experts", names.module_name("q_proj", 0) + ".deq_scale": "attention",
+        names.module_name("shared_up", 2) + ".quant_bias": "shared_experts", names.module_name("dense_down", 1) + ".input_offset": "dense_mlp",
+        names.module_name("embed") + ".weight_offset": "embeddings", "model.layers.4.mlp.gate.input_scale": "router",
+        "model.norm.bias": "norms",
+    }  # fmt: skip
+    buffers = ["model.rotary_emb.inv_freq", "model.layers.0.self_attn.rotary_emb.inv_freq", "model.layers.1.self_attn.k_proj.kv_cache_scale",
+               "model.layers.1.self_attn.attn.k_scale", "model.layers.3.mtp.12.proj.weight", "model.layers.0.mlp.experts.1.2.3.weight"]  # fmt: skip
+    assert {n: names.component_of(n) for n in w8a8} == w8a8
+    assert [names.component_of(n) for n in buffers] == ["other"] * len(buffers)
+    assert names.kind_of_name("model.layers.{L}.input_layernorm.weight") is None  # a template is no tensor name
