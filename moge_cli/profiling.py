@@ -1,4 +1,4 @@
-"""`moge_cli.profile(...)`: where the time, the memory and the tokens go (the library behind `moge profile`).
+"""`moge_cli.profile(...)`: where the time, the memory and the tokens go (the library behind `moge profile`), as a ProfileReport.
 
 Runtime: prefill + greedy decode with the model's sections timed, achieved weight bandwidth vs the
 machine's read bandwidth measured in the same run. Routing: per-layer expert load and the MoGE
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,6 +18,90 @@ from moge_cli.errors import UsageError
 
 COMPONENTS = ("embedding", "attention", "router", "routed_experts", "shared_expert", "dense_mlp", "lm_head", "sampling")
 BANDWIDTH_BUFFER_BYTES = 512 * 1024 * 1024
+
+Components = dict[str, dict[str, float]]  # component (COMPONENTS, "other") -> {"seconds", "percent"}
+
+
+@dataclass
+class PrefillFigures:
+    """The prompt's forward pass, timed per component."""
+
+    tokens_per_s: float
+    seconds: float
+    components: Components
+
+
+@dataclass
+class DecodeFigures:
+    """Greedy decode after the prompt: its speed without instrumentation, and the op-by-op pass timed per component."""
+
+    tokens: int  # steps after the first generated token (which comes from the prefill)
+    tokens_per_s: float  # replayed without a Recorder: the real speed
+    seconds: float
+    op_by_op_tokens_per_s: float  # the timed pass the components come from
+    components: Components
+
+
+@dataclass
+class RoutingSummary:
+    """Expert load per MoE layer and the Imbalance Score of MoGE against plain top-k on the same tokens."""
+
+    devices: int  # expert groups are placed on this many devices
+    tokens: int  # prompt + decode tokens routed
+    mean_imbalance_moge: float
+    mean_imbalance_topk: float
+    layers: list[dict[str, Any]]  # per MoE layer: layer, expert_counts, group_counts, imbalance_moge... (routing_stats)
+
+
+@dataclass
+class Bandwidth:
+    """Decode's weight reads against the machine's read bandwidth, measured in the same run."""
+
+    active_weight_bytes_per_token: int
+    achieved_bytes_per_s: float
+    measured_read_bytes_per_s: float
+    percent_of_measured: float
+    decode_ceiling_tokens_per_s: float  # measured bandwidth / active weight bytes
+
+
+@dataclass
+class RuntimeProfile:
+    """Prefill and greedy decode of one prompt: speed, time per component, routing."""
+
+    prompt_tokens: int  # profiled (the first context-length window of a longer text)
+    prompt_tokens_given: int
+    generated_ids: list[int]
+    prefill: PrefillFigures
+    decode: DecodeFigures
+    routing: RoutingSummary
+
+
+@dataclass
+class ProfileReport:
+    """What `profile()` measured: the runtime profile, peak memory and bandwidth, and the asked-for extras; `to_dict()` is its --json."""
+
+    model: str
+    dtype: str  # torch name, e.g. bfloat16
+    device: str
+    prompt_tokens: int
+    prompt_tokens_given: int
+    generated_ids: list[int]
+    prefill: PrefillFigures
+    decode: DecodeFigures
+    routing: RoutingSummary
+    peak_memory_bytes: int
+    bandwidth: Bandwidth
+    generated_text: str | None = None  # with a tokenizer
+    perplexity: dict[str, Any] | None = None  # perplexity_file: perplexity, tokens, window, stride
+    weights: dict[str, Any] | None = None  # weights=True: weight_stats.weight_profile
+    plot: str | None = None  # `moge profile --plot`: the PNG written
+
+    def to_dict(self) -> dict[str, Any]:
+        """The --json object: the extras that are None are left out."""
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in OPTIONAL}
+
+
+OPTIONAL = ("generated_text", "perplexity", "weights", "plot")  # ProfileReport fields absent from --json when None
 
 
 def measure_read_bandwidth(device: Any = "cpu", nbytes: int = BANDWIDTH_BUFFER_BYTES, repeats: int = 5) -> float:
@@ -78,7 +163,7 @@ def prompt_tokens(model_path: Path, prompt: str | None, text_file: str | None, p
     return tok.encode(text, add_bos=True), tok
 
 
-def _time_components(rec: Any, total: float) -> dict[str, Any]:
+def _time_components(rec: Any, total: float) -> Components:
     rows = {c: rec.seconds.get(c, 0.0) for c in COMPONENTS}
     rows["other"] = max(total - sum(rows.values()), 0.0)
     return {c: {"seconds": s, "percent": 100 * s / total if total else 0.0} for c, s in rows.items()}
@@ -103,7 +188,7 @@ def _replay_decode(model: Any, x: Any, generated: list[int], sync: Any) -> float
     return time.perf_counter() - t0
 
 
-def runtime_profile(model: Any, ids: list[int], *, decode: int, devices: int | None) -> dict[str, Any]:
+def runtime_profile(model: Any, ids: list[int], *, decode: int, devices: int | None) -> RuntimeProfile:
     """Prefill `ids`, decode `decode` tokens greedily; time per component, routing per layer."""
     import numpy as np
     import torch
@@ -148,26 +233,26 @@ def runtime_profile(model: Any, ids: list[int], *, decode: int, devices: int | N
         layers.append({"layer": layer, **stats})
     is_moge = [l["imbalance_moge"] for l in layers]
     is_topk = [l["imbalance_topk"] for l in layers]
-    return {
-        "prompt_tokens": len(ids),
-        "prompt_tokens_given": given,
-        "generated_ids": generated,
-        "prefill": {"tokens_per_s": len(ids) / prefill_s, "seconds": prefill_s, "components": _time_components(pre, prefill_s)},
-        "decode": {
-            "tokens": steps,
-            "tokens_per_s": steps / fast_s if steps else 0.0,
-            "seconds": fast_s,
-            "op_by_op_tokens_per_s": steps / decode_s if steps else 0.0,
-            "components": _time_components(dec, decode_s),
-        },
-        "routing": {
-            "devices": devices or cfg.n_groups,
-            "tokens": len(ids) + steps,
-            "mean_imbalance_moge": float(np.mean(is_moge)) if layers else 0.0,
-            "mean_imbalance_topk": float(np.mean(is_topk)) if layers else 0.0,
-            "layers": layers,
-        },
-    }
+    return RuntimeProfile(
+        prompt_tokens=len(ids),
+        prompt_tokens_given=given,
+        generated_ids=generated,
+        prefill=PrefillFigures(len(ids) / prefill_s, prefill_s, _time_components(pre, prefill_s)),
+        decode=DecodeFigures(
+            tokens=steps,
+            tokens_per_s=steps / fast_s if steps else 0.0,
+            seconds=fast_s,
+            op_by_op_tokens_per_s=steps / decode_s if steps else 0.0,
+            components=_time_components(dec, decode_s),
+        ),
+        routing=RoutingSummary(
+            devices=devices or cfg.n_groups,
+            tokens=len(ids) + steps,
+            mean_imbalance_moge=float(np.mean(is_moge)) if layers else 0.0,
+            mean_imbalance_topk=float(np.mean(is_topk)) if layers else 0.0,
+            layers=layers,
+        ),
+    )
 
 
 def profile(
@@ -184,8 +269,8 @@ def profile(
     weights: bool = False,
     revision: str | None = None,
     progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Profile a checkpoint; returns the dict `moge profile --json` prints.
+) -> ProfileReport:
+    """Profile a checkpoint; the report's to_dict() is what `moge profile --json` prints.
 
     One of prompt / text_file / prompt_ids gives the tokens; decode: greedy tokens after them;
     devices: how many devices whole expert groups are placed on for the Imbalance Score
@@ -210,22 +295,22 @@ def profile(
     say("loading model")
     net = load_model(model, dtype=dtype, device=device, revision=revision)
     say(f"profiling {len(ids)} prompt tokens + {decode} decode tokens")
-    report: dict[str, Any] = {"model": str(ckpt.source), "dtype": str(net.dtype).removeprefix("torch."), "device": str(net.device)}
-    report.update(runtime_profile(net, ids, decode=decode, devices=devices))
-    report["peak_memory_bytes"] = peak_memory_bytes(net.device)  # before the bandwidth buffer exists
+    runtime = runtime_profile(net, ids, decode=decode, devices=devices)
+    peak = peak_memory_bytes(net.device)  # before the bandwidth buffer exists
     say("measuring memory bandwidth")
     bandwidth = measure_read_bandwidth(net.device)
     weight_bytes = active_weight_bytes(net)
-    achieved = weight_bytes * report["decode"]["tokens_per_s"]
-    report["bandwidth"] = {
-        "active_weight_bytes_per_token": weight_bytes,
-        "achieved_bytes_per_s": achieved,
-        "measured_read_bytes_per_s": bandwidth,
-        "percent_of_measured": 100 * achieved / bandwidth,
-        "decode_ceiling_tokens_per_s": bandwidth / weight_bytes,
-    }
+    achieved = weight_bytes * runtime.decode.tokens_per_s
+    report = ProfileReport(
+        model=str(ckpt.source),
+        dtype=str(net.dtype).removeprefix("torch."),
+        device=str(net.device),
+        **vars(runtime),
+        peak_memory_bytes=peak,
+        bandwidth=Bandwidth(weight_bytes, achieved, bandwidth, 100 * achieved / bandwidth, bandwidth / weight_bytes),
+    )
     if tok is not None:
-        report["generated_text"] = tok.decode(report["generated_ids"])
+        report.generated_text = tok.decode(report.generated_ids)
     if perplexity_file is not None:
         from moge_cli.perplexity import perplexity
 
@@ -233,10 +318,10 @@ def profile(
             raise UsageError(f"{root}: --perplexity needs a tokenizer")
         say("computing perplexity")
         text = Path(perplexity_file).read_text(encoding="utf-8")
-        report["perplexity"] = perplexity(net, tok.encode(text, add_bos=True))
+        report.perplexity = perplexity(net, tok.encode(text, add_bos=True))
     if weights:
         from moge_cli.weight_stats import weight_profile
 
         say("streaming weight statistics")
-        report["weights"] = weight_profile(ckpt)
+        report.weights = weight_profile(ckpt)
     return report

@@ -135,7 +135,7 @@ def test_quantize(env, repo, rev, ref, tmp_path):
     summary = json.loads(r.stdout)
     assert Path(summary["source"]) == want["snapshot"] and summary["quantized_tensors"] > 0
     assert (out / "tokenizer.model").read_bytes() == (want["source"] / "tokenizer.model").read_bytes()
-    assert inspect_checkpoint(out)["quantization"]["bits"] == 8
+    assert inspect_checkpoint(out).quantization.bits == 8
 
 
 @pytest.mark.parametrize("repo,rev,ref", CASES, ids=IDS)
@@ -166,13 +166,13 @@ def test_library_functions_take_a_revision(env, tmp_path):
 
     v1 = env["expect"]["pangu/tiny-sharded", "v1"]
     assert open_checkpoint("pangu/tiny-sharded", revision="v1").root == v1["snapshot"]
-    assert inspect_checkpoint("pangu/tiny-sharded", revision=COMMITS["pangu/tiny-sharded"]["v1"])["dtype"] == "float32"
+    assert inspect_checkpoint("pangu/tiny-sharded", revision=COMMITS["pangu/tiny-sharded"]["v1"]).dtype == "float32"
     assert str(load_model("pangu/tiny-single", revision="v1").dtype) == "torch.float32"
-    assert profile("pangu/tiny-single", revision="v1", prompt_ids=[1, 2], decode=1)["dtype"] == "float32"
+    assert profile("pangu/tiny-single", revision="v1", prompt_ids=[1, 2], decode=1).dtype == "float32"
     r = convert("pangu/tiny-sharded", tmp_path / "c", revision="v1", dtype="bfloat16")
-    assert Path(r["source"]) == v1["snapshot"] and inspect_checkpoint(tmp_path / "c")["dtype"] == "bfloat16"
+    assert Path(r.source) == v1["snapshot"] and inspect_checkpoint(tmp_path / "c").dtype == "bfloat16"
     r = quantize_checkpoint("pangu/tiny-single", tmp_path / "q", revision="v1", bits=4, group_size=32, verify=True)
-    assert Path(r["source"]) == env["expect"]["pangu/tiny-single", "v1"]["snapshot"] and r["verified"]
+    assert Path(r.source) == env["expect"]["pangu/tiny-single", "v1"]["snapshot"] and r.verified
 
 
 def test_quantize_calib_and_eval_read_the_same_snapshot(env, tmp_path):
@@ -182,7 +182,7 @@ def test_quantize_calib_and_eval_read_the_same_snapshot(env, tmp_path):
     text.write_text("def main():\n    return [i * i for i in range(10)]\n" * 20)
     r = quantize_checkpoint("pangu/tiny-sharded", tmp_path / "q", revision="v1", bits=4, group_size=32, method="mse",
                             calib=text, calib_tokens=64, eval_text=text, eval_window=32)  # fmt: skip
-    assert r["quantization"]["calibration"]["tokens"] == 64 and r["eval"]["tokens"] > 0
+    assert r.quantization.calibration["tokens"] == 64 and r.eval.tokens > 0
 
 
 def test_revision_on_a_local_path_is_refused(env):

@@ -42,33 +42,33 @@ def test_forced_ties_known_counts_and_imbalance(zero_router):
     prompt = [5, 9, 2, 7, 7, 1]
     r = profile(zero_router, prompt_ids=prompt, decode=4)
     tokens = len(prompt) + 3  # the last decoded token is sampled, never run through the model
-    assert r["routing"]["tokens"] == tokens
-    for layer in r["routing"]["layers"]:
+    assert r.routing.tokens == tokens
+    for layer in r.routing.layers:
         assert layer["expert_counts"] == [tokens, 0, tokens, 0, tokens, 0, tokens, 0]
         assert layer["group_counts"] == [tokens] * 4
         assert layer["never_picked"] == [1, 3, 5, 7]
         assert layer["imbalance_moge"] == 0.0
         assert layer["imbalance_topk"] == pytest.approx(2.0)  # devices get 2T, 2T, 0, 0
     two = profile(zero_router, prompt_ids=prompt, decode=4, devices=2)
-    assert all(l["imbalance_topk"] == pytest.approx(4.0) for l in two["routing"]["layers"])  # 4T vs 0
+    assert all(l["imbalance_topk"] == pytest.approx(4.0) for l in two.routing.layers)  # 4T vs 0
 
 
 def test_report_shape_and_components(zero_router):
     r = profile(zero_router, prompt_ids=[1, 2, 3, 4], decode=3)
-    for phase in ("prefill", "decode"):
-        comps = r[phase]["components"]
+    for phase in (r.prefill, r.decode):
+        comps = phase.components
         assert set(comps) >= {"embedding", "attention", "router", "routed_experts", "shared_expert", "lm_head", "sampling", "other"}
         assert sum(c["percent"] for c in comps.values()) == pytest.approx(100.0, abs=0.5)
         assert comps["routed_experts"]["seconds"] > 0 and comps["attention"]["seconds"] > 0
-    assert r["decode"]["tokens"] == 2 and len(r["generated_ids"]) == 3
-    bw = r["bandwidth"]
-    assert bw["measured_read_bytes_per_s"] > 0 and bw["active_weight_bytes_per_token"] > 0
+    assert r.decode.tokens == 2 and len(r.generated_ids) == 3
+    bw = r.bandwidth
+    assert bw.measured_read_bytes_per_s > 0 and bw.active_weight_bytes_per_token > 0
     # float32 tiny-moge: every weight once, but only 4 of 8 experts and one embedding row
     c = TINY
     experts = c.num_hidden_layers * c.num_experts * 3 * c.moe_intermediate_size * c.hidden_size * 4
     embedding_rest = (c.vocab_size - 1) * c.hidden_size * 4
-    assert bw["active_weight_bytes_per_token"] == 214_736 * 4 - experts // 2 - embedding_rest
-    assert r["peak_memory_bytes"] > 0
+    assert bw.active_weight_bytes_per_token == 214_736 * 4 - experts // 2 - embedding_rest
+    assert r.peak_memory_bytes > 0
 
 
 def test_cli_json_perplexity_weights_and_plot(tmp_path):
@@ -166,15 +166,15 @@ def test_python_api_is_importable_from_the_package(zero_router):
     # and calling it profiles: the same tokens and routing as the function called directly
     r = moge_cli.profile(zero_router, prompt_ids=[1, 2], decode=2)
     direct = profile(zero_router, prompt_ids=[1, 2], decode=2)
-    assert r["generated_ids"] == direct["generated_ids"] and len(r["generated_ids"]) == 2
-    assert r["routing"] == direct["routing"] and r["routing"]["tokens"] == 3
+    assert r.generated_ids == direct.generated_ids and len(r.generated_ids) == 2
+    assert r.routing == direct.routing and r.routing.tokens == 3
 
 
 def test_decode_speed_comes_from_an_untimed_pass_over_the_same_tokens(zero_router):
     """Sections run the model op by op; the reported decode speed is a second pass without them."""
     r = profile(zero_router, prompt_ids=[1, 2, 3, 4], decode=5)
-    d = r["decode"]
-    assert d["tokens"] == 4 and d["seconds"] > 0
-    assert d["tokens_per_s"] == pytest.approx(4 / d["seconds"])
-    assert d["op_by_op_tokens_per_s"] > 0
-    assert sum(c["seconds"] for c in d["components"].values()) == pytest.approx(4 / d["op_by_op_tokens_per_s"])
+    d = r.decode
+    assert d.tokens == 4 and d.seconds > 0
+    assert d.tokens_per_s == pytest.approx(4 / d.seconds)
+    assert d.op_by_op_tokens_per_s > 0
+    assert sum(c["seconds"] for c in d.components.values()) == pytest.approx(4 / d.op_by_op_tokens_per_s)

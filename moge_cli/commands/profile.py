@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
@@ -14,6 +14,9 @@ from moge_cli.commands.options import (
 )  # fmt: skip
 
 from moge_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from moge_cli.profiling import ProfileReport
 
 DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -80,9 +83,9 @@ def profile_command(
     if plot is not None:
         from moge_cli.plot import plot_routing
 
-        report["plot"] = str(plot_routing(report, plot))
+        report.plot = str(plot_routing(report.to_dict(), plot))
     if as_json:
-        print_json(report)
+        print_json(report.to_dict())
     else:
         render(report)
 
@@ -112,38 +115,38 @@ def _pct(x: float) -> str:
     return f"{x:.1f}%"
 
 
-def render(r: dict[str, Any]) -> None:
+def render(r: ProfileReport) -> None:
     from rich.table import Table
 
     out = stdout_console()
-    bw = r["bandwidth"]
-    out.print(f"[bold]{r['model']}[/bold]  ({r['dtype']} on {r['device']})")
-    if r["prompt_tokens_given"] > r["prompt_tokens"]:
-        out.print(f"[yellow]the text has {r['prompt_tokens_given']} tokens; profiled the first {r['prompt_tokens']} (context length)[/yellow]")
+    bw = r.bandwidth
+    out.print(f"[bold]{r.model}[/bold]  ({r.dtype} on {r.device})")
+    if r.prompt_tokens_given > r.prompt_tokens:
+        out.print(f"[yellow]the text has {r.prompt_tokens_given} tokens; profiled the first {r.prompt_tokens} (context length)[/yellow]")
     out.print(
-        f"prefill {r['prompt_tokens']} tokens: {r['prefill']['tokens_per_s']:.1f} tok/s   "
-        f"decode {r['decode']['tokens']} tokens: {r['decode']['tokens_per_s']:.1f} tok/s "
-        f"({r['decode']['op_by_op_tokens_per_s']:.1f} op by op, timed per component below)   "
-        f"peak memory {human_bytes(r['peak_memory_bytes'])}"
+        f"prefill {r.prompt_tokens} tokens: {r.prefill.tokens_per_s:.1f} tok/s   "
+        f"decode {r.decode.tokens} tokens: {r.decode.tokens_per_s:.1f} tok/s "
+        f"({r.decode.op_by_op_tokens_per_s:.1f} op by op, timed per component below)   "
+        f"peak memory {human_bytes(r.peak_memory_bytes)}"
     )
     out.print(
-        f"decode weight bandwidth: {human_bytes(bw['achieved_bytes_per_s'])}/s of {human_bytes(bw['measured_read_bytes_per_s'])}/s "
-        f"measured = {_pct(bw['percent_of_measured'])} ({human_bytes(bw['active_weight_bytes_per_token'])} active weights per token; "
-        f"ceiling {bw['decode_ceiling_tokens_per_s']:.1f} tok/s)"
+        f"decode weight bandwidth: {human_bytes(bw.achieved_bytes_per_s)}/s of {human_bytes(bw.measured_read_bytes_per_s)}/s "
+        f"measured = {_pct(bw.percent_of_measured)} ({human_bytes(bw.active_weight_bytes_per_token)} active weights per token; "
+        f"ceiling {bw.decode_ceiling_tokens_per_s:.1f} tok/s)"
     )
     t = Table(title="time per component", title_justify="left")
     for col in ("component", "prefill s", "prefill %", "decode s", "decode %"):
         t.add_column(col, justify="left" if col == "component" else "right")
-    pre, dec = r["prefill"]["components"], r["decode"]["components"]
+    pre, dec = r.prefill.components, r.decode.components
     for comp in pre:
         t.add_row(comp, f"{pre[comp]['seconds']:.4f}", _pct(pre[comp]["percent"]), f"{dec[comp]['seconds']:.4f}", _pct(dec[comp]["percent"]))
     out.print(t)
 
-    rt = r["routing"]
-    t = Table(title=f"routing over {rt['tokens']} tokens, expert groups on {rt['devices']} devices", title_justify="left")
+    rt = r.routing
+    t = Table(title=f"routing over {rt.tokens} tokens, expert groups on {rt.devices} devices", title_justify="left")
     for col in ("layer", "min", "max", "mean", "never picked", "entropy (bits)", "IS MoGE", "IS top-k", "top-k / MoGE"):
         t.add_column(col, justify="right")
-    for l in rt["layers"]:
+    for l in rt.layers:
         ratio = "inf (MoGE balanced)" if l["imbalance_ratio"] is None and l["imbalance_topk"] > 0 else (
             "-" if l["imbalance_ratio"] is None else f"{l['imbalance_ratio']:.2f}x")  # fmt: skip
         t.add_row(
@@ -151,14 +154,12 @@ def render(r: dict[str, Any]) -> None:
             f"{l['entropy_bits']:.2f} / {l['max_entropy_bits']:.2f}", f"{l['imbalance_moge']:.3f}", f"{l['imbalance_topk']:.3f}", ratio,
         )  # fmt: skip
     out.print(t)
-    out.print(f"mean Imbalance Score: MoGE {rt['mean_imbalance_moge']:.3f} vs plain top-k {rt['mean_imbalance_topk']:.3f}")
-    if "generated_text" in r:
-        out.print(f"greedy continuation: {r['generated_text']!r}", soft_wrap=True)
-    if "perplexity" in r:
-        p = r["perplexity"]
+    out.print(f"mean Imbalance Score: MoGE {rt.mean_imbalance_moge:.3f} vs plain top-k {rt.mean_imbalance_topk:.3f}")
+    if r.generated_text is not None:
+        out.print(f"greedy continuation: {r.generated_text!r}", soft_wrap=True)
+    if (p := r.perplexity) is not None:
         out.print(f"perplexity {p['perplexity']:.3f} over {p['tokens']} tokens (window {p['window']}, stride {p['stride']})")
-    if "weights" in r:
-        w = r["weights"]
+    if (w := r.weights) is not None:
         t = Table(title="weights by component", title_justify="left")
         for col in ("component", "tensors", "params", "absmax", "mean std", "outliers >6 sigma", "fp16 overflow", "zeros"):
             t.add_column(col, justify="left" if col == "component" else "right")
@@ -169,5 +170,5 @@ def render(r: dict[str, Any]) -> None:
             )  # fmt: skip
         out.print(t)
         out.print(f"advice: {w['advice']}", soft_wrap=True)
-    if "plot" in r:
-        out.print(f"wrote {r['plot']}")
+    if r.plot is not None:
+        out.print(f"wrote {r.plot}")
