@@ -41,7 +41,7 @@ from moge_cli.errors import MogeError  # noqa: E402
 from moge_cli.loader import load_model  # noqa: E402
 from moge_cli.model import MoGEForCausalLM  # noqa: E402
 from moge_cli.names import KINDS, PER_EXPERT, kind_of_name, module_of, parameter_sources, expected_tensors  # noqa: E402
-from moge_cli.quant_format import PACKED, SCALE, SHAPE, ZERO_POINT, Scheme, packed_cols, quantization_config  # noqa: E402
+from moge_cli.quant_format import PACKED, SCALE, SHAPE, ZERO_POINT, packed_cols, quantization_config  # noqa: E402
 from moge_converters.quantize_plan import QuantOptions, fit_scheme, selected  # noqa: E402
 
 ROUTED = re.compile(r"\.mlp\.(gate_up|down)(\.|$)")  # routed expert stacks (float, or a QLinear's tensors)

@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moge_cli.checkpoint import Checkpoint
 from moge_cli.config import MoGEConfig
 from moge_cli.dtypes import FLOAT_DTYPES, NAME_OF_CODE, NAMES, SPELLINGS
 from moge_cli.errors import UsageError
-from moge_cli.names import PER_EXPERT, expected_tensors, module_of, parameter_sources
+from moge_cli.names import PER_EXPERT, PER_EXPERT_RE, SCALE, STACKED, expected_tensors, module_of, parameter_sources
 from moge_cli.quant_format import Scheme, read_quantization
 from moge_cli.safetensors_format import DTYPE_SIZES
+
+if TYPE_CHECKING:
+    from moge_converters.quantize_plan import QuantOptions
 
 DEFAULT_CONTEXT = 4096  # = model.DEFAULT_MAX_LEN (tested; the model imports torch, `moge load` must not)
 RESERVE_BYTES = 256 << 20
@@ -95,25 +98,25 @@ def plan_memory(
     context: int | None = None,
     prompt_tokens: int | None = None,
     available: int | None = None,
-    quantize: Any = None,
+    quantize: QuantOptions | None = None,
 ) -> MemoryPlan:
     """The memory plan of loading `ckpt` (open, headers only) at `dtype` (None: the loader's choice) on `device`
     and generating with a KV cache of `context` positions (None: model.new_cache's default) after a prompt of
     `prompt_tokens` (None: a full context). `available`: free bytes to compare with (None: ask the device).
-    `quantize`: a moge_converters.quantize_plan.QuantOptions, to plan the checkpoint `moge quantize` would write."""
+    `quantize`: options of `moge quantize`, to plan the checkpoint it would write from `ckpt` instead."""
     cfg = ckpt.config
     tensors = {n: (i.dtype, tuple(i.shape)) for n, i in ckpt.tensors.items()}  # name -> (safetensors code, shape)
-    layout = ckpt.layout
+    layout = ckpt.layout if ckpt.layout == STACKED else PER_EXPERT  # "unknown" (no experts) reads as per-expert, as the loader does
     if quantize is not None:
         tensors, modules = _as_quantized(ckpt, quantize)
-        layout = PER_EXPERT
+        layout = PER_EXPERT  # what quantize writes
     else:
         quant = read_quantization(cfg.to_dict(), {n: s for n, (_, s) in tensors.items()})
         modules = quant.modules if quant is not None else {}
     dtype_name = _dtype_name(dtype, tensors, bool(modules), ckpt)
     context = context if context is not None else default_context(cfg)
     prompt = min(prompt_tokens if prompt_tokens is not None else context, context)
-    weights, largest = weight_bytes(cfg, layout if layout in (PER_EXPERT, "stacked") else PER_EXPERT, tensors, modules, dtype_name, device)
+    weights, largest = weight_bytes(cfg, layout, tensors, modules, dtype_name, device)
     labels = sorted({s.label for s in modules.values()})
     return MemoryPlan(
         device=device,
@@ -181,7 +184,7 @@ def qlinear_bytes(names: list[str], shapes: dict[str, tuple[int, ...]], tensors:
     """Bytes of the QLinear built from quantized modules `names` (their float weight names; for a stack of experts,
     the parts of each expert in turn, gate and up joined as one [N, K] per expert)."""
     k = shapes[names[0]][-1]
-    scale_code, (_, g) = tensors[f"{module_of(names[0])}.weight_scale"]
+    scale_code, (_, g) = tensors[f"{module_of(names[0])}.{SCALE}"]
     experts = _experts(names)
     n = sum(shapes[nm][0] for nm in names) // experts  # rows of one expert's [N, K]
     mode = qlinear_mode(scheme, n, k, g, dtype_name, device)
@@ -204,10 +207,9 @@ def qlinear_mode(scheme: Scheme, n: int, k: int, g: int, dtype_name: str, device
     half = dtype_name in ("bfloat16", "float16")
     if _device_type(device) != "cpu":
         return ("int8" if scheme.bits == 8 and scheme.symmetric and g == 1 else "int4" if scheme.bits == 4 else "dequant") if half else "dequant"
+    from moge_cli.dtypes import torch_dtype
     from moge_cli.quantized import DEFAULT_KERNEL
     from moge_kernels.qlinear import choose_mode
-
-    from moge_cli.dtypes import torch_dtype
 
     return choose_mode(scheme.bits, scheme.symmetric, n, k, g, torch_dtype(dtype_name), DEFAULT_KERNEL)
 
@@ -220,13 +222,11 @@ def _matrix_numel(names: list[str], shapes: dict[str, tuple[int, ...]], numel: i
 
 def _experts(names: list[str]) -> int:
     """How many routed experts a parameter's per-expert sources hold (1 for anything else)."""
-    from moge_cli.names import PER_EXPERT_RE
-
     ids = {m.group(2) for n in names if (m := PER_EXPERT_RE.match(n))}
     return max(1, len(ids))
 
 
-def _as_quantized(ckpt: Checkpoint, options: Any) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, Scheme]]:
+def _as_quantized(ckpt: Checkpoint, options: QuantOptions) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, Scheme]]:
     """The tensors and schemes of the checkpoint `moge quantize` would write from `ckpt` with `options` (its plan, no data)."""
     from moge_converters.quantize_plan import build_quant_plan
 
