@@ -285,16 +285,18 @@ class QLinear(nn.Module):
         """Few tokens: torch's weight-only kernel on the repacked integers; MANY_TOKENS or more: this weight
         dequantised in the model dtype, one cuBLAS GEMM (both kernels are GEMV-shaped: they lose to it there).
 
-        int8 under torch.compile: F.linear(x, w.to(dtype)) * scale, which inductor turns into one kernel reading
-        the int8 weight once (gpt-fast's int8 path). torch's CUDA _weight_int8pack_mm is, up to torch 2.13 at least,
-        one thread per output walking a row (aten/src/ATen/native/cuda/int8mm.cu; pytorch#190529 rewrites it),
-        far under the memory bandwidth, so eager int8 decode is correct and small but not fast."""
+        int8 under torch.compile: a multiply and a float32 sum over K, which inductor fuses into one reduction
+        reading the int8 weight once. Not gpt-fast's F.linear(x, w.to(dtype)) * scale: inductor's weight-only
+        pattern (torch/_inductor/fx_passes/quantization.py, valid on CUDA since pytorch#161680) rewrites that into
+        _weight_int8pack_mm, whose CUDA kernel is, up to torch 2.13 at least, one thread per output walking a row
+        (aten/src/ATen/native/cuda/int8mm.cu; pytorch#190529 rewrites it): far under the memory bandwidth, so
+        eager int8 decode is correct and half bf16's bytes, but not fast."""
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()  # [T, K]: the kernels read x's memory as dense rows
         if x2.shape[0] >= MANY_TOKENS:
             y = F.linear(x2, self._dequantized(slice(e, e + 1), self.dtype)[0])
         elif self.mode == "cuda_int8" and torch.compiler.is_compiling():
-            y = F.linear(x2, self._w[e].to(self.dtype)) * self._s[e]
+            y = ((x2.unsqueeze(1) * self._w[e].to(self.dtype)).sum(-1, dtype=torch.float32) * self._s[e]).to(self.dtype)  # [T, N]
         elif self.mode == "cuda_int8":
             y = torch._weight_int8pack_mm(x2, self._w[e], self._s[e])
         else:

@@ -287,7 +287,7 @@ def test_moe_device_traces_under_compile(scheme, mode):
 
 
 def test_cuda_int8_forward_traces_under_compile():
-    """cuda_int8 under torch.compile: F.linear on the int8 weight cast, times the scales (for inductor to fuse)."""
+    """cuda_int8 under torch.compile: a multiply-and-sum on the int8 weight cast, times the scales (for inductor to fuse)."""
     torch._dynamo.reset()
     parts = parts_of((96, 128), INT8, experts=2)
     lin = qlinear(parts, INT8, mode="cuda_int8")
