@@ -3,13 +3,17 @@ parameter: moge_cli.names.parameter_sources).
 
 `load_model` builds a MoGEForCausalLM (moge_cli.model) on the meta device and materialises each
 parameter from the memory-mapped file; a compressed-tensors checkpoint goes through `load_quantized`,
-which puts a QLinear (moge_kernels.qlinear, built by moge_cli.quantized.qlinear) wherever a quantized
-weight was: the model's modules run either kind of weight through moge_kernels.ops. Calibration
-(converters/calibrate.py) loads one layer at a time with `checked_sources`, `checkpoint_dtype` and
-`materialize`.
+which puts a QLinear (moge_kernels.qlinear; built by `qlinear` from the parts moge_cli.quant_format
+reads) wherever a quantized weight was: attention, lm_head, the routed experts ([E, N, K] stacks, one
+expert picked per call), the shared expert and dense MLPs. The model's modules run either kind of
+weight through moge_kernels.ops. Embeddings, and any weight whose parts mix schemes, are dequantised
+once. Calibration (converters/calibrate.py) loads one layer at a time with `checked_sources`,
+`checkpoint_dtype` and `materialize`.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -19,13 +23,15 @@ from moge_cli.checkpoint import Checkpoint, open_checkpoint
 from moge_cli.dtypes import FLOAT_DTYPES, NAME_OF_CODE, NAMES, resolve_dtype, torch_dtype
 from moge_cli.errors import CheckpointError, UsageError
 from moge_kernels.ops import runs_natively
+from moge_kernels.qlinear import KERNELS, Parts, QLinear, dequantize
 from moge_cli.model import MoGEForCausalLM
-from moge_cli.names import PER_EXPERT, PER_EXPERT_RE, STACKED_RE, expected_tensors, module_of, parameter_sources, skipped_reason, tensor_name
-from moge_cli.quant_format import QuantizedCheckpoint, expected_quantized
-from moge_cli.quantized import DEFAULT_KERNEL, LINEAR_PARAMS, QLinear, dequantize, qlinear, quantization_of, read_module
+from moge_cli.names import PER_EXPERT, PER_EXPERT_RE, SHAPE, STACKED_RE, expected_tensors, module_of, parameter_sources, skipped_reason, tensor_name
+from moge_cli.quant_format import QuantizedCheckpoint, Scheme, expected_quantized, quantization_of, read_module
 from moge_cli.safetensors_format import TORCH_NAMES
 
 LOAD_CHUNK_BYTES = 1 << 20  # file bytes mapped at a time while loading
+DEFAULT_KERNEL = os.environ.get("MOGE_QUANT_KERNEL", "native")  # which kernels run quantized weights: moge_kernels.qlinear.KERNELS
+LINEAR_PARAMS = ("qkv_weight", "o_weight", "lm_head", "gate_up", "down", "shared_w13", "shared_w2", "w13", "w2")  # a QLinear may take their place
 
 
 # ---- float and quantized checkpoints ------------------------------------------------------------
@@ -82,7 +88,7 @@ def load_quantized(ckpt, quant: QuantizedCheckpoint, *, dtype=None, device="cpu"
             fill(t, ckpt, names)
             value = nn.Parameter(t, requires_grad=False)
         elif leaf in LINEAR_PARAMS and len(schemes) == 1:
-            value = _qlinear(ckpt, mods, quant, p.shape, dtype, kernel)
+            value = _read_qlinear(ckpt, mods, quant, p.shape, dtype, kernel)
         else:  # embeddings, or parts of one weight with different schemes: dequantise once
             t = torch.cat([_dequantized(ckpt, m, n, quant) for m, n in zip(mods, names)]).reshape(p.shape)
             value = nn.Parameter(t.to(p.dtype), requires_grad=False)
@@ -94,7 +100,7 @@ def load_quantized(ckpt, quant: QuantizedCheckpoint, *, dtype=None, device="cpu"
     return model
 
 
-def _qlinear(ckpt, mods: list[str], quant: QuantizedCheckpoint, shape: torch.Size, dtype, kernel: str) -> QLinear:
+def _read_qlinear(ckpt, mods: list[str], quant: QuantizedCheckpoint, shape: torch.Size, dtype, kernel: str) -> QLinear:
     """One QLinear from the modules that make a model weight, in order (a stack of experts for 3-D weights)."""
     scheme = quant.modules[mods[0]]
     parts = [read_module(ckpt, m, scheme) for m in mods]
@@ -106,9 +112,17 @@ def _qlinear(ckpt, mods: list[str], quant: QuantizedCheckpoint, shape: torch.Siz
         zero = None if mine[0][2] is None else torch.cat([z for _, _, z in mine])
         joined.append((torch.cat([q for q, _, _ in mine]), torch.cat([s for _, s, _ in mine]), zero))
         if tuple(joined[-1][0].shape) != tuple(shape[-2:]):
-            raise CheckpointError(f"{mods[e * per]}: weight_shape {list(joined[-1][0].shape)} does not fit the config's {list(shape[-2:])}")
+            raise CheckpointError(f"{mods[e * per]}: {SHAPE} {list(joined[-1][0].shape)} does not fit the config's {list(shape[-2:])}")
     ckpt.close()
     return qlinear(joined, scheme, dtype, kernel)
+
+
+def qlinear(parts: list[Parts], scheme: Scheme, dtype: torch.dtype, kernel: str) -> QLinear:
+    """The QLinear of a weight (or a stack of experts) from its parts (q, scale, zero) per expert, its
+    stacks in 2 MB pages where they can be (moge_cli.hugepages: the decode kernels stream them)."""
+    if kernel not in KERNELS:
+        raise UsageError(f"quantized kernel {kernel!r}: use one of {', '.join(KERNELS)}")
+    return QLinear(parts, scheme.bits, scheme.symmetric, dtype, kernel, empty=hugepages.empty)
 
 
 def _dequantized(ckpt, module: str, name: str, quant: QuantizedCheckpoint) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The compressed-tensors "pack-quantized" checkpoint format as moge writes and reads it (torch only to pack).
+"""The compressed-tensors "pack-quantized" checkpoint format as moge writes and reads it (torch only to pack and unpack).
 
 A quantized module X (e.g. model.layers.0.mlp.experts.3.down_proj) stores, instead of X.weight [N, K]
 (the names: moge_cli/names.py QUANT_SUFFIXES, as PACKED, SCALE, SHAPE, ZERO_POINT):
@@ -13,10 +13,15 @@ vLLM does: an exact name first, then "re:" regular expressions, then a class nam
 Packing (compressed-tensors `pack_to_int32`): q + 2^(b-1) as an unsigned b-bit value, 32/b values per
 int32 along the packed dim, value j of a word in bits b*j .. b*j+b-1. pack_int32 / unpack_int32 import
 torch when called; reading the format (`moge load`) does not.
+
+Reading: `quantization_of` (is a checkpoint quantized, and how: a QuantizedCheckpoint), `read_module` (one
+module's stored tensors as integers, scales and zero points). The loader (moge_cli/loader.py) builds the
+compute objects from them (moge_kernels.qlinear.QLinear); converters/quantize*.py write the format.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -24,7 +29,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from moge_cli.errors import CheckpointError
-from moge_cli.names import KINDS, PACKED, SCALE, SHAPE, ZERO_POINT, kind_of_name, module_of, numbered
+from moge_cli.files import optional_file
+from moge_cli.names import KINDS, PACKED, SCALE, SHAPE, ZERO_POINT, kind_of_name, module_of, numbered, quant_name
 
 if TYPE_CHECKING:
     import torch
@@ -199,15 +205,38 @@ def read_quantization(config: dict[str, Any], shapes: dict[str, tuple[int, ...]]
     for m in packed:
         s = scheme_of(m, qc)
         if s is None:
-            raise CheckpointError(f"{m}.{PACKED}: no quantization_config group targets this module")
+            raise CheckpointError(f"{quant_name(m, PACKED)}: no quantization_config group targets this module")
         if s.bits not in BITS:
             raise CheckpointError(f"{m}: {s.bits}-bit weights are not supported (4 or 8)")
-        shape_t = shapes.get(f"{m}.{SHAPE}")
+        shape_t = shapes.get(quant_name(m, SHAPE))
         if shape_t != (2,):
-            raise CheckpointError(f"{m}.{SHAPE}: expected an int tensor of 2 values, found {shape_t}")
+            raise CheckpointError(f"{quant_name(m, SHAPE)}: expected an int tensor of 2 values, found {shape_t}")
         modules[m] = s
     moge = config.get(MOGE_KEY) if isinstance(config.get(MOGE_KEY), dict) else {}
     return QuantizedCheckpoint(modules, qc, moge)
+
+
+def quantization_of(ckpt) -> QuantizedCheckpoint | None:
+    """The quantization of an open Checkpoint (its config.json and tensor names), or None if it has none."""
+    path = optional_file(ckpt.root, "config.json")  # checked by moge_cli.files when the checkpoint opened; again, as read
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")) if path is not None else dict(ckpt.config.extra)
+    except (OSError, ValueError):
+        config = dict(ckpt.config.extra)
+    return read_quantization(config, {n: i.shape for n, i in ckpt.tensors.items()})
+
+
+def read_module(ckpt, module: str, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(q int8 [N, K], scale [N, G], zero int8 [N, G] or None) of a stored module of an open Checkpoint."""
+    n, k = (int(v) for v in ckpt.tensor(quant_name(module, SHAPE)).tolist())
+    q = unpack_int32(ckpt.tensor(quant_name(module, PACKED)), scheme.bits, (n, k))
+    scale = ckpt.tensor(quant_name(module, SCALE)).clone()
+    if scale.shape[0] != n or k % scale.shape[1]:
+        raise CheckpointError(f"{quant_name(module, SCALE)}: shape {list(scale.shape)} does not fit {SHAPE} {[n, k]}")
+    zero = None
+    if not scheme.symmetric:
+        zero = unpack_int32(ckpt.tensor(quant_name(module, ZERO_POINT)), scheme.bits, (n, scale.shape[1]), dim=0)  # packed along rows
+    return q, scale, zero
 
 
 def expected_quantized(expected: dict[str, tuple[int, ...]], modules: dict[str, Scheme]) -> dict[str, tuple[int, ...]]:
@@ -216,7 +245,7 @@ def expected_quantized(expected: dict[str, tuple[int, ...]], modules: dict[str, 
     for name, shape in expected.items():
         m = module_of(name)
         if name.endswith(".weight") and m in modules and len(shape) == 2:
-            out.update({f"{m}.{k}": v for k, v in modules[m].tensor_shapes(*shape).items()})
+            out.update({quant_name(m, suffix): v for suffix, v in modules[m].tensor_shapes(*shape).items()})
         else:
             out[name] = shape
     return out

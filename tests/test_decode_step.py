@@ -8,15 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from moge_cli.quant_format import pack_int32
 from moge_converters.quantize_pipeline import quantize_checkpoint
 from moge_kernels import native
 from moge_cli.config import MoGEConfig
-from moge_cli.loader import load_model
+from moge_cli.loader import load_model, qlinear
 from moge_cli.model import MoGEForCausalLM
-from moge_cli.quant_format import Scheme
-from moge_kernels.qlinear import QLinear
-from moge_cli.quantized import dequantize, qlinear
+from moge_cli.quant_format import Scheme, pack_int32
+from moge_kernels.qlinear import QLinear, dequantize
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="kernels._cpu not built or this CPU lacks AVX2/FMA")
 

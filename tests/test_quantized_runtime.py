@@ -16,12 +16,11 @@ from moge_cli.synthetic import write_checkpoint, write_tensors
 from moge_cli.checkpoint import open_checkpoint
 from moge_cli.cli import app
 from moge_cli.config import MoGEConfig
-from moge_cli.quant_format import Scheme
-from moge_cli.loader import load_model, load_quantized
+from moge_cli.quant_format import Scheme, quantization_of, read_module
+from moge_cli.loader import load_model, load_quantized, qlinear
 from moge_kernels.gemm import MANY_TOKENS
 from moge_kernels.ops import moe as routed_experts
-from moge_kernels.qlinear import QLinear
-from moge_cli.quantized import dequantize, qlinear, quantization_of, read_module
+from moge_kernels.qlinear import QLinear, dequantize
 
 TINY = MoGEConfig.from_name("tiny-moge")
 runner = CliRunner()
