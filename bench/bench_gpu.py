@@ -1,6 +1,6 @@
 """GPU benchmark (issue 16): moge against transformers' Qwen2-MoE on the same shapes, on the same device, in one run.
 
-    python bench/bench_gpu.py [--device cuda] [--small] [--json FILE] [--new-tokens 32] [--prefill 512] [--repeats 3]
+    python bench/bench_gpu.py [--device cuda] [--small] [--json FILE] [--new-tokens 32] [--prefill 512] [--repeats 3] [--shape TEXT]
 
 Shapes: the 0.47B bench model (bench-0.47b: 64 experts in 8 groups, hidden 1024, 8 layers) and a Pangu-width
 slice (the 72B config with 2 layers: hidden 5120, 64 experts of 1344, shared 5376, vocab 153376, 40 / 8 heads
@@ -298,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill", type=int, default=None, help="prefill tokens (default 512; --small 64)")
     p.add_argument("--repeats", type=int, default=None, help="warm runs, best kept (default 3; --small 2)")
     p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--shape", action="append", default=[], help="only shapes whose name holds this text (repeatable)")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
     args.new_tokens = args.new_tokens or (8 if args.small else 32)
@@ -315,11 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="bench_gpu-") as tmp:
         for name, cfg in shapes(args.small).items():
-            print(f"{name}:", file=sys.stderr)
+            if args.shape and not any(s in name for s in args.shape):
+                continue
+            print(f"{name} ({time.strftime('%X')}):", file=sys.stderr)
             result["shapes"][name] = bench_shape(cfg, args, bandwidth, Path(tmp))
+            if args.json:  # after every shape: a run cut short still leaves what it measured
+                args.json.write_text(json.dumps(result, indent=2))
     print(table(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
     return 0
 
 
