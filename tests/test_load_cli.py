@@ -1,10 +1,13 @@
 """`moge load` through the CLI: output, exit codes, and a corpus of broken checkpoints."""
 
+import dataclasses
 import json
 import shutil
 import struct
 import subprocess
 import sys
+import types
+import typing
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from moge_cli.synthetic import write_checkpoint
 from moge_cli.cli import app
 from moge_cli.config import PRESETS, MoGEConfig
 from moge_cli.main import load_json, plain_load_json
+from moge_cli.problems import Problem
 
 TINY = MoGEConfig.from_dict(PRESETS["tiny-moge"])
 REPO = Path(__file__).resolve().parents[1]
@@ -147,6 +151,100 @@ def test_load_json_does_not_import_heavy_modules(good, entry, absent):
     )
     out = subprocess.run([sys.executable, "-c", code, str(good)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+# ---- the library's result: a CheckpointReport whose to_dict() is the --json ---------------------
+def recording(monkeypatch, module, name: str) -> list:
+    """Patch module.name so that what it returns is kept (the object behind a command's --json); returns that list."""
+    real, seen = getattr(module, name), []
+
+    def keep(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(module, name, keep)
+    return seen
+
+
+def drop_a_tensor(d: Path) -> str:
+    """Remove one tensor from the last shard and the index: the checkpoint stays readable, with problems (missing, index)."""
+    shard = shards(d)[-1]
+    name = first_tensor(split(shard)[0])
+    edit_header(shard, lambda h: h.pop(name))
+    edit_index(d, lambda wm: wm.pop(name))
+    return name
+
+
+def test_report_to_dict_is_the_json_output(ck, tmp_path, monkeypatch, capsys):
+    import moge_cli.inspect
+    from moge_converters.convert import convert
+
+    drop_a_tensor(ck)  # problems in the report
+    convert(REPO / "fixtures" / "tiny-moge", tmp_path / "split", ep=2)  # a split: rank reports merged
+    seen = recording(monkeypatch, moge_cli.inspect, "inspect_checkpoint")
+    for args in ([ck, "--json"], [ck, "--json", "--verify", "--tensors"], [tmp_path / "split", "--json", "--verify", "--tensors"],
+                 [tmp_path / "split" / "rank-1", "--json"]):  # fmt: skip
+        r = moge("load", *args)
+        assert json.loads(r.stdout) == seen[-1].to_dict(), args
+    plain = json.loads(moge("load", ck, "--json").stdout)
+    assert not {"ep", "quantization", "tensors", "verify", "ep_plan"} & plain.keys()  # sections not asked for are absent, not null
+    code, out, _ = fast_load(capsys, ck)  # the entry point's typer-free path
+    assert code == 1 and json.loads(out) == seen[-1].to_dict() and seen[-1].problems
+
+
+def conforms(value, hint) -> bool:
+    """Whether value is what the annotation says: X | None, list[X], dict[K, V], a dataclass (field by field), a class."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(conforms(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(conforms(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(conforms(k, args[0]) and conforms(v, args[1]) for k, v in value.items())
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)  # an int is a float (PEP 484)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, hint) and all_fields_conform(value)
+    return isinstance(value, hint)
+
+
+def all_fields_conform(obj) -> bool:
+    hints = typing.get_type_hints(type(obj))
+    bad = [f.name for f in dataclasses.fields(obj) if not conforms(getattr(obj, f.name), hints[f.name])]
+    assert not bad, f"{type(obj).__name__}: {bad} do not hold what their annotations say"
+    return True
+
+
+def test_library_results_are_typed(ck, tmp_path):
+    """Each result is a dataclass whose fields hold their annotated types: Problem objects, nested dataclasses, no stray dicts."""
+    from moge_cli.inspect import CheckpointReport, QuantizationSummary, VerifySummary, inspect_checkpoint
+    from moge_cli.profiling import Bandwidth, DecodeFigures, ProfileReport, profile
+    from moge_converters.convert import ConvertResult, DryRunPlan, convert
+    from moge_converters.quantize_pipeline import EvalResult, QualityReport, QuantizeDryRun, QuantizeResult, quantize_checkpoint
+
+    tiny = REPO / "fixtures" / "tiny-moge"
+    drop_a_tensor(ck)
+    report = inspect_checkpoint(ck, verify=True, tensors="*")
+    assert isinstance(report, CheckpointReport) and report.problems and all(type(p) is Problem for p in report.problems)
+    assert isinstance(report.verify, VerifySummary) and all_fields_conform(report)
+    converted = convert(tiny, tmp_path / "split", ep=2)
+    assert isinstance(converted, ConvertResult) and all_fields_conform(converted)
+    assert all_fields_conform(inspect_checkpoint(tmp_path / "split")) and all_fields_conform(inspect_checkpoint(tmp_path / "split" / "rank-0"))
+    plan = convert(tiny, tmp_path / "plan", dtype="float32", dry_run=True)
+    assert isinstance(plan, DryRunPlan) and all_fields_conform(plan)
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 8)
+    q = quantize_checkpoint(tiny, tmp_path / "q", bits=8, eval_text=text, eval_window=32)
+    assert isinstance(q, QuantizeResult) and isinstance(q.quality, QualityReport) and isinstance(q.eval, EvalResult) and all_fields_conform(q)
+    assert isinstance(inspect_checkpoint(tmp_path / "q").quantization, QuantizationSummary)
+    assert all_fields_conform(inspect_checkpoint(tmp_path / "q"))
+    dry = quantize_checkpoint(tiny, tmp_path / "dry", dry_run=True)
+    assert isinstance(dry, QuantizeDryRun) and all_fields_conform(dry)
+    prof = profile(tiny, prompt_ids=[1, 2, 3], decode=2, perplexity_file=text, weights=True)
+    assert isinstance(prof, ProfileReport) and isinstance(prof.decode, DecodeFigures) and isinstance(prof.bandwidth, Bandwidth)
+    assert all_fields_conform(prof)
 
 
 # ---- schema problems: readable, exit 1 ----------------------------------------------------------
