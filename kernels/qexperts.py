@@ -33,11 +33,11 @@ def _picked(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, ga
     """The P picked experts, dequantised into [P, N, K] stacks (QLinear.dequantized_experts: an index gather),
     then one batched matmul per projection.
 
-    Cost per projection: the P experts' integers read once (k experts' bytes per token: what an integer kernel
-    reads), plus the dequantised copy written and read back (2 + 2 bytes per weight in bfloat16) and, for int8,
-    the gathered int8 copy (1 + 1): ~5-7x the integer bytes, so below the int kernels' bandwidth, but a fixed
-    ~6 launches per projection for any k and no sync. A fused kernel reading expert rows by index would read
-    only the integers (the next step for the decode targets).
+    Cost per projection, eagerly: the P experts' integers gathered, cast, scaled and the bf16 copy read back by
+    bmm: ~11 bytes moved per weight for int8 (1 stored), ~14 for cuda_int4 (0.5 stored), in ~6-9 launches for
+    any k, no sync. Under torch.compile (_matvecs) inductor fuses the gather, unpacking, dequantisation and both
+    matvecs into one kernel with only [P, N] buffers (seen on the CPU backend), reading just the picked
+    experts' integers: the decode path for bandwidth; eagerly this is the correct, sync-free fallback.
     """
     T, k = expert_ids.shape
     ids = expert_ids.reshape(-1)  # [P], token-major: pair p = (p // k, p % k)

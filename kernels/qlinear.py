@@ -14,7 +14,7 @@ On a CUDA device (`device=`; see "on CUDA" in docs/quantization.md):
                weights dequantise too (prefill, kernels/qexperts.py).
   Where a weight does not fit them it runs "dequant" on the device; `why` (shown by extra_repr) says what did not fit.
 Kernels asked for: "native" (default: int8 / packed4 where they fit, else as "torch"), "torch" (int8 /
-int4), "dequant". A float32 model always dequantises: torch's int kernels have no fast float32 path.
+int4), "dequant". On the CPU a float32 model always dequantises: torch's int kernels have no fast float32 path.
 Many-token calls (gemm.MANY_TOKENS) dequantise and run one GEMM in gemm_dtype, like the float model
 (int4 weights keep only torch's opaque packing, so they stay on the int4 kernel).
 Dimension letters: E experts, N output features, K input features, G groups, T tokens, P picked experts.
@@ -240,9 +240,9 @@ class QLinear(nn.Module):
             return dequantize(q, self.scales[sel].to(self.dtype), self.zeros[sel].to(torch.int8) - 8).to(dtype)
         if self.mode == "cuda_int4":  # tinygemm computes (u - 8) * s + m in one rounding (bf16 fma); addcmul does too
             sz = self.scales[sel].transpose(1, 2).to(dtype).contiguous()  # [P, N, G, 2] (small)
-            u = _tinygemm_unpack(w).to(dtype) - 8  # [P, N, K], exact
-            p, n, k = u.shape
-            y = torch.addcmul(sz[..., 1:], u.view(p, n, self.groups, k // self.groups), sz[..., :1])  # [P, N, G, K/G]
+            q = _tinygemm_unpack(w).view(torch.int8) - 8  # [P, N, K] int8 (addcmul reads it as dtype, exactly)
+            p, n, k = q.shape
+            y = torch.addcmul(sz[..., 1:], q.view(p, n, self.groups, k // self.groups), sz[..., :1])  # [P, N, G, K/G]
             return y.reshape(p, n, k)
         q = w if self.bits == 8 else _from_nibbles(w)
         zero = self.zeros[sel] if hasattr(self, "zeros") else None
@@ -376,9 +376,12 @@ def _tinygemm_pack(u8: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
 
 
 def _tinygemm_unpack(words: torch.Tensor) -> torch.Tensor:
-    """tinygemm's int32 [..., N/8, K/(16 i), 32, i/2] -> the values u [..., N, K] uint8 (0..15)."""
+    """tinygemm's int32 [..., N/8, K/(16 i), 32, i/2] -> the values u [..., N, K] uint8 (0..15).
+
+    On bytes, not int32 (a quarter of the temporaries): nibble p of a word is byte p // 2 of it (little-endian,
+    as x86 and CUDA are), low half for even p."""
     *lead, nt, ko, _, half = words.shape
-    nib = (words.unsqueeze(-1) >> torch.arange(0, 32, 4, dtype=torch.int32, device=words.device)) & 15  # [..., nt, ko, 32, i/2, 8]
-    nib = nib.to(torch.uint8).view(*lead, nt, ko, 8, 4, half, 2, 2, 2)  # split as _WORD
+    b = words.contiguous().view(torch.uint8)  # [..., nt, ko, 32, 4 half]: (w, hsel, vhi)
+    nib = torch.stack([b & 15, b >> 4], dim=-1).view(*lead, nt, ko, 8, 4, half, 2, 2, 2)  # split as _WORD
     t = nib.permute(*range(len(lead)), *(len(lead) + _WORD.index(d) for d in _TILE))  # as _TILE
     return t.reshape(*lead, nt * 8, ko * 32 * half)
