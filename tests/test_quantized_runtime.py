@@ -243,6 +243,7 @@ def test_int8_decode_runs_on_the_c_kernels_and_agrees_with_torch(src, tmp_path, 
     quantize_checkpoint(src, tmp_path / "q", bits=bits, lm_head=True)
     model = load_model(tmp_path / "q")
     assert model.native_decode is native_decode
+    assert (model.decode_plan() is not None) is native_decode  # the whole C step too: torch's int4 weights decline it
     ids = torch.randint(0, TINY.vocab_size, (1, 10), generator=torch.Generator().manual_seed(3))
 
     def decode(flag: str) -> torch.Tensor:
