@@ -397,3 +397,16 @@ def test_memory_is_flat_for_big_tensors(tmp_path):
     largest = max(t.numel() * 2 for t in tensors(tmp_path / "out").values())
     assert largest == 16 * 2048 * 512 * 2
     assert r.peak_rss_bytes - before < 24 * 2**20
+
+
+def test_result_to_dict_is_the_json_output(src, tmp_path, monkeypatch):
+    import moge_converters.convert as module
+
+    seen = []
+    monkeypatch.setattr(module, "convert", lambda *a, **k: seen.append(convert(*a, **k)) or seen[-1])  # keep what the command printed
+    for extra in (["--layout", "stacked", "--verify"], ["--ep", "2"], ["--dtype", "float32", "--dry-run"], ["--ep", "2", "--dry-run"]):
+        r = runner.invoke(app, ["convert", str(src), str(tmp_path / "-".join(extra)), "--json", "--quiet", *extra])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout) == seen[-1].to_dict(), extra
+    assert seen[0].to_dict()["ep"] is False and seen[1].to_dict()["ep"] == {"world_size": 2, "plan": "ep_plan.json"}
+    assert seen[2].to_dict()["dry_run"] is True and seen[2].to_dict()["layout"] == {"from": "per-expert", "to": "per-expert"}

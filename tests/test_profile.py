@@ -178,3 +178,20 @@ def test_decode_speed_comes_from_an_untimed_pass_over_the_same_tokens(zero_route
     assert d.tokens_per_s == pytest.approx(4 / d.seconds)
     assert d.op_by_op_tokens_per_s > 0
     assert sum(c["seconds"] for c in d.components.values()) == pytest.approx(4 / d.op_by_op_tokens_per_s)
+
+
+def test_report_to_dict_is_the_json_output(zero_router, tmp_path, monkeypatch):
+    import moge_cli.profiling as module
+
+    seen = []
+    monkeypatch.setattr(module, "profile", lambda *a, **k: seen.append(profile(*a, **k)) or seen[-1])  # keep what the command printed
+    r = runner.invoke(app, ["profile", str(zero_router), "--prompt-ids", "1,2,3", "-n", "2", "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == seen[-1].to_dict()
+    assert not {"generated_text", "perplexity", "weights", "plot"} & seen[-1].to_dict().keys()  # not asked for: absent, not null
+    text = tmp_path / "t.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 4)
+    r = runner.invoke(app, ["profile", str(REPO / "fixtures" / "tiny-moge"), "-f", str(text), "-n", "2", "--perplexity", str(text),
+                            "--weights", "--json", "--quiet"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == seen[-1].to_dict() and {"generated_text", "perplexity", "weights"} <= seen[-1].to_dict().keys()

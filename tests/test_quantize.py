@@ -11,7 +11,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from moge_converters.quantize import QTensor, dequantize, error_stats, error_sums, quantize
-from moge_converters.quantize_pipeline import quantize_checkpoint
+from moge_converters.quantize_pipeline import QuantizeResult, quantize_checkpoint
 from moge_converters.quantize_plan import QuantOptions, fit_scheme, selected
 from moge_converters.verify import VerifyError
 from moge_cli.synthetic import write_checkpoint
@@ -33,7 +33,7 @@ def src(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def q4(src, tmp_path_factory) -> tuple[Path, dict]:
+def q4(src, tmp_path_factory) -> tuple[Path, QuantizeResult]:
     out = tmp_path_factory.mktemp("q4") / "q"
     return out, quantize_checkpoint(src, out, bits=4, max_shard_size=60_000)
 
@@ -337,3 +337,53 @@ def test_kind_patterns_group_the_modules_of_one_vocabulary_kind():
         pattern = kind_of(module_of(w))
         assert [v for v in weights if re.match(pattern, module_of(v))] == [v for v in weights if kind_of_name(v) == kind_of_name(w)], w
     assert kind_of("model.layers.3.mtp.12.proj") == r"^model\.layers\.\d+\.mtp\.\d+\.proj$"  # outside the vocabulary: every number
+
+
+def test_result_to_dict_is_the_json_output(src, tmp_path, monkeypatch):
+    import moge_converters.quantize_pipeline as module
+
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 6)
+    seen = []
+    monkeypatch.setattr(module, "quantize_checkpoint", lambda *a, **k: seen.append(quantize_checkpoint(*a, **k)) or seen[-1])
+    for extra in (["--bits", "8"], ["--perplexity", str(text), "--perplexity-window", "32"], ["--dry-run"]):
+        r = runner.invoke(app, ["quantize", str(src), str(tmp_path / "-".join(extra[:1])), "--json", "--quiet", *extra])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout) == seen[-1].to_dict(), extra
+    plain, evaluated, dry = (x.to_dict() for x in seen)
+    assert "eval" not in plain and "calibration" not in plain["quantization"]  # absent, not null, as before
+    assert evaluated["eval"]["window"] == 32 and dry["dry_run"] and dry["quantized_tensors"] == 62
+
+
+# ---- --device: where --calib and --perplexity run the model ------------------------------------
+def test_device_cpu_runs_and_an_unavailable_device_fails_before_writing(src, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 6)
+    r = runner.invoke(app, ["quantize", str(src), str(tmp_path / "cpu"), "--bits", "8", "--perplexity", str(text), "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["eval"]["after"] > 1
+    unavailable = [] if torch.cuda.is_available() else ["cuda"]
+    for device in ("tpu", "nonsense", *unavailable):
+        out = tmp_path / f"q-{device}"
+        r = runner.invoke(app, ["quantize", str(src), str(out), "--method", "mse", "--calib", str(text), "--device", device])
+        assert r.exit_code == 2 and r.stderr.startswith(f"error: --device {device}: "), r.output
+        assert not out.exists() and not list(tmp_path.glob(f".q-{device}*"))  # nothing written, not even staging
+        with pytest.raises(UsageError, match=f"--device {device}"):
+            quantize_checkpoint(src, out, bits=8, device=device)
+        assert not out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_calib_and_perplexity_on_cuda_match_the_cpu(src, tmp_path):
+    from moge_converters.calibrate import calibrate
+
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 12)
+    on_cpu, on_gpu = (calibrate(src, text, device=d, dtype=torch.float32) for d in ("cpu", "cuda"))
+    assert on_cpu.importance.keys() == on_gpu.importance.keys() and on_cpu.experts_reached == on_gpu.experts_reached
+    for name, a in on_cpu.importance.items():
+        assert on_gpu.importance[name].device.type == "cpu"
+        torch.testing.assert_close(on_gpu.importance[name], a, rtol=1e-3, atol=1e-5)
+    runs = [quantize_checkpoint(src, tmp_path / d, bits=8, eval_text=text, eval_window=32, device=d).eval for d in ("cpu", "cuda")]
+    assert runs[1].tokens == runs[0].tokens
+    assert runs[1].before == pytest.approx(runs[0].before, rel=1e-2) and runs[1].after == pytest.approx(runs[0].after, rel=1e-2)
