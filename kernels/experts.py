@@ -39,9 +39,18 @@ def moe_experts(
 
     x [T, H], expert_ids [T, k] int, weights [T, k] (float32 from route),
     gate_up [E, 2I, H] (gate rows first, then up), down [E, H, I].
-    One token runs kernels/cpu.c's fused kernel where it can (native.moe_vec); otherwise
-    moe_decode for at most DECODE_MAX_PAIRS (token, slot) pairs, else moe_prefill.
+    On the CPU, one token runs kernels/cpu.c's fused kernel where it can (native.moe_vec); otherwise
+    moe_decode for at most DECODE_MAX_PAIRS (token, slot) pairs, else moe_prefill. On other devices
+    nothing is read back to the host where it can be helped (a GPU step stays queued; see moe_grouped):
+    moe_grouped where torch's grouped GEMM runs on the device, moe_gathered for a few pairs, else
+    moe_prefill (one sync per call, for many tokens only).
     """
+    if x.device.type != "cpu":
+        if grouped_mm_on_device(x):
+            return moe_grouped(x, expert_ids, weights, gate_up, down)
+        if expert_ids.numel() <= DECODE_MAX_PAIRS:
+            return moe_gathered(x, expert_ids, weights, gate_up, down)
+        return moe_prefill(x, expert_ids, weights, gate_up, down)
     if x.shape[0] == 1 and (y := native.moe_vec(x, expert_ids, weights, gate_up, down)) is not None:
         return y.to(x.dtype)
     if expert_ids.numel() <= DECODE_MAX_PAIRS:
@@ -57,6 +66,48 @@ def moe_decode(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
 def moe_prefill(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """moe_experts for many tokens: sorts the pairs by expert, one matmul pair per non-empty expert."""
     return _grouped_moe(by_expert_many, x, expert_ids, weights, gate_up, down)
+
+
+def moe_grouped(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """moe_experts without reading a value back to the host: the pairs sorted by expert on the device,
+    each expert's rows found by a search in the sorted ids, two grouped GEMMs (torch._grouped_mm), the
+    results put back in pair order and combined, all queued on x's device.
+
+    expert_ids are not range-checked (that needs their values on the host): route's always are in range.
+    torch._grouped_mm runs without a sync only where it has a device kernel (CUDA bfloat16 on sm90+:
+    grouped_mm_on_device); elsewhere torch's own loop over the groups reads the offsets back once."""
+    T, k = _check(x, expert_ids, weights, gate_up, down)
+    E = gate_up.shape[0]
+    flat = expert_ids.reshape(-1)  # [P]
+    sorted_ids, order = torch.sort(flat, stable=True)  # [P] each; (token, slot) order inside an expert
+    ends = torch.searchsorted(sorted_ids, torch.arange(E, device=flat.device), right=True, out_int32=True)  # [E]
+    xs = x.index_select(0, order // k)  # [P, H], grouped by expert
+    gate, up = torch._grouped_mm(xs, gate_up.transpose(-2, -1), offs=ends).chunk(2, dim=-1)  # [P, I] each
+    ys = torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=ends)  # [P, H], grouped by expert
+    y = torch.empty_like(ys).index_copy_(0, order, ys)  # [P, H], (token, slot) order
+    return _combine(y.view(T, k, x.shape[1]), weights)
+
+
+def moe_gathered(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """moe_experts for a few tokens without reading a value back to the host and without a grouped GEMM
+    (float32 / float16 on GPUs): each (token, slot) pair's expert weights gathered into one batch
+    (a copy of P experts: for a few pairs only) and two batched matrix-vector products.
+
+    expert_ids are not range-checked on the host (moe_grouped); an id outside 0..E-1 fails in the gather."""
+    T, k = _check(x, expert_ids, weights, gate_up, down)
+    flat = expert_ids.reshape(-1)  # [P]
+    xs = x.unsqueeze(1).expand(T, k, x.shape[1]).reshape(T * k, x.shape[1], 1)  # [P, H, 1], pair order
+    gate, up = torch.bmm(gate_up.index_select(0, flat), xs).squeeze(-1).chunk(2, dim=-1)  # [P, I] each
+    ys = torch.bmm(down.index_select(0, flat), (F.silu(gate) * up).unsqueeze(-1))  # [P, H, 1]
+    return _combine(ys.view(T, k, x.shape[1]), weights)
+
+
+def grouped_mm_on_device(x: torch.Tensor) -> bool:
+    """torch._grouped_mm has a device kernel for x (CUDA bfloat16 on compute capability 9.0+): it runs
+    without reading its offsets back to the host. Asks the device's properties only (no sync)."""
+    if x.device.type != "cuda" or x.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    return torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 def _grouped_moe(group, x, expert_ids, weights, gate_up, down) -> torch.Tensor:
@@ -98,7 +149,11 @@ def by_expert_few(x: torch.Tensor, expert_ids: torch.Tensor, E: int, expert) -> 
 
 
 def by_expert_many(x: torch.Tensor, expert_ids: torch.Tensor, E: int, expert) -> torch.Tensor:
-    """by_expert sorting the pairs by expert (a stable sort: (token, slot) order inside an expert)."""
+    """by_expert sorting the pairs by expert (a stable sort: (token, slot) order inside an expert).
+
+    Each expert runs on its rows padded up to padded_rows(n) (copies of token 0's row, whose results
+    are dropped), so that the GEMMs see a few row counts per process instead of a new one per expert
+    and prompt: see ROW_STEPS_PER_OCTAVE."""
     k = expert_ids.shape[1]
     flat = expert_ids.reshape(-1)  # [P]
     order = torch.argsort(flat, stable=True)  # [P], pairs grouped by expert, (token, slot) order inside
@@ -108,17 +163,52 @@ def by_expert_many(x: torch.Tensor, expert_ids: torch.Tensor, E: int, expert) ->
     if counts[0] or counts[-1]:
         raise ValueError(f"moe: expert_ids has values outside 0..{E - 1}")
     counts = counts[1:-1]  # [E]
-    xs = x[order // k]  # [P, H], each expert's tokens contiguous
-    ys = torch.empty_like(xs)  # [P, H], grouped by expert
-    start = 0
-    for e, n in enumerate(counts):
+    padded = [padded_rows(n) for n in counts]  # [E]
+    xs = x[_padded_rows_index(order // k, counts, padded)]  # [sum(padded), H], each expert's rows contiguous
+    ys = x.new_empty(flat.shape[0], x.shape[1])  # [P, H], grouped by expert
+    start = padded_start = 0
+    for e, (n, m) in enumerate(zip(counts, padded)):
         if n:
-            ys[start : start + n] = expert(xs[start : start + n], e)
-            start += n
+            ys[start : start + n] = expert(xs[padded_start : padded_start + m], e)[:n]
+            start, padded_start = start + n, padded_start + m
     del xs
     y = torch.empty_like(ys)
     y[order] = ys  # back to (token, slot) order; a permutation, so nothing accumulates
     return y
+
+
+# A CPU GEMM pays a set-up the first time a process sees its shape (oneDNN's primitive and JIT kernel:
+# 0.6-0.8 ms for a bf16 expert matmul that then takes 0.1-0.2 ms), and per-expert row counts change
+# with every prompt: a process's first 512-token prefill of bench-0.47b ran 1.3x slower than its
+# later ones. Padding each expert's rows up to one of this many sizes per octave (n in (2^j, 2^(j+1)]
+# rounds up to a multiple of 2^j / ROW_STEPS_PER_OCTAVE; n <= ROW_STEPS_PER_OCTAVE stays) bounds
+# the shapes a process meets, at most 1 / ROW_STEPS_PER_OCTAVE more rows per expert. 0: no padding.
+ROW_STEPS_PER_OCTAVE = 4
+
+
+def padded_rows(n: int) -> int:
+    """n rows rounded up to the next of ROW_STEPS_PER_OCTAVE sizes per octave (n itself when small)."""
+    if ROW_STEPS_PER_OCTAVE <= 0 or n <= ROW_STEPS_PER_OCTAVE:
+        return n
+    step = max(1, (1 << (n - 1).bit_length()) // (2 * ROW_STEPS_PER_OCTAVE))  # n in (2^j, 2^(j+1)]: 2^j / steps
+    return -(-n // step) * step
+
+
+def _padded_rows_index(rows: torch.Tensor, counts: list[int], padded: list[int]) -> torch.Tensor:
+    """rows [P] (token of each pair, grouped by expert) spread out to [sum(padded)]: expert e's counts[e]
+    rows, then padded[e] - counts[e] zeros (token 0's row, computed and dropped)."""
+    if padded == counts:
+        return rows
+    starts, padded_starts, s, ps = [], [], 0, 0
+    for n, m in zip(counts, padded):
+        starts.append(s)
+        padded_starts.append(ps)
+        s, ps = s + n, ps + m
+    shift = torch.tensor(padded_starts) - torch.tensor(starts)  # [E], how far each expert's rows move
+    dest = torch.arange(rows.shape[0]) + shift.repeat_interleave(torch.tensor(counts), output_size=rows.shape[0])  # [P]
+    index = rows.new_zeros(ps)  # [sum(padded)]
+    index[dest.to(rows.device)] = rows
+    return index
 
 
 def dense_mlp(
