@@ -6,7 +6,7 @@ import fnmatch
 import math
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,6 +19,7 @@ from moge_cli.names import LAYOUTS, PER_EXPERT, PER_EXPERT_RE, STACKED, STACKED_
 from moge_cli.problems import Problem
 from moge_cli.quant_format import expected_quantized, read_quantization
 from moge_cli.safetensors_format import TORCH_NAMES
+
 
 @dataclass
 class QuantizationSummary:
@@ -94,8 +95,10 @@ class CheckpointReport:
 
     def to_dict(self) -> dict[str, Any]:
         """The --json object: the sections that are None are left out."""
-        d = asdict(self)
-        return {f.name: d[f.name] for f in fields(self) if f.default is not None or d[f.name] is not None}
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in SECTIONS}
+
+
+SECTIONS = ("ep", "quantization", "tensors", "verify", "ep_plan")  # CheckpointReport fields absent from --json when None
 
 
 COMPONENTS = ("embeddings", "attention", "router", "routed_experts", "shared_experts", "dense_mlp", "norms", "lm_head")
