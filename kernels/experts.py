@@ -8,9 +8,14 @@
 # then cast back to x's dtype once: for bf16/fp16 this rounds once instead of once
 # per product and per partial sum.
 #
-# Determinism: both paths compute each expert on its pairs in ascending (token, slot)
-# order, place the results at their pair positions (a permutation, no atomics) and
-# sum the k slots with one reduction of the same shape. Same inputs, same bits.
+# Determinism: every path computes each expert on its pairs in ascending (token, slot)
+# order (moe_gathered: each pair alone), places the results at their pair positions (a
+# permutation, no atomics) and sums the k slots with one reduction of the same shape.
+# Same inputs, same bits.
+#
+# Host reads: moe_decode and moe_prefill group the pairs on the host (one sync per call: free on
+# the CPU). moe_grouped and moe_gathered read nothing back (a GPU step stays queued); moe_experts
+# takes them off the CPU.
 #
 # Bad arguments raise plain ValueError (shapes, ids) or TypeError (dtypes): the kernels import nothing
 # of ours. The model checks config, shapes and dtypes at load time, so one escaping from a run is a bug.
@@ -64,7 +69,8 @@ def moe_decode(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
 
 
 def moe_prefill(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """moe_experts for many tokens: sorts the pairs by expert, one matmul pair per non-empty expert."""
+    """moe_experts for many tokens: sorts the pairs by expert, one matmul pair per non-empty expert (its rows
+    padded to padded_rows: see ROW_STEPS_PER_OCTAVE)."""
     return _grouped_moe(by_expert_many, x, expert_ids, weights, gate_up, down)
 
 

@@ -2,8 +2,9 @@
 
 Which path runs is chosen here and nowhere else: kernels/cpu.c for one token where it can
 (native.*_vec), torch's int kernels or a dequantised GEMM for quantized weights (QLinear.forward),
-float32 copies for many low-precision tokens (gemm.upcast), plain torch otherwise. The whole decode
-step (kernels/step.c) is planned by decode_step.py.
+float32 copies for many low-precision tokens (gemm.upcast), plain torch otherwise; off the CPU the routed
+experts read nothing back to the host (experts.moe_experts chooses). The whole decode step
+(kernels/step.c) is planned by decode_step.py.
 Shapes: T tokens, H hidden, E experts, k picks per token, I expert width.
 """
 

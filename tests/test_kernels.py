@@ -262,6 +262,28 @@ def test_moe_experts_dispatch(monkeypatch):
     assert calls == ["native", "decode", "decode", "prefill", "prefill"]
 
 
+def test_prefill_gemms_meet_few_row_counts():
+    """Issue 16: a process's first prefill paid a GEMM set-up for every new per-expert row count (and counts
+    change with every prompt). Padded, five prompts' 512 x 8 pairs over 64 experts meet a handful of counts,
+    each covering its expert's rows by at most 1 / ROW_STEPS_PER_OCTAVE more, with the same output."""
+    from moge_kernels import experts
+
+    E, T, k = 64, 512, 8
+    seen: set[int] = set()
+    real: set[int] = set()
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])  # [T, k]
+        x = torch.randn(T, H, generator=g)
+        real |= set(torch.bincount(ids.reshape(-1), minlength=E).tolist())
+        y = experts.by_expert_many(x, ids, E, lambda xe, e: seen.add(xe.shape[0]) or xe * (e + 1))
+        expected = x.repeat_interleave(k, 0) * (ids.reshape(-1, 1) + 1)  # [P, H]: row of pair p times its expert + 1
+        assert torch.equal(y, expected)
+    assert len(seen) <= 2 * experts.ROW_STEPS_PER_OCTAVE < len(real)
+    assert all(n <= experts.padded_rows(n) <= n * (1 + 1 / experts.ROW_STEPS_PER_OCTAVE) for n in range(1, 4097))
+    assert [experts.padded_rows(n) for n in range(1, experts.ROW_STEPS_PER_OCTAVE + 1)] == list(range(1, experts.ROW_STEPS_PER_OCTAVE + 1))
+
+
 @pytest.mark.parametrize("path", ["decode", "prefill"])
 def test_moe_rejects_bad_inputs(path):
     f = PATHS[path]
