@@ -11,7 +11,8 @@
   reserve     RESERVE_BYTES + RESERVE_FRACTION of the weights: allocator slack, RoPE tables, the decode plan,
               the interpreter
 and compares the sum with the device's free memory (`free_bytes`). torch is imported only for quantized
-checkpoints (the mode their weights will run in is moge_kernels.qlinear.choose_mode's) and to ask CUDA.
+checkpoints (their weights' mode and layout on the device: moge_kernels.qlinear's choose_mode and
+qlinear_nbytes) and to ask CUDA.
 Dimension letters: V vocab, H hidden, D head_dim, N output features, K input features, G groups, E experts.
 """
 
@@ -36,7 +37,7 @@ DEFAULT_CONTEXT = 4096  # = model.DEFAULT_MAX_LEN (tested; the model imports tor
 RESERVE_BYTES = 256 << 20
 RESERVE_FRACTION = 0.02
 FLOAT32_PARAMS = ("input_layernorm", "post_attention_layernorm", "norm", "gate", "router_scale")  # leaf names (model.py)
-QUANTIZED_LEAVES = ("qkv_weight", "o_weight", "lm_head", "gate_up", "down", "shared_w13", "shared_w2", "w13", "w2")  # = quantized.LINEAR_PARAMS
+QUANTIZED_LEAVES = ("qkv_weight", "o_weight", "lm_head", "gate_up", "down", "shared_w13", "shared_w2", "w13", "w2")  # = loader.LINEAR_PARAMS (tested)
 BYTES_OF = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
@@ -182,36 +183,20 @@ def weight_bytes(cfg: MoGEConfig, layout: str, tensors: dict[str, tuple[str, tup
 def qlinear_bytes(names: list[str], shapes: dict[str, tuple[int, ...]], tensors: dict[str, tuple[str, tuple[int, ...]]], scheme: Scheme,
                   dtype_name: str, device: str) -> int:  # fmt: skip
     """Bytes of the QLinear built from quantized modules `names` (their float weight names; for a stack of experts,
-    the parts of each expert in turn, gate and up joined as one [N, K] per expert)."""
+    the parts of each expert in turn, gate and up joined as one [N, K] per expert) on `device`: the mode
+    moge_kernels.qlinear.choose_mode picks there, and that mode's layout (qlinear_nbytes)."""
+    from moge_cli.dtypes import torch_dtype
+    from moge_cli.loader import DEFAULT_KERNEL
+    from moge_kernels.qlinear import choose_mode, qlinear_nbytes
+
     k = shapes[names[0]][-1]
     scale_code, (_, g) = tensors[f"{module_of(names[0])}.{SCALE}"]
     experts = _experts(names)
     n = sum(shapes[nm][0] for nm in names) // experts  # rows of one expert's [N, K]
-    mode = qlinear_mode(scheme, n, k, g, dtype_name, device)
-    db, sb = BYTES_OF[dtype_name], DTYPE_SIZES[scale_code]
-    if mode == "int8":  # int8 [N, K], scale [N] in the model dtype
-        one = n * k + n * db
-    elif mode == "packed4":  # int32 words [N, K/8], float32 scales and uint8 zeros [N, G]
-        one = n * k // 2 + n * g * 4 + n * g
-    elif mode == "int4":  # torch's packing [N, K/2] uint8, scales and zeros [G, N, 2] in the model dtype
-        one = n * k // 2 + g * n * 2 * db
-    else:  # dequant: the stored integers (two int4 per byte), scales [N, G] as stored, int8 zeros when asymmetric
-        one = n * (k if scheme.bits == 8 else (k + 1) // 2) + n * g * sb + (0 if scheme.symmetric else n * g)
-    return experts * one
-
-
-def qlinear_mode(scheme: Scheme, n: int, k: int, g: int, dtype_name: str, device: str) -> str:
-    """The QLinear mode a quantized [N, K] weight in G groups runs in on `device`: moge_kernels.qlinear.choose_mode
-    on the CPU; elsewhere torch's int8 / int4 packings for half-precision models (an estimate until the CUDA
-    paths land), else the stored integers."""
-    half = dtype_name in ("bfloat16", "float16")
-    if _device_type(device) != "cpu":
-        return ("int8" if scheme.bits == 8 and scheme.symmetric and g == 1 else "int4" if scheme.bits == 4 else "dequant") if half else "dequant"
-    from moge_cli.dtypes import torch_dtype
-    from moge_cli.quantized import DEFAULT_KERNEL
-    from moge_kernels.qlinear import choose_mode
-
-    return choose_mode(scheme.bits, scheme.symmetric, n, k, g, torch_dtype(dtype_name), DEFAULT_KERNEL)
+    dtype = torch_dtype(dtype_name)
+    mode = choose_mode(scheme.bits, scheme.symmetric, n, k, g, dtype, DEFAULT_KERNEL, device)
+    scale_dtype = torch_dtype(NAME_OF_CODE[scale_code]) if scale_code in NAME_OF_CODE else None
+    return qlinear_nbytes(mode, scheme.bits, scheme.symmetric, n, k, g, dtype, experts=experts, scale_dtype=scale_dtype)
 
 
 def _matrix_numel(names: list[str], shapes: dict[str, tuple[int, ...]], numel: int) -> int:

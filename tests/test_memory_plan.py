@@ -70,6 +70,12 @@ def test_weight_bytes_equal_the_loaded_model(checkpoints, name, dtype):
     assert (plan.quantization is None) == (model.quantization is None)
 
 
+def test_the_leaves_that_become_qlinears_are_the_loaders():
+    from moge_cli.loader import LINEAR_PARAMS
+
+    assert mp.QUANTIZED_LEAVES == tuple(LINEAR_PARAMS)
+
+
 def test_int4_in_torchs_packing_counted_too(checkpoints, monkeypatch):
     """Without the C extension int4 runs on torch's own packing (mode int4): other scale bytes, same count."""
     monkeypatch.setenv("MOGE_NATIVE", "0")
