@@ -7,6 +7,8 @@ on a GPU, torch's sync debug mode runs a model's decode steps."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -29,9 +31,8 @@ class HostRead(AssertionError):
 @pytest.fixture
 def no_host_reads(monkeypatch):
     """Inside `with no_host_reads():` any Tensor method that reads a value back to the host raises HostRead."""
-    from contextlib import contextmanager
 
-    @contextmanager
+    @contextlib.contextmanager
     def scope():
         with monkeypatch.context() as m:
             for name in HOST_READS:
@@ -58,9 +59,10 @@ def _routed(T: int, E: int, G: int, K: int, dtype=torch.float32, seed: int = 0):
     return x, ids, w
 
 
-def _assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
-    """tests/test_kernels.py's tolerances: float32 1e-5; bf16 2e-2 relative to the output's scale."""
-    if out.dtype == torch.float32:
+def _assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """tests/test_kernels.py's tolerances for a computation in dtype (out's by default): float32 1e-5;
+    bf16 2e-2 relative to the output's scale."""
+    if (dtype or out.dtype) == torch.float32:
         torch.testing.assert_close(out, ref.to(out.dtype), rtol=1e-5, atol=1e-5)
     else:
         atol = 2e-2 * ref.float().abs().max().item()
@@ -144,6 +146,49 @@ def test_off_the_cpu_moe_experts_chooses_the_device_paths(monkeypatch):
     assert calls == ["moe_grouped"] * 3 + ["moe_gathered", "moe_gathered", "moe_prefill"]
 
 
+MODEL = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             moe_intermediate_size=16, shared_expert_intermediate_size=32, max_position_embeddings=128,
+             num_experts=16, num_experts_per_tok=8, num_expert_groups=8)  # fmt: skip
+
+
+def _random_model(dtype: torch.dtype, device: str):
+    from moge_cli.config import MoGEConfig
+    from moge_cli.model import MoGEForCausalLM
+
+    torch.manual_seed(23)
+    model = MoGEForCausalLM.from_config(MoGEConfig.from_dict(MODEL), dtype=dtype, device=device)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    return model
+
+
+def _decode(model, feed: list[torch.Tensor], host_reads=None) -> torch.Tensor:
+    """Logits [len(feed), V] of one decode step per fed token [1, 1] after a 5-token prefill; the steps run
+    inside host_reads() when given."""
+    cache = model.new_cache(1, 16)
+    model(torch.tensor([[3, 1, 4, 1, 5]]), cache)
+    with host_reads() if host_reads else contextlib.nullcontext():
+        return torch.cat([model(token, cache)[0] for token in feed])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decode_step_off_the_cpu_kernels_reads_nothing_back_but_the_token_check(dtype, no_host_reads, monkeypatch):
+    """The model's op-by-op decode step as a GPU runs it (kernels/cpu.c off, moe_experts' off-CPU choice)
+    reads no value back, once the token ids' range check is left out: that check (moge_cli.model._check_ids,
+    a host read of the ids' min and max) is the step's one host read left. Same logits as the CPU's paths."""
+    from moge_cli import model as model_module
+    from moge_kernels import ops
+
+    model = _random_model(dtype, "cpu")
+    model._plan = None  # op by op, as on a GPU
+    feed = [torch.tensor([[t]]) for t in (7, 2, 9)]
+    expected = _decode(model, feed)
+    monkeypatch.setenv("MOGE_NATIVE", "0")
+    monkeypatch.setattr(ops, "moe_experts", experts.moe_grouped if dtype == torch.bfloat16 else experts.moe_gathered)
+    monkeypatch.setattr(model_module, "_check_ids", lambda ids, vocab: tuple(ids.shape))
+    _assert_close(_decode(model, feed, no_host_reads), expected, dtype)
+
+
 # ---- CUDA ------------------------------------------------------------------------------
 
 
@@ -167,16 +212,7 @@ def test_cuda_device_paths_match_the_cpu(dtype, T):
 def test_cuda_decode_steps_never_sync(dtype):
     """A model's decode steps on the GPU (token ids on the device, as a sync-free generate loop feeds them)
     under torch.cuda.set_sync_debug_mode("error"): any host round-trip in the step raises."""
-    from moge_cli.config import MoGEConfig
-    from moge_cli.model import MoGEForCausalLM
-
-    torch.manual_seed(23)
-    cfg = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-               moe_intermediate_size=16, shared_expert_intermediate_size=32, max_position_embeddings=128,
-               num_experts=16, num_experts_per_tok=8, num_expert_groups=8)  # fmt: skip
-    model = MoGEForCausalLM.from_config(MoGEConfig.from_dict(cfg), dtype=dtype, device="cuda")
-    for p in model.parameters():
-        p.data.normal_(0, 0.2)
+    model = _random_model(dtype, "cuda")
     cache = model.new_cache(1, 64)
     token = model(torch.tensor([[3, 1, 4, 1, 5]], device="cuda"), cache)[:, -1:].argmax(-1)  # [1, 1] on the GPU
     torch.cuda.synchronize()
