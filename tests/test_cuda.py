@@ -164,8 +164,8 @@ def test_memory_plan_of_quantized_weights_on_the_device(quantized, bits):
 
 # ---- decode without host round-trips ---------------------------------------------------------------------
 @cuda_only
-@pytest.mark.xfail(strict=False, reason="issue 16: the decode step still syncs (the model checks token ids with aminmax; "
-                   "kernels/experts.py groups the picked experts in Python lists)")  # fmt: skip
+@pytest.mark.xfail(strict=False, reason="issue 16: a decode step still reads back the model's token-id check "
+                   "(aminmax in model._check_ids); the experts run on the device (tests/test_sync_free.py)")  # fmt: skip
 def test_decode_step_is_sync_free():
     model = load_model(TINY_DIR, device=DEVICE)
     cache = model.new_cache(1, 32)
