@@ -18,6 +18,10 @@ _EXPORTS = {
     "ConfigError": "moge_cli.errors",
     "UsageError": "moge_cli.errors",
     "inspect_checkpoint": "moge_cli.inspect",
+    "CheckpointReport": "moge_cli.inspect",
+    "GenerationResult": "moge_cli.generate",
+    "ProfileReport": "moge_cli.profiling",
+    "MemoryPlan": "moge_cli.memory_plan",
     "load_model": "moge_cli.loader",
     "profile": "moge_cli.profiling",
 }

@@ -136,7 +136,10 @@ def active_weight_bytes(model: Any) -> int:
 
 
 def peak_memory_bytes(device: Any = "cpu") -> int:
-    """Process peak: CUDA max allocated on a CUDA device, else peak resident set size (ru_maxrss)."""
+    """Process peak: CUDA max allocated on a CUDA device, else this process's peak resident set size.
+
+    On Linux that is /proc/self/status VmHWM: ru_maxrss would carry the parent's peak through fork + exec,
+    so a spawned rank (moge generate --ep) would report its launcher's peak as its own."""
     import resource
 
     import torch
@@ -144,8 +147,22 @@ def peak_memory_bytes(device: Any = "cpu") -> int:
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated(device))
+    if (hwm := _status_kib("VmHWM")) is not None:
+        return hwm * 1024
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB elsewhere
+
+
+def _status_kib(field: str) -> int | None:
+    """A `field:  N kB` line of /proc/self/status, in KiB; None where there is no such file (macOS)."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return None
 
 
 def prompt_tokens(model_path: Path, prompt: str | None, text_file: str | None, prompt_ids: list[int] | None) -> tuple[list[int], Any]:

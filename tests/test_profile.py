@@ -195,3 +195,19 @@ def test_report_to_dict_is_the_json_output(zero_router, tmp_path, monkeypatch):
                             "--weights", "--json", "--quiet"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout) == seen[-1].to_dict() and {"generated_text", "perplexity", "weights"} <= seen[-1].to_dict().keys()
+
+
+def test_peak_memory_is_this_process_not_the_launcher(tmp_path):
+    """A process started by a big one (a spawned --ep rank) reports its own peak, not the launcher's:
+    ru_maxrss carries the parent's peak through fork + exec, /proc/self/status VmHWM does not."""
+    import subprocess
+    import sys
+
+    child = "from moge_cli.profiling import peak_memory_bytes; print(peak_memory_bytes())"
+    launcher = (
+        "import subprocess, sys\n"
+        "big = bytearray(1 << 30)  # 1 GiB, touched: the launcher's peak\n"
+        f"print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True, check=True).stdout)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    assert 0 < int(out.strip()) < (1 << 30) // 2
