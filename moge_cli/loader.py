@@ -69,9 +69,10 @@ def load_model(path, *, dtype=None, device="cpu", revision=None, experts: tuple[
 def load_quantized(ckpt, quant: QuantizedCheckpoint, *, dtype=None, device="cpu", kernel: str | None = None) -> MoGEForCausalLM:
     """A MoGEForCausalLM for a quantized checkpoint (open Checkpoint): a QLinear (kernel: see
     moge_kernels.qlinear) wherever a quantized weight was; embeddings, and weights whose parts mix
-    schemes, dequantised once."""
-    if torch.device(device).type != "cpu":
-        raise UsageError(f"quantized checkpoints run on the CPU (torch's CPU weight-only kernels); got device {device}")
+    schemes, dequantised once. On CUDA the QLinears repack for torch's CUDA int8 / int4 kernels
+    (moge_kernels.qlinear: modes cuda_int8, cuda_int4)."""
+    if torch.device(device).type not in ("cpu", "cuda"):
+        raise UsageError(f"quantized checkpoints run on the CPU or CUDA (torch's weight-only int8 / int4 kernels); got device {device}")
     kernel = kernel or DEFAULT_KERNEL
     sources = checked_sources(ckpt, quant)
     check_tied_head(ckpt)
@@ -88,10 +89,10 @@ def load_quantized(ckpt, quant: QuantizedCheckpoint, *, dtype=None, device="cpu"
             fill(t, ckpt, names)
             value = nn.Parameter(t, requires_grad=False)
         elif leaf in LINEAR_PARAMS and len(schemes) == 1:
-            value = _read_qlinear(ckpt, mods, quant, p.shape, dtype, kernel)
+            value = _read_qlinear(ckpt, mods, quant, p.shape, dtype, kernel, device)
         else:  # embeddings, or parts of one weight with different schemes: dequantise once
             t = torch.cat([_dequantized(ckpt, m, n, quant) for m, n in zip(mods, names)]).reshape(p.shape)
-            value = nn.Parameter(t.to(p.dtype), requires_grad=False)
+            value = nn.Parameter(t.to(device, p.dtype), requires_grad=False)
         delattr(module, leaf)
         setattr(module, leaf, value)
     model.tie_weights()
@@ -100,7 +101,7 @@ def load_quantized(ckpt, quant: QuantizedCheckpoint, *, dtype=None, device="cpu"
     return model
 
 
-def _read_qlinear(ckpt, mods: list[str], quant: QuantizedCheckpoint, shape: torch.Size, dtype, kernel: str) -> QLinear:
+def _read_qlinear(ckpt, mods: list[str], quant: QuantizedCheckpoint, shape: torch.Size, dtype, kernel: str, device="cpu") -> QLinear:
     """One QLinear from the modules that make a model weight, in order (a stack of experts for 3-D weights)."""
     scheme = quant.modules[mods[0]]
     parts = [read_module(ckpt, m, scheme) for m in mods]
@@ -114,15 +115,15 @@ def _read_qlinear(ckpt, mods: list[str], quant: QuantizedCheckpoint, shape: torc
         if tuple(joined[-1][0].shape) != tuple(shape[-2:]):
             raise CheckpointError(f"{mods[e * per]}: {SHAPE} {list(joined[-1][0].shape)} does not fit the config's {list(shape[-2:])}")
     ckpt.close()
-    return qlinear(joined, scheme, dtype, kernel)
+    return qlinear(joined, scheme, dtype, kernel, device)
 
 
-def qlinear(parts: list[Parts], scheme: Scheme, dtype: torch.dtype, kernel: str) -> QLinear:
+def qlinear(parts: list[Parts], scheme: Scheme, dtype: torch.dtype, kernel: str, device="cpu") -> QLinear:
     """The QLinear of a weight (or a stack of experts) from its parts (q, scale, zero) per expert, its
     stacks in 2 MB pages where they can be (moge_cli.hugepages: the decode kernels stream them)."""
     if kernel not in KERNELS:
         raise UsageError(f"quantized kernel {kernel!r}: use one of {', '.join(KERNELS)}")
-    return QLinear(parts, scheme.bits, scheme.symmetric, dtype, kernel, empty=hugepages.empty)
+    return QLinear(parts, scheme.bits, scheme.symmetric, dtype, kernel, empty=hugepages.empty, device=device)
 
 
 def _dequantized(ckpt, module: str, name: str, quant: QuantizedCheckpoint) -> torch.Tensor:

@@ -246,6 +246,8 @@ def _check_ids(input_ids: torch.Tensor, vocab: int) -> tuple[int, int]:
     B, T = input_ids.shape
     if T == 0:
         raise UsageError("model input holds no tokens")
+    if input_ids.device.type != "cpu":
+        return B, T  # ids already on an accelerator (the model's own samples) are not read back: that would sync each step
     lo, hi = (int(v) for v in torch.aminmax(input_ids))
     if lo < 0 or hi >= vocab:
         raise UsageError(f"token id {hi if hi >= vocab else lo} is outside the vocabulary 0..{vocab - 1}")

@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 from moge_cli import memory_plan as mp
 from moge_cli.checkpoint import open_checkpoint
 from moge_cli.cli import app
-from moge_cli.errors import UsageError
 from moge_cli.loader import load_model
 from moge_cli.reference_model import reference_logits
 from moge_converters.quantize_pipeline import quantize_checkpoint
@@ -51,13 +50,8 @@ def quantized(tmp_path_factory) -> dict[int, Path]:
 
 
 def load_quantized_on_device(path: Path, dtype: str):
-    """The quantized model on DEVICE, or an xfail naming what is missing while the loader refuses it."""
-    try:
-        return load_model(path, dtype=dtype, device=DEVICE)
-    except UsageError as e:
-        if "run on the CPU" in str(e):
-            pytest.xfail(f"quantized checkpoints do not load on CUDA yet (issue 16: int8 / int4 on CUDA): {e}")
-        raise
+    """The quantized model on DEVICE (its QLinears repacked there: cuda_int8 / cuda_int4 where they fit)."""
+    return load_model(path, dtype=dtype, device=DEVICE)
 
 
 # ---- the model -------------------------------------------------------------------------------------
@@ -164,8 +158,6 @@ def test_memory_plan_of_quantized_weights_on_the_device(quantized, bits):
 
 # ---- decode without host round-trips ---------------------------------------------------------------------
 @cuda_only
-@pytest.mark.xfail(strict=False, reason="issue 16: a decode step still reads back the model's token-id check "
-                   "(aminmax in model._check_ids); the experts run on the device (tests/test_sync_free.py)")  # fmt: skip
 def test_decode_step_is_sync_free():
     model = load_model(TINY_DIR, device=DEVICE)
     cache = model.new_cache(1, 32)
