@@ -15,6 +15,7 @@ from moge_cli.config import MODEL_TYPE, MoGEConfig
 from moge_cli.dtypes import FLOAT_CODES as FLOAT_DTYPES
 from moge_cli.ep import RankSummary, ep_info, is_ep_dir, local_expected, plan_problems, rank_summary, read_ep_plan
 from moge_cli.errors import CheckpointError, UsageError
+from moge_cli.memory_plan import MemoryPlan, plan_memory
 from moge_cli.names import LAYOUTS, PER_EXPERT, PER_EXPERT_RE, STACKED, STACKED_RE, component_of, expected_tensors, skipped_notes
 from moge_cli.problems import Problem
 from moge_cli.quant_format import expected_quantized, read_quantization
@@ -92,13 +93,17 @@ class CheckpointReport:
     tensors: list[dict[str, Any]] | None = None  # tensors=GLOB: rows of name, dtype, shape, shard, bytes
     verify: VerifySummary | None = None  # verify=True
     ep_plan: dict[str, Any] | None = None  # the top of a split: world_size, ranks [{rank, path, groups, experts}]
+    memory_plan: MemoryPlan | None = None  # device=: will it fit (weights at the loaded dtype + KV cache + ...)
 
     def to_dict(self) -> dict[str, Any]:
         """The --json object: the sections that are None are left out."""
-        return {k: v for k, v in asdict(self).items() if v is not None or k not in SECTIONS}
+        d = {k: v for k, v in asdict(self).items() if v is not None or k not in SECTIONS}
+        if self.memory_plan is not None:
+            d["memory_plan"] = self.memory_plan.to_dict()  # with its derived figures (needed_bytes, fits)
+        return d
 
 
-SECTIONS = ("ep", "quantization", "tensors", "verify", "ep_plan")  # CheckpointReport fields absent from --json when None
+SECTIONS = ("ep", "quantization", "tensors", "verify", "ep_plan", "memory_plan")  # CheckpointReport fields absent from --json when None
 
 
 COMPONENTS = ("embeddings", "attention", "router", "routed_experts", "shared_experts", "dense_mlp", "norms", "lm_head")
@@ -181,6 +186,8 @@ def inspect_checkpoint(
     manifest: str | os.PathLike | None = None,
     check: str | os.PathLike | None = None,
     tensors: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> CheckpointReport:
     """Inspect a checkpoint; the report's to_dict() is what `moge load --json` prints.
@@ -188,16 +195,22 @@ def inspect_checkpoint(
     verify: stream every tensor (NaN/Inf, all-zero) and hash every shard; manifest: write those
     hashes to this file; check: compare shard hashes against a manifest written earlier;
     tensors: a glob; matching tensors are listed in report.tensors.
+    device: also plan the memory of loading it there at `dtype` (None: the loader's) and generating with the
+    default context (report.memory_plan; from headers, nothing loads).
     progress(n_bytes, total_bytes) is called as bytes are streamed. Raises MogeError if unreadable.
     """
     path = resolve_location(path, revision)  # a local path, or a repo id's snapshot in the Hugging Face cache
     if is_ep_dir(path):  # the top of a `convert --ep` split: every rank plus the plan
         if manifest or check:
             raise UsageError(f"{path}: manifests are per checkpoint; pass one rank directory ({path}/rank-0)")
+        if device is not None:
+            raise UsageError(f"{path}: --device plans one process's memory; plan the merged checkpoint, or one rank directory")
         return inspect_split(Path(path), verify=verify, tensors=tensors, progress=progress)
     ckpt = open_checkpoint(path)
     try:
         report = summarize(ckpt)
+        if device is not None:
+            report.memory_plan = plan_memory(ckpt, device=device, dtype=dtype)
         if tensors is not None:
             report.tensors = tensor_rows(ckpt, tensors)
         if verify or manifest or check:

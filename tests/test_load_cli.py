@@ -247,6 +247,51 @@ def test_library_results_are_typed(ck, tmp_path):
     assert all_fields_conform(prof)
 
 
+# ---- --device: the memory plan -------------------------------------------------------------------
+def test_load_device_reports_the_memory_plan(good, tmp_path):
+    """`load --device` adds the plan generate would check (the same figures), from headers only; without it, no plan."""
+    from moge_cli.checkpoint import open_checkpoint
+    from moge_cli.memory_plan import MemoryPlan, plan_memory
+
+    r = moge("load", good, "--device", "cpu", "--dtype", "bf16", "--json")
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)["memory_plan"]
+    want = plan_memory(open_checkpoint(good), device="cpu", dtype="bfloat16")
+    assert got["weights_bytes"] == want.weights_bytes and got["dtype"] == "bfloat16" and got["fits"] is True
+    assert got["needed_bytes"] == want.needed_bytes and got["kv_cache_bytes"] == want.kv_cache_bytes
+    assert "memory_plan" not in json.loads(moge("load", good, "--json").stdout)
+    text = moge("load", good, "--device", "cpu")
+    assert text.exit_code == 0 and "memory plan" in text.stdout and "fits" in text.stdout
+    from moge_cli.inspect import inspect_checkpoint
+
+    assert isinstance(inspect_checkpoint(good, device="cpu").memory_plan, MemoryPlan)
+
+
+def test_load_device_says_when_it_does_not_fit(good, monkeypatch):
+    """Not fitting is reported (fits false, the figures), not a checkpoint problem: the exit code stays 0."""
+    import moge_cli.memory_plan as mp
+
+    monkeypatch.setattr(mp, "free_bytes", lambda device: 1000)
+    r = moge("load", good, "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.stdout)["memory_plan"]
+    assert plan["fits"] is False and plan["available_bytes"] == 1000 and plan["needed_bytes"] > 1000
+    text = moge("load", good, "--device", "cpu")
+    words = " ".join(text.stdout.split())  # the table wraps the row
+    assert "memory plan does not fit: needs" in words and "cpu has" in words
+
+
+def test_load_device_refusals(good, tmp_path):
+    """An unusable device, and a whole split (one process's plan needs one checkpoint), exit 2."""
+    r = moge("load", good, "--device", "tpu")
+    assert r.exit_code == 2 and "--device tpu" in r.output
+    from moge_converters.convert import convert
+
+    convert(REPO / "fixtures" / "tiny-moge", tmp_path / "split", ep=2)
+    r = moge("load", tmp_path / "split", "--device", "cpu")
+    assert r.exit_code == 2 and "--device plans one process's memory" in r.output
+
+
 # ---- schema problems: readable, exit 1 ----------------------------------------------------------
 def test_schema_problem_exit_1_with_report(ck, capsys):
     def drop(h):

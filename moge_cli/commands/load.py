@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import typer
 
 from moge_cli.commands.common import handle_errors, human_bytes, human_count, print_json, stderr_console, stdout_console
-from moge_cli.commands.options import JSON, QUIET, REVISION
+from moge_cli.commands.options import DTYPE, JSON, QUIET, REVISION
 
 if TYPE_CHECKING:
     from moge_cli.inspect import CheckpointReport
@@ -23,6 +23,8 @@ def load_command(
     verify: bool = typer.Option(False, "--verify", help="Stream every tensor: NaN/Inf, all-zero, sha256 of every shard."),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="With verification: write shard hashes to FILE."),
     check: Optional[Path] = typer.Option(None, "--check", help="Verify shard hashes against a manifest FILE."),
+    device: Optional[str] = typer.Option(None, "--device", help="Also say whether it fits this device (cpu | cuda | cuda:N): weights at --dtype + KV cache + activations, against its free memory. Reads headers only."),
+    dtype: DTYPE = None,
     quiet: QUIET = False,
     as_json: JSON = False,
 ) -> None:
@@ -32,9 +34,13 @@ def load_command(
     """
     from moge_cli.inspect import inspect_checkpoint
 
+    if device is not None:
+        from moge_cli.devices import check_device
+
+        check_device(device)
     streaming = verify or manifest is not None or check is not None
     listing = glob or "*" if tensors or glob else None
-    options = dict(revision=revision, verify=streaming, manifest=manifest, check=check, tensors=listing)
+    options = dict(revision=revision, verify=streaming, manifest=manifest, check=check, tensors=listing, device=device, dtype=dtype)
     if streaming and not (as_json or quiet):
         report = _with_progress(lambda progress: inspect_checkpoint(path, progress=progress, **options))
     else:
@@ -91,6 +97,9 @@ def render(report: CheckpointReport) -> None:
         rows.append(("quantization", f"{q.format}: {', '.join(f'{s} x{n}' for s, n in q.schemes.items())}, method {method}; {q.tensors} tensors ({comps})"))
         rows.append(("quantized bytes", f"{human_bytes(q.quantized_bytes)} for {human_count(q.quantized_params)} weights "
                      f"({q.bits_per_quantized_weight:.2f} bits each, scales included); float tensors {human_bytes(q.float_bytes)}"))  # fmt: skip
+    if (m := r.memory_plan) is not None:
+        verdict = {True: "fits", False: "[red]does not fit[/red]", None: "free memory unknown"}[m.fits]
+        rows.append(("memory plan", f"{verdict}: {m.summary()}"))
     rows += [("note", note) for note in r.notes]  # skipped buffers, tied embeddings, rope_scaling
     for k, v in rows:
         summary.add_row(k, v)
