@@ -63,7 +63,7 @@ def run(path: Path, qdirs: dict[str, Path], args) -> list[dict]:
 
     from moge_cli.checkpoint import open_checkpoint
     from moge_cli.loader import load_model, load_quantized
-    from moge_cli.quantized import quantization_of
+    from moge_cli.quant_format import quantization_of
 
     cfg_vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     g = torch.Generator().manual_seed(0)

@@ -185,8 +185,8 @@ def test_compressed_tensors_decompresses_to_moges_dequantization(src, tmp_path, 
     give bit-for-bit the weights moge's runtime dequantises."""
     ct = pytest.importorskip("compressed_tensors.quantization")
     compressors = pytest.importorskip("compressed_tensors.compressors")
-    from moge_cli.quantized import dequantize as runtime_dequantize
-    from moge_cli.quantized import quantization_of, read_module
+    from moge_cli.quant_format import quantization_of, read_module
+    from moge_kernels.qlinear import dequantize as runtime_dequantize
 
     out = tmp_path / "q"
     quantize_checkpoint(src, out, **opts)
