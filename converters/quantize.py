@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from moge_cli.quant_format import Scheme
+from moge_kernels.qlinear import dequantize as dequantize_parts
 
 GROUP_SIZES = (32, 64, 128)
 METHODS = ("rtn", "mse")
@@ -66,14 +67,9 @@ def quantize(w: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, importan
 
 
 def dequantize(t: QTensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """[N, K] weight in the scale's dtype (then out_dtype), bit-for-bit as compressed-tensors computes it."""
-    n, k = t.q.shape
-    g = t.scale.shape[1]
-    dt = t.scale.dtype
-    x = t.q.reshape(n, g, k // g).to(dt)  # [N, G, gs]
-    if t.zero is not None:
-        x = x - t.zero.to(dt).unsqueeze(-1)
-    w = (x * t.scale.unsqueeze(-1)).reshape(n, k)
+    """[N, K] weight in the scale's dtype (then out_dtype), bit-for-bit as compressed-tensors computes it
+    (the runtime's moge_kernels.qlinear.dequantize: one definition for both)."""
+    w = dequantize_parts(t.q, t.scale, t.zero)
     return w if out_dtype is None else w.to(out_dtype)
 
 
