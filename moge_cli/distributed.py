@@ -128,15 +128,72 @@ class RankStats:
     all_reduces: int = 0
     token_expert_pairs: int = 0  # this rank's picks (MoGE routing)
     topk_token_expert_pairs: int = 0  # picks that would land on this rank under plain top-k routing
+    peak_memory_bytes: int = 0  # this rank's process, set when its job is done
 
-    def to_dict(self, peak_memory_bytes: int) -> dict[str, Any]:
+    @property
+    def routed_expert_seconds_per_token(self) -> float:  # per token through the model (prompt tokens included)
+        return self.routed_expert_seconds / max(self.tokens, 1)
+
+    @property
+    def all_reduce_seconds_per_token(self) -> float:
+        return self.all_reduce_seconds / max(self.tokens, 1)
+
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["groups"], d["experts"] = list(self.groups), list(self.experts)
-        d["peak_memory_bytes"] = peak_memory_bytes
-        per = max(self.tokens, 1)
-        d["routed_expert_seconds_per_token"] = self.routed_expert_seconds / per
-        d["all_reduce_seconds_per_token"] = self.all_reduce_seconds / per
+        d["routed_expert_seconds_per_token"] = self.routed_expert_seconds_per_token
+        d["all_reduce_seconds_per_token"] = self.all_reduce_seconds_per_token
         return d
+
+
+@dataclass
+class EPSummary:
+    """The `ep` section of --json: how the ranks ran, and each rank's RankStats in rank order."""
+
+    world_size: int
+    backend: str  # gloo | nccl
+    decode_path: str
+    ranks: list[RankStats]
+
+    @property
+    def token_expert_pairs(self) -> list[int]:  # per rank: its MoGE picks
+        return [r.token_expert_pairs for r in self.ranks]
+
+    @property
+    def topk_token_expert_pairs(self) -> list[int]:  # per rank: what plain top-k routing would have given it
+        return [r.topk_token_expert_pairs for r in self.ranks]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "world_size": self.world_size, "backend": self.backend, "decode_path": self.decode_path,
+            "token_expert_pairs": self.token_expert_pairs, "topk_token_expert_pairs": self.topk_token_expert_pairs,
+            "ranks": [r.to_dict() for r in self.ranks],
+        }  # fmt: skip
+
+
+@dataclass
+class Speed:
+    """Tokens through one phase (prefill or decode), its seconds and rate."""
+
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+
+
+@dataclass
+class EPProfileReport:
+    """`moge profile --ep N`: prefill and greedy decode speed on N ranks, and the per-rank statistics."""
+
+    model: str
+    device: str
+    prompt_tokens: int
+    prefill: Speed
+    decode: Speed
+    generated_ids: list[int]
+    ep: EPSummary
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"ep": self.ep.to_dict()}
 
 
 class ExpertShare:
@@ -300,7 +357,8 @@ def run_this_rank(path: str, world: int, job: Callable, job_args: tuple = (), *,
         _fault(rank, "exit")
         out = job(model, rank, *job_args)
         gathered: list[Any] | None = [None] * world if rank == 0 else None
-        dist.gather_object(stats.to_dict(peak_memory_bytes(device)), gathered, dst=0)
+        stats.peak_memory_bytes = peak_memory_bytes(device)
+        dist.gather_object(stats, gathered, dst=0)
     except Exception as e:  # noqa: BLE001 - one line naming the rank; torchrun stops the others
         message, _ = describe_error(e)
         if not isinstance(e, MogeError) and "closed by peer" in str(e):  # gloo: another rank ended; its error says why
@@ -392,7 +450,8 @@ def _rank_main(rank: int, world: int, port: int, path: str, dtype, device: str, 
         _fault(rank, "exit")
         out = job(model, rank, *job_args)
         dist.barrier()
-        reports.put(("done", rank, out, stats.to_dict(peak_memory_bytes(device))))
+        stats.peak_memory_bytes = peak_memory_bytes(device)
+        reports.put(("done", rank, out, stats))
         dist.destroy_process_group()
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which stops every rank
         message, _ = describe_error(e)
@@ -415,32 +474,26 @@ def _fault(rank: int, where: str) -> None:
 
 
 # ---- what the ranks measured ---------------------------------------------------------------------
-def summary(stats: list[dict[str, Any]], device: str = "cpu") -> dict[str, Any]:
-    """The `ep` object of --json: per-rank stats and the token-expert pairs per rank, MoGE against plain top-k."""
-    return {
-        "world_size": len(stats),
-        "backend": "nccl" if device.startswith("cuda") else "gloo",
-        "decode_path": "op by op (the whole-step C decode cannot all-reduce mid-step)",
-        "token_expert_pairs": [s["token_expert_pairs"] for s in stats],
-        "topk_token_expert_pairs": [s["topk_token_expert_pairs"] for s in stats],
-        "ranks": stats,
-    }
+def summary(stats: list[RankStats], device: str = "cpu") -> EPSummary:
+    """The `ep` section: every rank's stats (rank order) and how they ran."""
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    return EPSummary(len(stats), backend, "op by op (the whole-step C decode cannot all-reduce mid-step)", stats)
 
 
 def generate_on_ranks(path: str, world: int, ids: list[int], tokenizer_root: str | None, options: dict[str, Any], *,
                       dtype=None, device: str = "cpu", threads: int | None = None):  # fmt: skip
-    """run_generation on `world` ranks: rank 0's GenerationResult, with summary() in result.extra["ep"] (None on
+    """run_generation on `world` ranks: rank 0's GenerationResult, with summary() in result.ep (None on
     torchrun ranks other than 0)."""
     out = run_on_ranks(path, world, generate_job, (ids, tokenizer_root, options), dtype=dtype, device=device, threads=threads)
     if out is None:  # a torchrun rank other than 0
         return None
     result = out[0][0]
-    result.extra["ep"] = summary([stats for _, stats in out], device)
+    result.ep = summary([stats for _, stats in out], device)
     return result
 
 
 def profile_on_ranks(path: str, world: int, *, prompt: str | None = None, text_file=None, prompt_ids: list[int] | None = None,
-                     decode: int = 32, dtype=None, device: str = "cpu", revision: str | None = None) -> dict[str, Any]:  # fmt: skip
+                     decode: int = 32, dtype=None, device: str = "cpu", revision: str | None = None) -> EPProfileReport | None:  # fmt: skip
     """`moge profile --ep N`: prefill the prompt and decode `decode` greedy tokens on `world` ranks; speed and the
     per-rank statistics (summary()). The per-component timers, bandwidth and per-layer routing tables of a one-process
     profile are not measured here."""
@@ -454,25 +507,25 @@ def profile_on_ranks(path: str, world: int, *, prompt: str | None = None, text_f
     result = generate_on_ranks(ranks_path, world, ids, str(root) if tok is not None else None, options, dtype=dtype, device=device)
     if result is None:  # a torchrun rank other than 0
         return None
-    return {
-        "model": str(path),
-        "device": device,
-        "prompt_tokens": len(ids),
-        "prefill": {"tokens": result.prefill_tokens, "seconds": result.prefill_seconds, "tokens_per_s": result.prefill_tokens_per_s},
-        "decode": {"tokens": result.decode_tokens, "seconds": result.decode_seconds, "tokens_per_s": result.decode_tokens_per_s},
-        "generated_ids": result.generated_ids,
-        "ep": result.extra["ep"],
-    }
+    return EPProfileReport(
+        model=str(path),
+        device=device,
+        prompt_tokens=len(ids),
+        prefill=Speed(result.prefill_tokens, result.prefill_seconds, result.prefill_tokens_per_s),
+        decode=Speed(result.decode_tokens, result.decode_seconds, result.decode_tokens_per_s),
+        generated_ids=result.generated_ids,
+        ep=result.ep,
+    )
 
 
-def rank_lines(ep: dict[str, Any]) -> list[str]:
+def rank_lines(ep: EPSummary) -> list[str]:
     """summary() as text: one line per rank, and the balance line (MoGE against plain top-k routing)."""
-    lines = [f"expert parallel: {ep['world_size']} ranks ({ep['backend']}), decode {ep['decode_path']}"]
-    for r in ep["ranks"]:
+    lines = [f"expert parallel: {ep.world_size} ranks ({ep.backend}), decode {ep.decode_path}"]
+    for r in ep.ranks:
         lines.append(
-            f"rank {r['rank']}: groups {r['groups'][0]}..{r['groups'][1] - 1}, experts {r['experts'][0]}..{r['experts'][1] - 1} | "
-            f"peak memory {r['peak_memory_bytes'] / 1e6:.1f} MB | routed experts {r['routed_expert_seconds_per_token'] * 1e3:.3f} ms/token, "
-            f"all-reduce {r['all_reduce_seconds_per_token'] * 1e3:.3f} ms/token ({r['all_reduces']} all-reduces)"
+            f"rank {r.rank}: groups {r.groups[0]}..{r.groups[1] - 1}, experts {r.experts[0]}..{r.experts[1] - 1} | "
+            f"peak memory {r.peak_memory_bytes / 1e6:.1f} MB | routed experts {r.routed_expert_seconds_per_token * 1e3:.3f} ms/token, "
+            f"all-reduce {r.all_reduce_seconds_per_token * 1e3:.3f} ms/token ({r.all_reduces} all-reduces)"
         )
-    lines.append(f"token-expert pairs per rank: MoGE {ep['token_expert_pairs']}, plain top-k would give {ep['topk_token_expert_pairs']}")
+    lines.append(f"token-expert pairs per rank: MoGE {ep.token_expert_pairs}, plain top-k would give {ep.topk_token_expert_pairs}")
     return lines

@@ -7,7 +7,7 @@ Pure library: nothing here prints. `generate()` yields token ids as they are pro
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
@@ -174,7 +174,7 @@ class GenerationResult:
     decode_seconds: float = 0.0
     peak_memory_bytes: int = 0
     stop: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    ep: Any = None  # --ep N: moge_cli.distributed.EPSummary (the `ep` section of --json)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -186,10 +186,10 @@ class GenerationResult:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("extra")
+        del d["ep"]
         d["prefill_tokens_per_s"] = self.prefill_tokens_per_s
         d["decode_tokens_per_s"] = self.decode_tokens_per_s
-        return d | self.extra
+        return d if self.ep is None else d | {"ep": self.ep.to_dict()}
 
 
 def run_generation(

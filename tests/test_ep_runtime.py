@@ -57,15 +57,19 @@ def test_two_ranks_give_the_single_process_logits_and_greedy_tokens(ckpt_dir):
     ref = reference_logits(open_checkpoint(ckpt_dir), cfg, IDS)  # float64
     torch.testing.assert_close(logits[0].double(), ref, atol=1e-4, rtol=0)
     # each rank held and ran only its half of the experts: exactly half of the picks, every layer
-    assert (stats0["experts"], stats1["experts"]) == ([0, cfg.num_experts // 2], [cfg.num_experts // 2, cfg.num_experts])
+    assert (stats0.experts, stats1.experts) == ((0, cfg.num_experts // 2), (cfg.num_experts // 2, cfg.num_experts))
     pairs = len(IDS) * cfg.num_hidden_layers * cfg.num_experts_per_tok // 2
-    assert stats0["token_expert_pairs"] == stats1["token_expert_pairs"] == pairs
-    assert stats0["topk_token_expert_pairs"] + stats1["topk_token_expert_pairs"] == 2 * pairs
-    assert stats0["all_reduces"] == cfg.num_hidden_layers
+    assert stats0.token_expert_pairs == stats1.token_expert_pairs == pairs
+    assert stats0.topk_token_expert_pairs + stats1.topk_token_expert_pairs == 2 * pairs
+    assert stats0.all_reduces == cfg.num_hidden_layers
 
     result = distributed.generate_on_ranks(str(ckpt_dir), 2, IDS, None, options)
     assert result.generated_ids == expected and len(expected) == 12
-    assert [r["rank"] for r in result.extra["ep"]["ranks"]] == [0, 1]
+    assert [r.rank for r in result.ep.ranks] == [0, 1]
+    assert isinstance(result.ep, distributed.EPSummary) and all(isinstance(r, distributed.RankStats) for r in result.ep.ranks)
+    ep = result.to_dict()["ep"]  # the --json section: per-rank figures with their derived per-token times
+    assert ep["token_expert_pairs"] == [r.token_expert_pairs for r in result.ep.ranks]
+    assert all(r["peak_memory_bytes"] > 0 and "routed_expert_seconds_per_token" in r for r in ep["ranks"])
 
 
 def test_a_convert_ep_split_runs_as_the_whole_checkpoint(ckpt_dir, tmp_path):
@@ -76,7 +80,7 @@ def test_a_convert_ep_split_runs_as_the_whole_checkpoint(ckpt_dir, tmp_path):
     whole = distributed.run_on_ranks(str(ckpt_dir), 2, distributed.logits_job, (IDS,))
     ranks = distributed.run_on_ranks(str(split), 2, distributed.logits_job, (IDS,))
     assert torch.equal(ranks[0][0], whole[0][0])  # the same experts on the same ranks: the same bits
-    assert ranks[1][1]["experts"] == whole[1][1]["experts"]
+    assert ranks[1][1].experts == whole[1][1].experts
     with pytest.raises(UsageError, match="split into 2 ranks .* run it with --ep 2"):
         distributed.open_source(str(split), 4)
     with pytest.raises(UsageError, match="run it with --ep 2"):

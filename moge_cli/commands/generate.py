@@ -168,7 +168,7 @@ def run_expert_parallel(path: str, root: str, world: int, ids: list[int], tokeni
     sys.stderr.write(stats_line(result) + "\n")
     from moge_cli.distributed import rank_lines
 
-    for line in rank_lines(result.extra["ep"]):
+    for line in rank_lines(result.ep):
         sys.stderr.write(line + "\n")
 
 

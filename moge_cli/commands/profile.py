@@ -101,13 +101,13 @@ def profile_ranks(model: str, world: int, *, prompt_ids: Optional[str], others: 
     if report is None:  # a torchrun rank other than 0: rank 0 prints
         return
     if as_json:
-        print_json(report)
+        print_json(report.to_dict())
         return
     out = stdout_console()
-    out.print(f"[bold]{report['model']}[/bold]  (on {report['device']})")
-    pre, dec = report["prefill"], report["decode"]
-    out.print(f"prefill {pre['tokens']} tokens: {pre['tokens_per_s']:.1f} tok/s   decode {dec['tokens']} tokens: {dec['tokens_per_s']:.1f} tok/s")
-    for line in rank_lines(report["ep"]):
+    out.print(f"[bold]{report.model}[/bold]  (on {report.device})")
+    pre, dec = report.prefill, report.decode
+    out.print(f"prefill {pre.tokens} tokens: {pre.tokens_per_s:.1f} tok/s   decode {dec.tokens} tokens: {dec.tokens_per_s:.1f} tok/s")
+    for line in rank_lines(report.ep):
         out.print(line, soft_wrap=True)
 
 
