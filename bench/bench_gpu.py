@@ -9,7 +9,7 @@ Engines, all at batch 1 with random weights:
   moge bf16          the model built on the device and filled in place (what load_model builds)
   moge int8 / int4   a compressed-tensors checkpoint (per channel int8; int4 g128 asymmetric, as `moge quantize`
                      writes by default) of random integers, written to a temp dir and loaded by load_model
-  transformers       Qwen2-MoE of the same shape holding moge bf16's weights (bench_runtime.qwen2_moe_*), with
+  transformers       Qwen2-MoE of the same shape holding moge bf16's weights (bench_runtime.load_transformers), with
                      each experts implementation it has ("eager", "grouped_mm")
 Measured per engine: decode tokens/s (prompt 8, --new-tokens greedy tokens, argmax on the device) and prefill
 tokens/s (--prefill tokens), each the first call of a fresh engine ("first") and the best of --repeats
@@ -34,7 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_runtime import qwen2_moe_config, qwen2_moe_state_dict  # noqa: E402  (the same Qwen2-MoE build as the CPU bench)
+from bench_runtime import load_transformers  # noqa: E402  (the same Qwen2-MoE build as the CPU bench)
 
 from moge_cli.config import MoGEConfig  # noqa: E402
 from moge_cli.errors import MogeError  # noqa: E402
@@ -147,30 +147,7 @@ def moge_engine(model, max_len: int):
 
 def transformers_engines(cfg: MoGEConfig, ours: MoGEForCausalLM, device: str) -> dict:
     """{name: (prepare, step)} for a Qwen2-MoE of the same shape holding our weights, per experts implementation."""
-    from transformers import Qwen2MoeForCausalLM
-
-    with torch.device(device):
-        model = Qwen2MoeForCausalLM(qwen2_moe_config(cfg, "bfloat16")).to(torch.bfloat16).eval()
-    missing, unexpected = model.load_state_dict(qwen2_moe_state_dict(ours), strict=False)
-    assert not missing and not unexpected, (missing, unexpected)
-    impls = ["eager", "grouped_mm"] if hasattr(model, "set_experts_implementation") else ["default"]
-
-    import inspect
-
-    new_api = "cache" in inspect.signature(model.forward).parameters  # v5.24 renamed past_key_values
-
-    def step(ids, past):
-        with torch.inference_mode():
-            if new_api:
-                out = model(input_ids=ids, cache=past, use_cache=True)
-                return out.logits, out.cache
-            out = model(input_ids=ids, past_key_values=past, use_cache=True)
-        return out.logits, out.past_key_values
-
-    def prepare(impl: str):
-        return lambda: impl == "default" or model.set_experts_implementation(impl)
-
-    return {f"transformers {impl}": (prepare(impl), step) for impl in impls}
+    return {f"transformers {impl}": engine for impl, engine in load_transformers(cfg, "bfloat16", ours, device).items()}
 
 
 def active_bytes(model) -> int:

@@ -167,13 +167,14 @@ def qwen2_moe_state_dict(model) -> dict:
     return sd
 
 
-def load_transformers(cfg, dtype: str, ours) -> dict:
-    """{experts implementation: (prepare, step)} for a same-shaped Qwen2-MoE holding our model's weights."""
+def load_transformers(cfg, dtype: str, ours, device: str = "cpu") -> dict:
+    """{experts implementation: (prepare, step)} for a same-shaped Qwen2-MoE holding our model's weights (bench_gpu: on a device)."""
     import torch
     from transformers import Qwen2MoeForCausalLM
 
     torch.manual_seed(0)
-    model = Qwen2MoeForCausalLM(qwen2_moe_config(cfg, dtype)).to(getattr(torch, dtype)).eval()
+    with torch.device(device):
+        model = Qwen2MoeForCausalLM(qwen2_moe_config(cfg, dtype)).to(getattr(torch, dtype)).eval()
     missing, unexpected = model.load_state_dict(qwen2_moe_state_dict(ours), strict=False)
     assert not missing and not unexpected, (missing, unexpected)
     impls = ["eager", "grouped_mm"] if hasattr(model, "set_experts_implementation") else ["default"]
