@@ -9,8 +9,11 @@ tokens, then the same prompts again: "first" is the process's first prefill, "Nt
 first pass (new prompts, so new per-expert row counts), "warm" the median of the second pass (every
 GEMM shape seen before). Variants, alternated inside every round so both see the same machine load:
 
-  base   per-expert row counts as they come (experts.ROW_STEPS_PER_OCTAVE = 0: the code before)
-  ours   rows padded to a few sizes per octave (the default ROW_STEPS_PER_OCTAVE)
+  base         per-expert row counts as they come (experts.ROW_STEPS_PER_OCTAVE = 0: the code before)
+  ours         rows padded to a few sizes per octave (the default ROW_STEPS_PER_OCTAVE)
+  steps8       rows padded to 8 sizes per octave (less padding, more shapes)
+  ours+malloc  ours, with glibc malloc keeping freed memory (mallopt before loading: fewer first-touch
+               page faults; a process-wide setting that the kernels do not make)
 
 Reported per dtype and variant, as the median over rounds with the spread [min-max]: tokens/s of the
 first, Nth and warm prefills, first / warm (time; the target is <= 1.10 for bf16), warm against base's
@@ -33,7 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = "bench-0.47b"
-VARIANTS = {"base": 0, "ours": None, "steps8": 8}  # ROW_STEPS_PER_OCTAVE; None: the kernels' default
+# name -> (ROW_STEPS_PER_OCTAVE, None: the kernels' default; glibc malloc keeps freed memory)
+VARIANTS = {"base": (0, False), "ours": (None, False), "steps8": (8, False), "ours+malloc": (None, True)}
 
 
 # ---- worker (one fresh process per measurement) -------------------------------------------------
@@ -48,6 +52,19 @@ def _faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def _keep_freed_memory() -> None:
+    """glibc malloc: blocks up to 32 MiB from the heap, not fresh mmaps, and up to 256 MiB of freed memory
+    kept (not trimmed), fixed from the start: by default glibc's mmap threshold starts at 128 KiB and rises
+    only as mmapped blocks are freed, so a process's first prefill maps, faults in and unmaps its big
+    temporaries several times over (bench-0.47b, bf16: 43k page faults against 14k; peak RSS the same)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
+
+
 def worker(path: str, dtype: str, variant: str, args) -> dict:
     import torch
 
@@ -56,8 +73,11 @@ def worker(path: str, dtype: str, variant: str, args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if VARIANTS[variant] is not None:
-        experts.ROW_STEPS_PER_OCTAVE = VARIANTS[variant]
+    steps, keep_freed = VARIANTS[variant]
+    if steps is not None:
+        experts.ROW_STEPS_PER_OCTAVE = steps
+    if keep_freed:
+        _keep_freed_memory()
     rows = {"real": 0, "padded": 0}
     padded_rows = experts.padded_rows
 
@@ -110,23 +130,25 @@ def _spread(values: list[float], fmt: str) -> str:
 def table(results: list[dict], args) -> str:
     rows = [
         "| dtype | variant | first tok/s | Nth tok/s | warm tok/s | first / warm | first / warm, CPU time | warm vs base "
-        "| padded rows | faults, first | faults, warm | peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| warm vs base, CPU time | padded rows | faults, first | faults, warm | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     tok = args.tokens
     for dtype in args.dtypes:
-        base_warm = {r["round"]: r["warm"] for r in results if r["dtype"] == dtype and r["variant"] == "base"}
+        base = {r["round"]: r for r in results if r["dtype"] == dtype and r["variant"] == "base"}
         for variant in VARIANTS:
             rs = [r for r in results if r["dtype"] == dtype and r["variant"] == variant]
             if not rs:
                 continue
-            speedup = [base_warm[r["round"]] / r["warm"] for r in rs if r["round"] in base_warm]
+            speedup = [base[r["round"]]["warm"] / r["warm"] for r in rs if r["round"] in base]
+            speedup_cpu = [base[r["round"]]["warm_cpu"] / r["warm_cpu"] for r in rs if r["round"] in base]
             rows.append(
                 f"| {dtype} | {variant} | {_spread([tok / r['first'] for r in rs], '.0f')} "
                 f"| {_spread([tok / r['nth'] for r in rs], '.0f')} | {_spread([tok / r['warm'] for r in rs], '.0f')} "
                 f"| **{_spread([r['first'] / r['warm'] for r in rs], '.2f')}** "
                 f"| {_spread([r['first_cpu'] / r['warm_cpu'] for r in rs], '.2f')} "
-                f"| {_spread(speedup, '.2f') if speedup else '-'} | {_spread([100 * r['padding'] for r in rs], '.1f')}% "
+                f"| {_spread(speedup, '.2f') if speedup else '-'} | {_spread(speedup_cpu, '.2f') if speedup else '-'} "
+                f"| {_spread([100 * r['padding'] for r in rs], '.1f')}% "
                 f"| {_spread([r['faults'][0] / 1000 for r in rs], '.0f')}k "
                 f"| {_spread([statistics.median(r['faults'][args.prompts:]) / 1000 for r in rs], '.0f')}k "
                 f"| {statistics.median(r['peak_rss'] for r in rs) / 2**20:.0f} MiB |"
@@ -171,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for rnd in range(args.rounds):
             for dtype in args.dtypes:
-                variants = args.variants if rnd % 2 == 0 else args.variants[::-1]  # alternate who goes first
+                turn = rnd % len(args.variants)
+                variants = args.variants[turn:] + args.variants[:turn]  # each round another variant goes first
                 for variant in variants:
                     r = run_worker(path, dtype, variant, args.seed + rnd, args)
                     r["round"] = rnd
