@@ -18,14 +18,18 @@ def attention(
     sin: torch.Tensor,
     k_cache: torch.Tensor | None = None,
     v_cache: torch.Tensor | None = None,
-    start: int = 0,
+    start: int | torch.Tensor = 0,
 ) -> torch.Tensor:
     """o [B, T, nH*D] in qkv's dtype for qkv [B, T, nH + 2 nKV, D] (rows q, k, v) at positions start..start+T-1.
 
     cos, sin [T, 1, D] float32 (signed sin: rope tables' rows); k_cache, v_cache [B, nKV, S, D] (one layer's)
     receive this call's k and v at start.., or None (then k and v are rounded to qkv's dtype as the cache would).
     One token with a cache runs kernels/cpu.c (rotation, cache write and attention), else torch in float32.
+    start may be a [1] int64 tensor on qkv's device (one token, with a cache; cos and sin then are the whole
+    tables [P, D]): nothing reads it on the host, so the step can be captured once and replayed (cuda_graph.py).
     """
+    if isinstance(start, torch.Tensor):
+        return _attention_at(qkv, n_heads, n_kv, cos, sin, k_cache, v_cache, start)
     B, T, _, D = qkv.shape
     nH, nKV = n_heads, n_kv
     if k_cache is not None and B * T == 1 and (o := native.attend_vec(qkv, cos[0, 0], sin[0, 0], k_cache, v_cache, start, nH)) is not None:
@@ -40,6 +44,24 @@ def attention(
         k, v = k_cache.narrow(2, 0, start + T).float(), v_cache.narrow(2, 0, start + T).float()  # [B, nKV, S, D]
     o = _attend(q, k, v, start)  # [B, nH, T, D] float32
     return o.transpose(1, 2).reshape(B, T, nH * D).to(qkv.dtype)
+
+
+def _attention_at(qkv, n_heads: int, n_kv: int, cos_table, sin_table, k_cache, v_cache, pos: torch.Tensor) -> torch.Tensor:
+    """attention for one token at position pos ([1] int64 on the device): its RoPE rows picked, its k and v
+    written and every cache position masked by pos on the device. The whole cache [S] is read each step (the
+    op-by-op path reads 0..pos): a captured step cannot change shape with the position."""
+    B, T, _, D = qkv.shape  # B = T = 1
+    nH, nKV = n_heads, n_kv
+    cos, sin = cos_table.index_select(0, pos)[:, None], sin_table.index_select(0, pos)[:, None]  # [1, 1, D]
+    qk = apply_rope(qkv[:, :, : nH + nKV].float(), cos, sin)  # [1, 1, nH+nKV, D]
+    q, k, v = qk[:, :, :nH].transpose(1, 2), qk[:, :, nH:].transpose(1, 2), qkv[:, :, nH + nKV :].transpose(1, 2)
+    k_cache.index_copy_(2, pos, k.to(k_cache.dtype))  # [B, nKV, S, D] at position pos
+    v_cache.index_copy_(2, pos, v)
+    S = k_cache.shape[2]
+    seen = (torch.arange(S, device=pos.device) <= pos)[None]  # [1, S]: keys 0..pos
+    q = q.reshape(B, nKV, nH // nKV, D)  # the query heads of a kv head as its query rows
+    o = F.scaled_dot_product_attention(q, k_cache.float(), v_cache.float(), attn_mask=seen)  # [B, nKV, nH/nKV, D]
+    return o.reshape(B, T, nH * D).to(qkv.dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

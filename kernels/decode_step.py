@@ -1,5 +1,6 @@
 """How a model's forward call runs: a whole one-token decode step as one C call (kernels/step.c, from a
-plan of pointers built once per model), or op by op through moge_kernels.ops on the right threads.
+plan of pointers built once per model), on CUDA as one replayed CUDA graph (cuda_graph.py), or op by op
+through moge_kernels.ops on the right threads.
 
 Running a step's ops one by one from Python costs more per layer than reading its weights; the plan
 hands kernels/step.c every weight's address once, and a step is then one C call. The plan's field
@@ -19,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from moge_kernels import native
+from moge_kernels import cuda_graph, native
 from moge_kernels.qlinear import QLinear
 
 NO_MAT = [0] * 6  # w, wtype, scale, sdtype, zero, group
@@ -53,9 +54,11 @@ class DecodePlan:
         return logits
 
 
-def plan(model) -> DecodePlan | None:
-    """The plan of a loaded MoGEForCausalLM (its config, and its weights read as attributes: tensors or
-    QLinears), or None where kernels/step.c cannot run it."""
+def plan(model) -> DecodePlan | cuda_graph.GraphStep | None:
+    """The whole-step plan of a loaded MoGEForCausalLM (its config, and its weights read as attributes: tensors
+    or QLinears): kernels/step.c's on the CPU, a CUDA graph of model.step_at on CUDA; None where neither runs it."""
+    if model.device.type == "cuda":
+        return cuda_graph.plan(model)
     if not native.available() or model.device.type != "cpu" or model.dtype not in native.DTYPES:
         return None
     if any(getattr(layer.mlp, "expert_parallel", None) is not None for layer in model.layers):
@@ -111,8 +114,8 @@ def plan(model) -> DecodePlan | None:
 
 
 def try_step(plan: Callable[[], DecodePlan | None], input_ids, cache, rope_tables: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
-    """One token's logits [1, 1, V] float32 as one C call (kernels/step.c), or None where that path does
-    not apply; the caller then runs op by op (whose checks explain bad input: a token id outside the
+    """One token's logits [1, 1, V] float32 as one C call (kernels/step.c) or one CUDA graph replay
+    (cuda_graph.GraphStep), or None where that path does not apply; the caller then runs op by op (whose checks explain bad input: a token id outside the
     vocabulary, a full cache). Writes the token's k and v to the cache; the caller advances cache.length.
 
     plan(): the model's plan (built at its first call; None where step.c cannot run the model). cache:
@@ -122,8 +125,12 @@ def try_step(plan: Callable[[], DecodePlan | None], input_ids, cache, rope_table
     tensor ops but the token's value and the logits' allocation."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.shape != (1, 1) or input_ids.dtype.is_floating_point:
         return None
-    if not native.available() or (p := plan()) is None:
+    if (p := plan()) is None:
         return None
+    if type(p) is cuda_graph.GraphStep:  # CUDA: the token stays on the device, nothing is read back
+        if cache.length >= cache.max_len:
+            return None  # the op-by-op path explains
+        return p.step(input_ids, cache.length, cache)
     token, pos = int(input_ids), cache.length
     if not 0 <= token < p.vocab or pos >= cache.max_len or cache.batch_size != 1:
         return None  # the op-by-op path explains

@@ -57,14 +57,15 @@ class Attention(nn.Module):
         self.o_weight = _param((cfg.hidden_size, self.n_heads * self.head_dim), dtype, device)
         self.o_bias = _param((cfg.hidden_size,), dtype, device)
 
-    def forward(self, x, cos, sin, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, pos: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         nH, nKV, D = self.n_heads, self.n_kv, self.head_dim
         qkv = linear(x, self.qkv_weight, self.qkv_bias).view(B, T, nH + 2 * nKV, D)
         if cache is None:
             o = attention(qkv, nH, nKV, cos, sin)
-        else:
-            o = attention(qkv, nH, nKV, cos, sin, cache.k_layers[layer], cache.v_layers[layer], cache.length)
+        else:  # at cache.length, or at pos on the device (step_at: cos and sin are then the whole tables)
+            start = cache.length if pos is None else pos
+            o = attention(qkv, nH, nKV, cos, sin, cache.k_layers[layer], cache.v_layers[layer], start)
         record_inputs("o_proj", layer, o)  # o [B, T, nH*D]
         return linear(o, self.o_weight, self.o_bias)
 
@@ -128,9 +129,9 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, dtype, device)
         self.mlp = DenseMLP(cfg, dtype, device) if cfg.is_dense(layer) else MoE(cfg, dtype, device, layer)
 
-    def forward(self, x, cos, sin, cache: KVCache | None) -> torch.Tensor:  # x [B, T, H]
+    def forward(self, x, cos, sin, cache: KVCache | None, pos: torch.Tensor | None = None) -> torch.Tensor:  # x [B, T, H]
         with section("attention"):
-            x = x + self.self_attn(rms_norm(x, self.input_layernorm, self.eps), cos, sin, cache, self.layer)
+            x = x + self.self_attn(rms_norm(x, self.input_layernorm, self.eps), cos, sin, cache, self.layer, pos)
         h = rms_norm(x, self.post_attention_layernorm, self.eps)
         record_inputs("mlp", self.layer, h)
         return x + self.mlp(h.view(-1, h.shape[-1])).view(h.shape)
@@ -181,9 +182,11 @@ class MoGEForCausalLM(nn.Module):
         if batch_size <= 0 or max_len <= 0:
             raise UsageError(f"new_cache: batch_size and max_len must be positive, got {batch_size}, {max_len}")
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        # zeros, not empty: a step with the position on the device (step_at) reads every row, masked; a masked
+        # row must hold a finite number (0 x NaN from uninitialised memory would be NaN)
         return KVCache(
-            torch.empty(shape, dtype=self.dtype, device=self.device),
-            torch.empty(shape, dtype=self.dtype, device=self.device),
+            torch.zeros(shape, dtype=self.dtype, device=self.device),
+            torch.zeros(shape, dtype=self.dtype, device=self.device),
         )
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -216,6 +219,26 @@ class MoGEForCausalLM(nn.Module):
             with section("lm_head"):
                 x = rms_norm(x, self.norm, self.config.rms_norm_eps)
                 return linear(x, self.lm_head).float()  # [B, T, V]
+
+    @torch.inference_mode()
+    def step_at(self, token: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [1, 1, V] float32 of one token [1, 1] at position pos, a [1] int64 tensor on the model's device
+        that no host code reads: the step kernels/cuda_graph.py captures once and replays. Writes the token's k
+        and v into the cache at pos; the caller advances cache.length (and checks pos < cache.max_len and the id,
+        which this path does not read). Needs static_positions(cache)."""
+        cos, sin = self._rope_tables(cache.max_len)  # [P, D]: attention picks row pos on the device
+        x = F.embedding(token, self.embed_tokens)  # [1, 1, H]
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, pos)
+        x = rms_norm(x, self.norm, self.config.rms_norm_eps)
+        return linear(x, self.lm_head).float()  # [1, 1, V]
+
+    def static_positions(self, cache: KVCache) -> bool:
+        """step_at can run over this cache: RoPE rows for every position come from the fixed tables (not dynamic
+        NTK past the trained length) and no MoE layer all-reduces mid-step (expert parallel)."""
+        r = self.config.rope
+        dynamic = r is not None and r.rope_type == "dynamic" and cache.max_len > self.config.max_position_embeddings
+        return not dynamic and cache.batch_size == 1 and all(getattr(layer.mlp, "expert_parallel", None) is None for layer in self.layers)
 
     def decode_plan(self) -> decode_step.DecodePlan | None:
         """The kernels' whole-step plan for this model, built at the first decode step, or None where it cannot run.

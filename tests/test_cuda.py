@@ -158,8 +158,11 @@ def test_memory_plan_of_quantized_weights_on_the_device(quantized, bits):
 
 # ---- decode without host round-trips ---------------------------------------------------------------------
 @cuda_only
-def test_decode_step_is_sync_free():
+@pytest.mark.parametrize("path", ["cuda graph", "op by op"])
+def test_decode_step_is_sync_free(path):
     model = load_model(TINY_DIR, device=DEVICE)
+    if path == "op by op":
+        model._plan = None  # no whole-step plan: every op launched from Python
     cache = model.new_cache(1, 32)
     token = torch.ones(1, 1, dtype=torch.long, device=DEVICE)
     with torch.inference_mode():
@@ -173,3 +176,29 @@ def test_decode_step_is_sync_free():
                 token = logits[:, -1].argmax(-1, keepdim=True)  # [1, 1], on the device
         finally:
             torch.cuda.set_sync_debug_mode(0)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graph_steps_match_op_by_op_steps(dtype):
+    """Decode steps replayed from the captured graph give the op-by-op steps' logits and cache; one capture
+    per cache, a new cache captures again."""
+    from moge_kernels.cuda_graph import GraphStep
+
+    graphed, eager = load_model(TRAINED_DIR, dtype=dtype, device=DEVICE), load_model(TRAINED_DIR, dtype=dtype, device=DEVICE)
+    eager._plan = None
+    tol = dict(atol=1e-4, rtol=0) if dtype == "float32" else dict(atol=5e-2, rtol=0)
+    for round_ in (1, 2):
+        a, b = graphed.new_cache(1, 64), eager.new_cache(1, 64)
+        ids = IDS[None].to(DEVICE)
+        with torch.inference_mode():
+            graphed(ids, a)
+            eager(ids, b)
+            token = torch.tensor([[7]], device=DEVICE)
+            for _ in range(6):
+                la, lb = graphed(token, a), eager(token, b)
+                torch.testing.assert_close(la, lb, **tol)
+                token = lb[:, -1].argmax(-1, keepdim=True)
+        assert a.length == b.length == IDS.numel() + 6
+        torch.testing.assert_close(a.k[..., : a.length, :].float(), b.k[..., : b.length, :].float(), **tol)
+        assert type(graphed._plan) is GraphStep and graphed._plan.failed is None and graphed._plan.captures == round_

@@ -75,6 +75,38 @@ def test_incremental_decode_matches_full_sequence(ckpt_dir):
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-4, rtol=0)
 
 
+def test_steps_at_device_positions_match_the_full_sequence(ckpt_dir):
+    """step_at (what a CUDA graph captures: the position a tensor, every cache row masked by it) gives the
+    logits and the cache of the usual steps, and of the float64 reference."""
+    model = load_model(ckpt_dir)
+    full = model(IDS)
+    usual, static = model.new_cache(batch_size=1, max_len=16), model.new_cache(batch_size=1, max_len=16)
+    model(IDS[:, :4], cache=usual)
+    model(IDS[:, :4], cache=static)
+    assert model.static_positions(static)
+    steps = []
+    for t in range(4, IDS.shape[1]):
+        steps.append(model.step_at(IDS[:, t : t + 1], torch.tensor([static.length]), static))
+        static.length += 1
+        model(IDS[:, t : t + 1], cache=usual)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 4:], atol=1e-4, rtol=0)
+    n = IDS.shape[1]
+    torch.testing.assert_close(static.k[:, :, :, :n], usual.k[:, :, :, :n], atol=1e-5, rtol=0)
+    torch.testing.assert_close(static.v[:, :, :, :n], usual.v[:, :, :, :n], atol=1e-5, rtol=0)
+    ckpt = open_checkpoint(ckpt_dir)
+    ref = reference_logits(ckpt, ckpt.config, IDS[0])  # [T, V] float64
+    torch.testing.assert_close(torch.cat(steps, dim=1)[0].double(), ref[4:], atol=1e-4, rtol=0)
+
+
+def test_static_positions_refuses_dynamic_rope_past_the_trained_length(tmp_path_factory):
+    """Dynamic NTK rows depend on the call's length: a captured step cannot hold them."""
+    model = load_model(make(tmp_path_factory, "G2-K2"))
+    assert model.static_positions(model.new_cache(1, 256))
+    model.config = MoGEConfig.from_dict(dict(SHAPES["G2-K2"], rope_scaling={"type": "dynamic", "factor": 2.0}))
+    assert model.static_positions(model.new_cache(1, 128)) and not model.static_positions(model.new_cache(1, 129))
+    assert not model.static_positions(model.new_cache(2, 16))  # one sequence only
+
+
 def greedy(model: MoGEForCausalLM, prompt: torch.Tensor, n: int, use_cache: bool) -> list[int]:
     ids, out = prompt, []
     cache = model.new_cache() if use_cache else None
