@@ -174,8 +174,8 @@ def _decode(model, feed: list[torch.Tensor], host_reads=None) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_decode_step_off_the_cpu_kernels_reads_nothing_back_but_the_token_check(dtype, no_host_reads, monkeypatch):
     """The model's op-by-op decode step as a GPU runs it (kernels/cpu.c off, moe_experts' off-CPU choice)
-    reads no value back, once the token ids' range check is left out: that check (moge_cli.model._check_ids,
-    a host read of the ids' min and max) is the step's one host read left. Same logits as the CPU's paths."""
+    reads no value back, once the token ids' range check is left out: moge_cli.model._check_ids reads CPU
+    ids' min and max (it skips ids already on an accelerator). Same logits as the CPU's paths."""
     from moge_cli import model as model_module
     from moge_kernels import ops
 
