@@ -77,7 +77,7 @@ def test_dtype_names_people_type(typed, canonical):
 
 def test_every_dtype_option_lists_the_same_names_in_the_same_order():
     helps = {name: option(name, "--dtype").help for name in COMMANDS if any("--dtype" in p.opts for p in COMMANDS[name].params)}
-    assert set(helps) == {"convert", "generate", "profile", "fixture"}
+    assert set(helps) == {"convert", "generate", "profile", "fixture", "load"}
     assert all(h.startswith(DTYPE_CHOICES) for h in helps.values()), helps
 
 

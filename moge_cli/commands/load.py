@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import typer
 
 from moge_cli.commands.common import handle_errors, human_bytes, human_count, print_json, stderr_console, stdout_console
-from moge_cli.commands.options import DTYPE, JSON, QUIET, REVISION
+from moge_cli.commands.options import DEVICE, DTYPE, JSON, QUIET, REVISION
 
 if TYPE_CHECKING:
     from moge_cli.inspect import CheckpointReport
@@ -23,12 +23,13 @@ def load_command(
     verify: bool = typer.Option(False, "--verify", help="Stream every tensor: NaN/Inf, all-zero, sha256 of every shard."),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="With verification: write shard hashes to FILE."),
     check: Optional[Path] = typer.Option(None, "--check", help="Verify shard hashes against a manifest FILE."),
-    device: Optional[str] = typer.Option(None, "--device", help="Also say whether it fits this device (cpu | cuda | cuda:N): weights at --dtype + KV cache + activations, against its free memory. Reads headers only."),
+    device: DEVICE = None,
     dtype: DTYPE = None,
     quiet: QUIET = False,
     as_json: JSON = False,
 ) -> None:
-    """Inspect and validate a MoGE checkpoint.
+    """Inspect and validate a MoGE checkpoint. With --device (and --dtype): also whether the model fits that device
+    (weights + KV cache + activations against its free memory; headers only, as generate checks before loading).
 
     Exit codes: 0 healthy, 1 problems found, 2 error (unreadable checkpoint, bad usage), 130 Ctrl-C, 141 output pipe closed.
     """
