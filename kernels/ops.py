@@ -17,6 +17,7 @@ from moge_kernels import native
 from moge_kernels.attention import attention
 from moge_kernels.experts import by_expert, combine_f32, dense_mlp, moe_experts
 from moge_kernels.gemm import MANY_TOKENS, gemm_dtype, upcast
+from moge_kernels.qexperts import moe_device
 from moge_kernels.qlinear import QLinear
 from moge_kernels.routing import route
 
@@ -99,12 +100,14 @@ def _quantized_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch
     summed in float32.
     """
     T, k = expert_ids.shape
+    E = gate_up.num_experts if type(gate_up) is QLinear else gate_up.shape[0]
+    if x.device.type != "cpu" and T * k <= E and type(gate_up) is QLinear and type(down) is QLinear:
+        return moe_device(x, expert_ids, weights, gate_up, down)  # decode off the CPU: reads nothing back (CUDA graphs)
     if T == 1 and (y := _native_experts(x, expert_ids, weights, gate_up, down)) is not None:
         return y
     if T == 1:  # decode: k different experts on one token, no grouping needed
         ys = torch.cat([swiglu(x, gate_up, down, e) for e in expert_ids[0].tolist()])  # [k, H]
         return torch.mm(weights.float(), ys.float())  # [1, k] @ [k, H]: the weighted sum, in float32
-    E = gate_up.num_experts if type(gate_up) is QLinear else gate_up.shape[0]
     y = by_expert(x, expert_ids, E, lambda xe, e: swiglu(xe, gate_up, down, e))  # [P, H] in (token, slot) order
     return combine_f32(y.view(T, k, -1), weights)
 

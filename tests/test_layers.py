@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     # plan, and what they need from torch (devices, huge pages, RoPE tables, instrumentation hooks); the float64
     # reference model is its slow twin. Between library and core: the library runs it, core knows no model.
     ("runtime", [
-        "moge_cli.model", "moge_cli.loader", "moge_cli.quantized", "moge_cli.rope",
+        "moge_cli.model", "moge_cli.loader", "moge_cli.rope",
         "moge_cli.instrument", "moge_cli.hugepages", "moge_cli.devices", "moge_cli.reference_model",
     ]),  # fmt: skip
     # Core: errors, the config, tensor names, dtypes, files, the safetensors and quantized formats, checkpoint

@@ -13,7 +13,7 @@ from moge_cli.config import MoGEConfig
 from moge_cli.loader import load_model
 from moge_cli.model import DenseMLP, MoE
 from moge_cli.quant_format import Scheme, pack_int32
-from moge_cli.quantized import qlinear
+from moge_cli.loader import qlinear
 from moge_cli.synthetic import write_checkpoint
 
 
@@ -92,3 +92,20 @@ def test_one_query_attention_takes_a_non_contiguous_sdpa_output(monkeypatch):
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", strided_sdpa)
     torch.testing.assert_close(attention._attend(q, k, v, start=4), want, rtol=0, atol=0)
+
+
+def test_quantized_experts_off_the_cpu_take_the_device_path(monkeypatch):
+    """Off the CPU (meta tensors stand in for a device), decode-sized calls on QLinear stacks go to
+    qexperts.moe_device, which reads nothing back; many tokens keep the grouped path (one host read, prefill)."""
+    E, H, I, k = 4, 64, 32, 2
+    scheme = Scheme(8, None, True)
+    gate_up, down = qlinear(_q((2 * I, H), scheme, E, 1), scheme, torch.bfloat16, "torch"), qlinear(_q((H, I), scheme, E, 2), scheme, torch.bfloat16, "torch")
+    calls = []
+    monkeypatch.setattr(ops, "moe_device", lambda x, ids, w, gu, dn: calls.append(tuple(ids.shape)) or torch.zeros(x.shape, device=x.device))
+    for T in (1, 2):  # T * k <= E
+        ids = torch.zeros(T, k, dtype=torch.long, device="meta")
+        ops.moe(torch.zeros(T, H, dtype=torch.bfloat16, device="meta"), ids, ids.float(), gate_up, down)
+    assert calls == [(1, k), (2, k)]
+    x = torch.randn(1, H, dtype=torch.bfloat16)  # on the CPU: the CPU's paths, never the device one
+    ops.moe(x, torch.tensor([[0, 3]]), torch.tensor([[0.5, 0.5]]), gate_up, down)
+    assert calls == [(1, k), (2, k)]
