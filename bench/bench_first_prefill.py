@@ -9,11 +9,12 @@ tokens, then the same prompts again: "first" is the process's first prefill, "Nt
 first pass (new prompts, so new per-expert row counts), "warm" the median of the second pass (every
 GEMM shape seen before). Variants, alternated inside every round so both see the same machine load:
 
-  base         per-expert row counts as they come (experts.ROW_STEPS_PER_OCTAVE = 0: the code before)
-  ours         rows padded to a few sizes per octave (the default ROW_STEPS_PER_OCTAVE)
+  base         per-expert row counts as they come (experts.ROW_STEPS_PER_OCTAVE = 0), malloc as glibc
+               sets it (hugepages.keep_freed = False): the code before
+  ours         rows padded to a few sizes per octave (the default ROW_STEPS_PER_OCTAVE), malloc as glibc sets it
   steps8       rows padded to 8 sizes per octave (less padding, more shapes)
-  ours+malloc  ours, with glibc malloc keeping freed memory (mallopt before loading: fewer first-touch
-               page faults; a process-wide setting that the kernels do not make)
+  ours+malloc  ours, with glibc malloc keeping freed memory: what moge runs (load_model calls
+               hugepages.keep_freed_memory(): fewer first-touch page faults)
 
 Reported per dtype and variant, as the median over rounds with the spread [min-max]: tokens/s of the
 first, Nth and warm prefills, first / warm (time; the target is <= 1.10 for bf16), warm against base's
@@ -52,22 +53,10 @@ def _faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _keep_freed_memory() -> None:
-    """glibc malloc: blocks up to 32 MiB from the heap, not fresh mmaps, and up to 256 MiB of freed memory
-    kept (not trimmed), fixed from the start: by default glibc's mmap threshold starts at 128 KiB and rises
-    only as mmapped blocks are freed, so a process's first prefill maps, faults in and unmaps its big
-    temporaries several times over (bench-0.47b, bf16: 43k page faults against 14k; peak RSS the same)."""
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
-
-
 def worker(path: str, dtype: str, variant: str, args) -> dict:
     import torch
 
+    from moge_cli import hugepages
     from moge_cli.loader import load_model
     from moge_kernels import experts
 
@@ -76,8 +65,7 @@ def worker(path: str, dtype: str, variant: str, args) -> dict:
     steps, keep_freed = VARIANTS[variant]
     if steps is not None:
         experts.ROW_STEPS_PER_OCTAVE = steps
-    if keep_freed:
-        _keep_freed_memory()
+    hugepages.keep_freed = keep_freed  # load_model calls hugepages.keep_freed_memory()
     rows = {"real": 0, "padded": 0}
     padded_rows = experts.padded_rows
 

@@ -22,6 +22,21 @@ PAGE = 4096
 
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 256 << 20
+keep_freed = True  # bench/bench_first_prefill.py turns it off for its baseline variants
+
+
+def keep_freed_memory() -> bool:
+    """glibc malloc: blocks up to 32 MiB from the heap rather than fresh mmaps, and up to 256 MiB of freed memory
+    kept rather than trimmed, fixed from now on. By default the mmap threshold starts at 128 KiB and rises only as
+    mmapped blocks are freed, so a process's first prefill maps, faults in and unmaps its big temporaries several
+    times over: bench-0.47b bf16, 43k page faults against 14k, the first prefill 1.15x a warm one against 1.07x,
+    peak RSS the same (bench/bench_first_prefill.py, docs/performance.md). True where glibc took both settings."""
+    if _libc is None or not keep_freed or not hasattr(_libc, "mallopt"):  # not glibc (macOS, musl): nothing to do
+        return False
+    return _libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and _libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+
 
 def advise(t: torch.Tensor) -> bool:
     """Ask for 2 MB pages under t's memory, from its first 4 KB page boundary to its last 2 MB one

@@ -47,6 +47,7 @@ def load_model(path, *, dtype=None, device="cpu", revision=None, experts: tuple[
     moge_cli.distributed): their stacks are [stop - first, ...] and only their bytes are read.
     narrow: expected tensors -> the ones this checkpoint holds (a rank directory of `convert --ep`: moge_cli.ep.local_expected).
     """
+    hugepages.keep_freed_memory()  # before anything big is allocated: the first prefill then runs as a warm one
     ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path, revision=revision)
     try:
         if (quant := quantization_of(ckpt)) is not None:

@@ -53,3 +53,26 @@ def test_other_devices_and_platforms_get_plain_tensors(monkeypatch):
     t = hugepages.empty((2048, 1024), torch.float32)
     assert t.untyped_storage().nbytes() == 2048 * 1024 * 4
     assert not hugepages.advise(t)
+
+
+def test_keep_freed_memory_sets_glibcs_thresholds_once_loading(monkeypatch, tmp_path):
+    """load_model fixes glibc's mmap and trim thresholds before it allocates (the first prefill then runs as a warm
+    one); where there is no mallopt (not glibc) it does nothing."""
+    from moge_cli import hugepages
+    from moge_cli.loader import load_model
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(hugepages, "_libc", Libc())
+    load_model(Path(__file__).resolve().parents[1] / "fixtures" / "tiny-moge")
+    assert calls == [(hugepages.M_MMAP_THRESHOLD, 32 << 20), (hugepages.M_TRIM_THRESHOLD, 256 << 20)]
+    monkeypatch.setattr(hugepages, "keep_freed", False)  # the bench's baseline variants
+    assert hugepages.keep_freed_memory() is False and len(calls) == 2
+    monkeypatch.setattr(hugepages, "keep_freed", True)
+    monkeypatch.setattr(hugepages, "_libc", object())  # no mallopt: musl, or not Linux
+    assert hugepages.keep_freed_memory() is False
