@@ -16,8 +16,8 @@ from moge_kernels import experts, routing
 from moge_kernels.experts import moe_decode, moe_experts, moe_gathered, moe_grouped, moe_prefill
 from moge_kernels.reference import moe_reference
 from moge_kernels.routing import route
+from test_kernels import H, I, _experts, _routed  # the same random experts and routing as the kernel tests
 
-H, I = 32, 16
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 DEVICE_PATHS = {"grouped": moe_grouped, "gathered": moe_gathered}
 # Every way a tensor's value reaches Python (and nonzero, whose output size does).
@@ -43,20 +43,6 @@ def no_host_reads(monkeypatch):
             yield
 
     return scope
-
-
-def _experts(E: int, dtype=torch.float32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    gate_up = torch.randn(E, 2 * I, H, generator=g) / H**0.5  # [E, 2I, H]
-    down = torch.randn(E, H, I, generator=g) / I**0.5  # [E, H, I]
-    return gate_up.to(dtype), down.to(dtype)
-
-
-def _routed(T: int, E: int, G: int, K: int, dtype=torch.float32, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, H, generator=g).to(dtype)
-    ids, w = route(torch.randn(T, E, generator=g), G, K, torch.rand(E, generator=g) + 0.5)
-    return x, ids, w
 
 
 def _assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None) -> None:
