@@ -17,7 +17,6 @@ bandwidth measured just before it (paired shares of the ceiling, per repeat).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics

@@ -168,7 +168,7 @@ def test_manifest_round_trip_and_tamper(copy, tmp_path):
     import hashlib
 
     manifest = tmp_path / "manifest.json"
-    r = inspect_checkpoint(copy, manifest=manifest)
+    inspect_checkpoint(copy, manifest=manifest)
     files = json.loads(manifest.read_text())["files"]
     for name, entry in files.items():
         assert entry["sha256"] == hashlib.sha256((copy / name).read_bytes()).hexdigest()

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from moge_converters.quantize import QTensor, dequantize, error_stats, error_sums, quantize
+from moge_converters.quantize import dequantize, error_stats, error_sums, quantize
 from moge_converters.quantize_pipeline import QuantizeResult, quantize_checkpoint
 from moge_converters.quantize_plan import QuantOptions, fit_scheme, selected
 from moge_converters.verify import VerifyError

@@ -16,7 +16,7 @@ from moge_kernels import experts, routing
 from moge_kernels.experts import moe_decode, moe_experts, moe_gathered, moe_grouped, moe_prefill
 from moge_kernels.reference import moe_reference
 from moge_kernels.routing import route
-from test_kernels import H, I, _experts, _routed  # the same random experts and routing as the kernel tests
+from test_kernels import H, _experts, _routed  # the same random experts and routing as the kernel tests
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 DEVICE_PATHS = {"grouped": moe_grouped, "gathered": moe_gathered}
