@@ -9,6 +9,7 @@
 # directory of links, and the pure-Python CLI libraries the device's python3 may lack come from
 # build/gpu-vendor, last on the path so that the device's own versions win. The C extension is not
 # built there (it is the CPU path). Results go to $OUT (the device tool brings them back).
+# DEVICE=cpu bash bench/gpu_session.sh: a dry run of the script here (test_cuda on the CPU, bench_gpu --small).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -23,6 +24,7 @@ if [[ "${1:-}" == "--vendor" ]]; then
 fi
 
 OUT=${OUT:-$ROOT/out/gpu}
+DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 shim=$(mktemp -d)
@@ -39,9 +41,10 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
 "$PY" -c 'import moge_cli, moge_kernels.ops, moge_converters.convert, typer; print("imports ok")' 2>&1 | tee -a "$OUT/gpu.txt"
 
 step "CUDA tests"  # every test that runs on CUDA; the rest of the suite is the CPU's (CI)
-tests=$(ls tests/test_cuda.py tests/test_qlinear_cuda.py tests/test_sync_free.py tests/test_ops.py tests/test_kernels.py tests/test_memory_plan.py 2>/dev/null)
-timeout 300 "$PY" -m pytest -q -rs -x -p no:cacheprovider $tests -k "cuda or sync or memory" 2>&1 | tail -60 | tee "$OUT/pytest.txt"
+tests="tests/test_cuda.py tests/test_qlinear_cuda.py tests/test_sync_free.py tests/test_kernels.py tests/test_ops.py tests/test_model.py"
+MOGE_CUDA_TEST_DEVICE=$DEVICE timeout 300 "$PY" -m pytest -q -rs -p no:cacheprovider $tests -k "cuda or sync or device" 2>&1 | tail -60 | tee "$OUT/pytest.txt"
 
 step "bench_gpu"
-timeout 240 "$PY" bench/bench_gpu.py --device cuda --json "$OUT/bench_gpu.json" 2>&1 | tail -60 | tee "$OUT/bench_gpu.txt"
+small=$([[ $DEVICE == cpu ]] && echo --small)
+timeout 240 "$PY" bench/bench_gpu.py --device "$DEVICE" $small --json "$OUT/bench_gpu.json" 2>&1 | tail -60 | tee "$OUT/bench_gpu.txt"
 step "done"
