@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench_runtime import bench_checkpoint  # bench/ is on sys.path when a bench runs as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = "bench-0.47b"
 
@@ -192,13 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args.checkpoint, args.worker, [int(x) for x in args.ids.split(",")], args.new_tokens)))
         return 0
     with tempfile.TemporaryDirectory(prefix="moge-bench-ep-") as tmp:
-        path = args.checkpoint
-        if path is None:
-            from moge_cli.config import MoGEConfig
-            from moge_cli.synthetic import write_checkpoint
-
-            print(f"writing the random {PRESET} checkpoint (bf16) ...", file=sys.stderr)
-            path = str(write_checkpoint(MoGEConfig.from_name(PRESET), Path(tmp) / PRESET, max_shard_bytes=500_000_000))
+        path = bench_checkpoint(args.checkpoint, tmp, max_shard_bytes=500_000_000, tokenizer=True)
         results = [measure(path, dtype, args) for dtype in args.dtypes]
     if args.json:
         print(json.dumps(results, indent=1))

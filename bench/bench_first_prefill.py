@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_runtime import bench_checkpoint  # bench/ is on sys.path when a bench runs as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = "bench-0.47b"
 # name -> (ROW_STEPS_PER_OCTAVE, None: the kernels' default; glibc malloc keeps freed memory)
@@ -171,13 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args.checkpoint, dtype, variant, args)))
         return 0
     with tempfile.TemporaryDirectory(prefix="moge-bench-") as tmp:
-        path = args.checkpoint
-        if path is None:
-            from moge_cli.config import MoGEConfig
-            from moge_cli.synthetic import write_checkpoint
-
-            print(f"writing the random {PRESET} checkpoint (bf16) ...", file=sys.stderr)
-            path = str(write_checkpoint(MoGEConfig.from_name(PRESET), Path(tmp) / PRESET, dtype="bfloat16", tokenizer=False))
+        path = bench_checkpoint(args.checkpoint, tmp)
         results = []
         for rnd in range(args.rounds):
             for dtype in args.dtypes:

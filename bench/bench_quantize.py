@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_runtime import bench_checkpoint  # bench/ is on sys.path when a bench runs as a script
+
 
 PRESET = "bench-0.47b"
 QUANTS = {"int8": dict(bits=8), "int4": dict(bits=4, group_size=128)}
@@ -143,13 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="moge-bench-q-") as tmp:
-        path = Path(args.checkpoint) if args.checkpoint else None
-        if path is None:
-            from moge_cli.synthetic import write_checkpoint
-            from moge_cli.config import MoGEConfig
-
-            print(f"writing the random {PRESET} checkpoint (bf16) ...", file=sys.stderr)
-            path = write_checkpoint(MoGEConfig.from_name(PRESET), Path(tmp) / PRESET, dtype="bfloat16", tokenizer=False)
+        path = Path(bench_checkpoint(args.checkpoint, tmp))
         qdirs = {}
         quants = [(q, opts, False) for q, opts in QUANTS.items()]
         quants += [(f"{q}+lm_head", opts, True) for q, opts in QUANTS.items()] if args.lm_head else []

@@ -293,6 +293,18 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows + rss + shares) + notes
 
 
+def bench_checkpoint(given: str | None, tmp: str, **write) -> str:
+    """--checkpoint's directory if given, else the random bench-0.47b checkpoint written into tmp (bf16, no
+    tokenizer; `write`: other write_checkpoint options). Every bench that needs the model starts here."""
+    if given is not None:
+        return given
+    from moge_cli.config import MoGEConfig
+    from moge_cli.synthetic import write_checkpoint
+
+    print(f"writing the random {PRESET} checkpoint (bf16) ...", file=sys.stderr)
+    return str(write_checkpoint(MoGEConfig.from_name(PRESET), Path(tmp) / PRESET, **({"tokenizer": False} | write)))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", help=f"an existing {PRESET} checkpoint (default: write one to a temp dir)")
@@ -311,13 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args.checkpoint, args.worker, args)))
         return 0
     with tempfile.TemporaryDirectory(prefix="moge-bench-") as tmp:
-        path = args.checkpoint
-        if path is None:
-            from moge_cli.synthetic import write_checkpoint
-            from moge_cli.config import MoGEConfig
-
-            print(f"writing the random {PRESET} checkpoint (bf16) ...", file=sys.stderr)
-            path = str(write_checkpoint(MoGEConfig.from_name(PRESET), Path(tmp) / PRESET, dtype="bfloat16", tokenizer=False))
+        path = bench_checkpoint(args.checkpoint, tmp)
         results = []
         for dtype in args.dtypes:
             print(f"benchmarking {dtype} ...", file=sys.stderr)

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from moge_cli.quant_format import Scheme
-from moge_converters.quantize import quantize
 from moge_kernels import native
 from moge_kernels import qlinear as ql
 from moge_kernels.ops import _quantized_experts
 from moge_kernels.qexperts import moe_device
 from moge_kernels.qlinear import QLinear, choose_mode, dequantize, mode_and_reason, qlinear_nbytes
+from test_ops import _q  # random quantized weights, as the ops tests make them
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -30,12 +30,8 @@ E, H, I = 8, 128, 64  # experts, hidden, expert width
 
 
 def parts_of(shape: tuple[int, int], scheme: Scheme, experts: int = 1, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(experts):
-        t = quantize(torch.randn(*shape, generator=g) / 4, scheme, torch.bfloat16)
-        out.append((t.q, t.scale, t.zero))
-    return out
+    """(q, scale, zero) of `experts` random weights [N, K], as test_ops makes them."""
+    return _q(shape, scheme, experts, seed)
 
 
 def qlinear(parts, scheme: Scheme, mode: str | None = None, device="cpu", kernel="native") -> QLinear:
