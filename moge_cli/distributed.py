@@ -203,11 +203,11 @@ class ExpertShare:
         self.stats, self.columns, self.k = stats, slice(*columns), k
         self.first, self.stop = stats.experts
         self.all_reduce, self.counts_tokens = all_reduce, counts_tokens
+        self.topk_pairs = None  # int64 scalar on the model's device: summed there, read once at the end (settle)
 
     def __call__(self, x, logits, expert_ids, weights, gate_up, down):  # x [N, H], logits [N, E], ids / weights [N, k]
         import torch
 
-        from moge_cli.routing_stats import global_topk
         from moge_kernels.ops import moe
 
         s = self.stats
@@ -221,8 +221,11 @@ class ExpertShare:
         s.all_reduces += 1
         s.tokens += x.shape[0] if self.counts_tokens else 0
         s.token_expert_pairs += expert_ids[:, self.columns].numel()
-        topk = global_topk(torch.softmax(logits.float(), dim=-1).cpu().numpy(), self.k)  # [N, k] the counterfactual
-        s.topk_token_expert_pairs += int(((topk >= self.first) & (topk < self.stop)).sum())
+        # plain top-k over all experts (ties to the lowest index: routing_stats.global_topk), counted on the
+        # device: no host read per layer (on CUDA each would be a sync inside the decode step)
+        topk = torch.argsort(-logits.float(), dim=-1, stable=True)[:, : self.k]  # [N, k]; softmax keeps the order
+        here = ((topk >= self.first) & (topk < self.stop)).sum()
+        self.topk_pairs = here if self.topk_pairs is None else self.topk_pairs + here
         return y
 
 
@@ -250,6 +253,17 @@ def load_share(path: str, rank: int, world: int, *, dtype=None, device="cpu"):
             first = False
     model._plan = False  # rebuilt (declined) at the first decode step
     return model, stats
+
+
+def settle(model, stats: RankStats, device) -> RankStats:
+    """stats with what is read once at the end: the top-k pairs the layers counted on the device, and this
+    process's peak memory."""
+    from moge_cli.profiling import peak_memory_bytes
+
+    shares = [layer.mlp.expert_parallel for layer in model.layers if getattr(layer.mlp, "expert_parallel", None) is not None]
+    stats.topk_token_expert_pairs = sum(int(s.topk_pairs) for s in shares if s.topk_pairs is not None)
+    stats.peak_memory_bytes = peak_memory_bytes(device)
+    return stats
 
 
 def _load_split_rank(root: Path, rank: int, world: int, *, dtype, device):
@@ -338,7 +352,6 @@ def run_this_rank(path: str, world: int, job: Callable, job_args: tuple = (), *,
     import torch
     import torch.distributed as dist
 
-    from moge_cli.profiling import peak_memory_bytes
 
     env = torchrun_env()
     rank = env["rank"]
@@ -357,8 +370,7 @@ def run_this_rank(path: str, world: int, job: Callable, job_args: tuple = (), *,
         _fault(rank, "exit")
         out = job(model, rank, *job_args)
         gathered: list[Any] | None = [None] * world if rank == 0 else None
-        stats.peak_memory_bytes = peak_memory_bytes(device)
-        dist.gather_object(stats, gathered, dst=0)
+        dist.gather_object(settle(model, stats, device), gathered, dst=0)
     except Exception as e:  # noqa: BLE001 - one line naming the rank; torchrun stops the others
         message, _ = describe_error(e)
         if not isinstance(e, MogeError) and "closed by peer" in str(e):  # gloo: another rank ended; its error says why
@@ -436,8 +448,6 @@ def _rank_main(rank: int, world: int, port: int, path: str, dtype, device: str, 
         import torch
         import torch.distributed as dist
 
-        from moge_cli.profiling import peak_memory_bytes
-
         torch.set_num_threads(threads)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         backend = "gloo"
@@ -450,8 +460,7 @@ def _rank_main(rank: int, world: int, port: int, path: str, dtype, device: str, 
         _fault(rank, "exit")
         out = job(model, rank, *job_args)
         dist.barrier()
-        stats.peak_memory_bytes = peak_memory_bytes(device)
-        reports.put(("done", rank, out, stats))
+        reports.put(("done", rank, out, settle(model, stats, device)))
         dist.destroy_process_group()
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which stops every rank
         message, _ = describe_error(e)

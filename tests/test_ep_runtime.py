@@ -172,3 +172,21 @@ def test_ep_on_a_model_without_routed_experts_is_refused():
     dense = dataclasses.replace(MoGEConfig.from_name("tiny-moge"), num_experts=0, intermediate_size=64)
     with pytest.raises(UsageError, match="this model has none"):
         distributed.check_world(dense, 2)
+
+
+def test_topk_counterfactual_is_counted_on_the_device_as_routing_stats_counts_it():
+    """ExpertShare counts plain top-k picks on the logits' device (no host read per layer) with the same ties
+    (to the lowest index) as routing_stats.global_topk over softmax probabilities."""
+    from moge_cli.routing_stats import global_topk
+
+    g = torch.Generator().manual_seed(0)
+    N, E, H, I, k, first, stop = 9, 8, 16, 8, 4, 2, 6
+    logits = torch.randint(-2, 3, (N, E), generator=g).float()  # many ties
+    stats = distributed.RankStats(0, (1, 3), (first, stop))
+    share = distributed.ExpertShare(stats, (0, k), k, lambda y: None, True)
+    ids = torch.randint(0, stop - first, (N, k), generator=g) + first
+    gate_up, down = torch.randn(stop - first, 2 * I, H, generator=g), torch.randn(stop - first, H, I, generator=g)
+    for _ in range(2):  # two layers
+        share(torch.randn(N, H, generator=g), logits, ids, torch.full((N, k), 1 / k), gate_up, down)
+    topk = global_topk(torch.softmax(logits, dim=-1).numpy(), k)
+    assert isinstance(share.topk_pairs, torch.Tensor) and int(share.topk_pairs) == 2 * int(((topk >= first) & (topk < stop)).sum())
