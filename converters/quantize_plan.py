@@ -159,6 +159,9 @@ def build_quant_plan(tensors: dict[str, TensorInfo], config: dict[str, Any], opt
         f"{c} weight(s) with {k} input columns use {label} ({scheme.group_size} does not divide {k})"
         for (k, label), c in sorted(fallback.items())
     ]
+    if opts.lm_head and config.get("tie_word_embeddings") and not any(component_of(m + ".weight") == "lm_head" for m in schemes):
+        notes.append("--lm-head: tie_word_embeddings, so there is no lm_head weight to quantize: the output projection is the "
+                     "embedding matrix (--embeddings quantizes its storage; moge dequantises it once at load)")  # fmt: skip
     return plan, schemes, notes
 
 

@@ -387,3 +387,14 @@ def test_calib_and_perplexity_on_cuda_match_the_cpu(src, tmp_path):
     runs = [quantize_checkpoint(src, tmp_path / d, bits=8, eval_text=text, eval_window=32, device=d).eval for d in ("cpu", "cuda")]
     assert runs[1].tokens == runs[0].tokens
     assert runs[1].before == pytest.approx(runs[0].before, rel=1e-2) and runs[1].after == pytest.approx(runs[0].after, rel=1e-2)
+
+
+def test_lm_head_on_a_tied_checkpoint_says_it_quantizes_nothing_there(tmp_path):
+    """--lm-head where the head is the embedding matrix: a note, not silence (an untied head gets none)."""
+    import dataclasses
+
+    tied = write_checkpoint(dataclasses.replace(TINY, tie_word_embeddings=True), tmp_path / "tied", tokenizer=False)
+    r = quantize_checkpoint(tied, tmp_path / "q", bits=8, lm_head=True)
+    assert any("--lm-head: tie_word_embeddings" in n for n in r.notes)
+    untied = quantize_checkpoint(write_checkpoint(TINY, tmp_path / "untied", tokenizer=False), tmp_path / "qu", bits=8, lm_head=True)
+    assert not any("--lm-head" in n for n in untied.notes)
