@@ -227,6 +227,11 @@ def _refuse_other_families(d: dict[str, Any]) -> None:
         )
     if d.get("partial_rotary_factor", 1) != 1:
         raise ConfigError(f"config.json: partial_rotary_factor {d['partial_rotary_factor']!r} is not supported (Pangu Pro MoE rotates every dim)")
+    if d.get("use_sliding_window"):  # Qwen2-style key: false (or absent) in Pangu Pro MoE's config
+        raise ConfigError(
+            f"config.json: use_sliding_window is true (sliding_window {d.get('sliding_window')!r}): sliding-window attention "
+            "is not supported (Pangu Pro MoE attends over the whole context); set it to false if the model was trained without it"
+        )
     if d.get("decoder_sparse_step", 1) != 1:
         raise ConfigError(
             f"config.json: decoder_sparse_step {d['decoder_sparse_step']!r} is not supported "

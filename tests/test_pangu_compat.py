@@ -97,6 +97,15 @@ def test_keys_that_would_change_the_model_are_refused_not_dropped(over, key):
         MoGEConfig.from_dict(dict(BASE, **over))
 
 
+def test_sliding_window_attention_is_refused_and_its_off_switch_accepted():
+    """use_sliding_window true would change attention; false (with any sliding_window, as Qwen2-style configs
+    carry it) is the model moge runs."""
+    with pytest.raises(ConfigError, match="use_sliding_window is true .*sliding-window attention is not supported"):
+        MoGEConfig.from_dict(dict(BASE, use_sliding_window=True, sliding_window=4096))
+    cfg = MoGEConfig.from_dict(dict(BASE, use_sliding_window=False, sliding_window=4096))
+    assert cfg.extra["use_sliding_window"] is False
+
+
 def test_moge_load_refuses_an_openpangu_v2_checkpoint(tmp_path):
     ckpt = write(tmp_path)
     set_config(ckpt, n_routed_experts=8, scoring_func="sigmoid")
