@@ -125,6 +125,8 @@ def try_step(plan: Callable[[], DecodePlan | None], input_ids, cache, rope_table
     tensor ops but the token's value and the logits' allocation."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.shape != (1, 1) or input_ids.dtype.is_floating_point:
         return None
+    if cache.k.device.type == "cpu" and not native.available():  # before plan(): MOGE_NATIVE=0 may be set at any time
+        return None
     if (p := plan()) is None:
         return None
     if type(p) is cuda_graph.GraphStep:  # CUDA: the token stays on the device, nothing is read back

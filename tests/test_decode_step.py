@@ -120,6 +120,28 @@ def test_a_recorder_makes_decode_run_op_by_op():
     assert model._plan not in (None, False) and cache.length == 2
 
 
+def test_moge_native_0_switches_the_step_off_at_any_time(monkeypatch):
+    """MOGE_NATIVE=0 set after the plan was built (bench_runtime toggles it between engines in one process)
+    stops the C step; unset, the same plan runs again; set before the first step, no plan is built."""
+    model = random_model("G2-K2", torch.float32)
+    cache = model.new_cache(1, 16)
+    model(torch.tensor([[1]]), cache)
+    assert model._plan not in (None, False)
+    steps = []
+    real = native.step
+    monkeypatch.setattr(native, "step", lambda *a: steps.append(1) or real(*a))
+    monkeypatch.setenv("MOGE_NATIVE", "0")
+    model(torch.tensor([[2]]), cache)
+    assert steps == [] and cache.length == 2
+    monkeypatch.delenv("MOGE_NATIVE")
+    model(torch.tensor([[3]]), cache)
+    assert steps == [1] and cache.length == 3
+    fresh = random_model("G2-K2", torch.float32)
+    monkeypatch.setenv("MOGE_NATIVE", "0")
+    fresh(torch.tensor([[1]]), fresh.new_cache(1, 16))
+    assert fresh._plan is False  # not built (and not cached as None) while the kernels are off
+
+
 def test_float16_and_torch_int4_models_get_no_plan(tmp_path):
     model = random_model("G2-K2", torch.float16)
     assert model.decode_plan() is None
