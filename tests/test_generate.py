@@ -322,6 +322,22 @@ def test_cli_interactive():
     assert r.exit_code == 0 and r.stderr.count("peak memory") == 1
 
 
+def test_cli_interactive_says_when_the_context_window_cut_a_reply(monkeypatch):
+    """A reply that fills the context is cut; the session says so (and that the next turn starts over), then the
+    next turn runs in a new conversation."""
+    import moge_cli.generate as gen
+    from moge_cli.tokenizer import load_tokenizer
+
+    eos = set(load_tokenizer(TINY_DIR).eos_ids)
+    never_eos = next(i for i in range(100, 200) if i not in eos)
+    monkeypatch.setattr(gen, "sample_next", lambda logits, **kw: never_eos)  # the model never ends a reply itself
+    r = moge(TINY_DIR, "--interactive", "-n", "100000", input="hello\nagain\n")
+    assert r.exit_code == 0, r.output
+    assert "finish: context" in r.stderr and "the context window is full" in r.stderr
+    assert "the next turn starts a new conversation" in r.stderr and "context full" in r.stderr  # the session's reset notice
+    assert r.stderr.count("peak memory") == 2
+
+
 def test_cli_interactive_rejects_json():
     r = moge(TINY_DIR, "--interactive", "--json")
     assert r.exit_code == 2 and "interactive" in r.stderr

@@ -244,6 +244,9 @@ def run_interactive(model: Any, tokenizer: Any, *, system: Optional[str], max_ne
         _end_line(result.text)
         if not quiet:
             err.write(stats_line(result) + f" | context {session.context_length} tokens\n")
+            if result.finish_reason == "context":
+                err.write(f"[the context window is full ({session.context_length} tokens): the reply was cut short; "
+                          "the next turn starts a new conversation]\n")  # fmt: skip
 
 
 def _writer() -> Callable[[str], None]:
