@@ -9,6 +9,7 @@ prints. Here, at the edge of every command: a closed output pipe ends quietly (1
 
 from __future__ import annotations
 
+import os
 import sys
 
 from moge_cli.version import version_line
@@ -46,6 +47,21 @@ def run_app(argv: list[str]) -> int:
         return 1
     except BrokenPipeError:  # `moge ... --help | head -1`: the commands themselves handle their own
         return silence_broken_pipe()
+    except SystemExit as e:  # `moge --help | head -1`: the help's printer answers EPIPE with exit 1; as the commands: 141
+        if e.code == 1 and _stdout_pipe_closed():
+            return silence_broken_pipe()
+        raise
+
+
+def _stdout_pipe_closed() -> bool:
+    """EPIPE on stdout, as the libraries leave it before exiting 1: rich (Console.on_broken_pipe) points
+    descriptor 1 at /dev/null, click swaps in its PacifyFlushWrapper."""
+    if type(sys.stdout).__name__ == "PacifyFlushWrapper":
+        return True
+    try:
+        return os.path.samestat(os.fstat(sys.stdout.fileno()), os.stat(os.devnull))
+    except (AttributeError, OSError, ValueError):  # a stream without a descriptor (tests)
+        return False
 
 
 def _show_usage_error(e) -> None:

@@ -227,7 +227,7 @@ def _into_closed_pipe(*args) -> tuple[int, str]:
 @pytest.mark.parametrize(
     "args",
     [("load", TINY, "--tensors"), ("load", TINY, "--json"), ("load", TINY, "--tensors", "--json"),
-     ("generate", TINY, "--prompt-ids", "1,2", "-n", "4")],
+     ("generate", TINY, "--prompt-ids", "1,2", "-n", "4"), ("--help",), ("generate", "--help")],
 )  # fmt: skip
 def test_closed_pipe_exits_quietly(args):
     assert _into_closed_pipe(*args) == (141, "")  # 128 + SIGPIPE, as `seq 1e9 | head -1` leaves it
