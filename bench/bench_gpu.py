@@ -137,9 +137,13 @@ def quantized_checkpoint(model: MoGEForCausalLM, bits: int, out: Path) -> Path:
 
 
 def moge_engine(model, max_len: int):
-    def step(ids, cache):
-        if cache is None:
-            cache = model.new_cache(batch_size=1, max_len=max_len)
+    """step(ids, state): state None starts a new sequence in the engine's one KV cache, reset rather than made anew:
+    on CUDA the decode step is captured as a graph once per cache, which belongs in the first call's figure only."""
+    cache = model.new_cache(batch_size=1, max_len=max_len)
+
+    def step(ids, state):
+        if state is None:
+            cache.reset()
         return model(ids, cache=cache), cache
 
     return step
@@ -218,8 +222,8 @@ def bench_shape(cfg: MoGEConfig, args, bandwidth: float, tmp: Path) -> dict:
         try:
             for name, (prepare, step) in transformers_engines(cfg, ours, args.device).items():
                 run(name, prepare, step)
-        except ImportError:
-            out["errors"]["transformers"] = "not installed"
+        except Exception as e:  # noqa: BLE001 - not installed, or a version whose layout differs: the moge rows still run
+            out["errors"]["transformers"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     for bits in (8, 4):
         path = quantized_checkpoint(ours, bits, tmp / f"{id(cfg)}-int{bits}")
         try:

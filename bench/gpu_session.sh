@@ -42,9 +42,9 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
 
 step "CUDA tests"  # every test that runs on CUDA; the rest of the suite is the CPU's (CI)
 tests="tests/test_cuda.py tests/test_qlinear_cuda.py tests/test_sync_free.py tests/test_kernels.py tests/test_ops.py tests/test_model.py"
-MOGE_CUDA_TEST_DEVICE=$DEVICE timeout 300 "$PY" -m pytest -q -rs -p no:cacheprovider $tests -k "cuda or sync or device" 2>&1 | tail -60 | tee "$OUT/pytest.txt"
+MOGE_CUDA_TEST_DEVICE=$DEVICE timeout 300 "$PY" -m pytest -q -rs -p no:cacheprovider $tests -k "cuda or sync or device" 2>&1 | tee "$OUT/pytest.txt" | tail -60
 
 step "bench_gpu"
 small=$([[ $DEVICE == cpu ]] && echo --small)
-timeout 240 "$PY" bench/bench_gpu.py --device "$DEVICE" $small --json "$OUT/bench_gpu.json" 2>&1 | tail -60 | tee "$OUT/bench_gpu.txt"
+timeout 240 "$PY" bench/bench_gpu.py --device "$DEVICE" $small --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt" | tail -60
 step "done"

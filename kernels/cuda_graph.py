@@ -31,10 +31,14 @@ StepAt = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]  # (token 
 class GraphStep:
     """Replays `step_at` from a CUDA graph captured for the cache it is called with (re-captured for a new one)."""
 
-    def __init__(self, step_at: StepAt, usable: Callable[[object], bool], device: torch.device, vocab: int) -> None:
-        self.step_at, self.usable, self.device, self.vocab = step_at, usable, device, vocab  # usable(cache): step_at runs over it
-        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+    def __init__(self, step_at: StepAt, usable: Callable[[object], bool], tables: Callable[[], object], device: torch.device, vocab: int) -> None:
+        # usable(cache): step_at runs over it; tables(): what step_at reads besides the cache and the weights (the
+        # RoPE tables), held for as long as the graph is, since the graph keeps only their addresses
+        self.step_at, self.usable, self.tables, self.device, self.vocab = step_at, usable, tables, device, vocab
+        with torch.inference_mode(False):  # built inside a forward call, written outside one too
+            self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
+            self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self._held: object = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # the graph's output [1, 1, V] float32, overwritten by each replay
         self._cache = lambda: None  # weak reference to the cache the graph was captured for
@@ -58,6 +62,7 @@ class GraphStep:
 
     def _capture(self, cache) -> bool:
         self.graph = self.logits = None
+        stream = torch.cuda.current_stream(self.device)  # a failed capture may leave its own stream current
         try:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
@@ -69,10 +74,11 @@ class GraphStep:
             with torch.cuda.graph(graph):
                 self.logits = self.step_at(self.token, self.pos, cache)
         except RuntimeError as e:  # an op that cannot be captured: say so once, then run op by op
+            torch.cuda.set_stream(stream)
             self.failed = f"CUDA graph capture failed, decoding op by op: {e}"
             warnings.warn(self.failed, RuntimeWarning, stacklevel=3)
             return False
-        self.graph, self._cache = graph, weakref.ref(cache)
+        self.graph, self._cache, self._held = graph, weakref.ref(cache), self.tables()
         self.captures += 1
         return True
 
@@ -81,4 +87,4 @@ def plan(model) -> GraphStep | None:
     """A GraphStep for a model on a CUDA device (its step_at), or None where there is no CUDA."""
     if model.device.type != "cuda" or not torch.cuda.is_available():
         return None
-    return GraphStep(model.step_at, model.static_positions, model.device, model.config.vocab_size)
+    return GraphStep(model.step_at, model.static_positions, lambda: model._rope, model.device, model.config.vocab_size)

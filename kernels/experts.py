@@ -51,7 +51,7 @@ def moe_experts(
     moe_prefill (one sync per call, for many tokens only).
     """
     if x.device.type != "cpu":
-        if grouped_mm_on_device(x):
+        if grouped_mm_on_device(x, gate_up):
             return moe_grouped(x, expert_ids, weights, gate_up, down)
         if expert_ids.numel() <= DECODE_MAX_PAIRS:
             return moe_gathered(x, expert_ids, weights, gate_up, down)
@@ -108,12 +108,16 @@ def moe_gathered(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tenso
     return _combine(ys.view(T, k, x.shape[1]), weights)
 
 
-def grouped_mm_on_device(x: torch.Tensor) -> bool:
-    """torch._grouped_mm has a device kernel for x (CUDA bfloat16 on compute capability 9.0+): it runs
-    without reading its offsets back to the host. Asks the device's properties only (no sync)."""
+def grouped_mm_on_device(x: torch.Tensor, gate_up: torch.Tensor | None = None) -> bool:
+    """torch._grouped_mm has a device kernel for x (CUDA bfloat16 on compute capability 9.x or 10.x, the GPUs its
+    cutlass kernel is built for; elsewhere torch's fallback reads the offsets back) and the stacks' rows are
+    16-byte aligned (H and I multiples of 8), so it runs without reading its offsets back to the host. Asks the
+    device's properties only (no sync)."""
     if x.device.type != "cuda" or x.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
         return False
-    return torch.cuda.get_device_capability(x.device)[0] >= 9
+    if gate_up is not None and (gate_up.shape[-1] % 8 or gate_up.shape[-2] % 16):  # H, 2I
+        return False
+    return torch.cuda.get_device_capability(x.device)[0] in (9, 10)
 
 
 def _grouped_moe(group, x, expert_ids, weights, gate_up, down) -> torch.Tensor:

@@ -340,3 +340,16 @@ def test_int8_dequantisation_in_c_is_the_torch_one_bit_for_bit(k, dtype, isa, mo
     slow = lin.dequantized(0, dtype)
     assert torch.equal(fast.isnan(), slow.isnan()) and bool(fast[3].isnan().all())
     assert torch.equal(fast.nan_to_num(0.0), slow.nan_to_num(0.0))
+
+
+def test_graph_step_buffers_can_be_written_outside_inference_mode():
+    """The CUDA graph's static inputs are made at the first decode step, often inside inference mode (generate);
+    a later step outside it writes them: they must not be inference tensors. (Capture itself needs CUDA:
+    tests/test_cuda.py.)"""
+    from moge_kernels.cuda_graph import GraphStep
+
+    with torch.inference_mode():
+        step = GraphStep(lambda token, pos, cache: None, lambda cache: True, lambda: None, torch.device("cpu"), 96)
+    assert not step.token.is_inference() and not step.pos.is_inference()
+    step.token.copy_(torch.tensor([[3]]))
+    step.pos.fill_(5)

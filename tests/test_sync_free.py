@@ -125,7 +125,7 @@ def test_off_the_cpu_moe_experts_chooses_the_device_paths(monkeypatch):
     gate_up, down = (t.to("meta") for t in _experts(8))
     k = 8
     for on_device in (True, False):
-        monkeypatch.setattr(experts, "grouped_mm_on_device", lambda x, _v=on_device: _v)
+        monkeypatch.setattr(experts, "grouped_mm_on_device", lambda x, gate_up=None, _v=on_device: _v)
         for T in (1, experts.DECODE_MAX_PAIRS // k, 512):
             ids = torch.zeros(T, k, dtype=torch.long, device="meta")
             moe_experts(torch.zeros(T, H, device="meta"), ids, ids.float(), gate_up, down)
@@ -210,3 +210,19 @@ def test_cuda_decode_steps_never_sync(dtype):
     finally:
         torch.cuda.set_sync_debug_mode(before)
     assert cache.length == 9 and token.is_cuda
+
+
+def test_grouped_mm_needs_a_device_kernel_and_aligned_rows(monkeypatch):
+    """Only CUDA bf16 on compute capability 9.x / 10.x with H and I multiples of 8 (16-byte rows): elsewhere
+    torch's fallback reads the offsets back to the host."""
+    x = torch.zeros(2, 64, dtype=torch.bfloat16, device="meta")
+    assert not experts.grouped_mm_on_device(x)  # not CUDA
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    cuda_x = type("CudaLike", (), {"device": torch.device("cuda", 0), "dtype": torch.bfloat16})()
+    for capability, ok in (((9, 0), True), ((10, 0), True), ((8, 0), False), ((12, 0), False)):
+        capability = [capability]
+        assert experts.grouped_mm_on_device(cuda_x) is ok
+    capability = [(9, 0)]
+    assert experts.grouped_mm_on_device(cuda_x, torch.empty(8, 2 * 1344, 5120, device="meta"))  # Pangu: I = 1344
+    assert not experts.grouped_mm_on_device(cuda_x, torch.empty(8, 2 * 20, 64, device="meta"))  # I = 20: rows of 40 bytes
+    assert not experts.grouped_mm_on_device(cuda_x, torch.empty(8, 64, 60, device="meta"))  # H = 60
