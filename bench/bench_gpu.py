@@ -7,6 +7,8 @@ slice (the 72B config with 2 layers: hidden 5120, 64 experts of 1344, shared 537
 of 128). `--small` shrinks both (a smoke test: `--device cpu --small` runs in under a minute).
 Engines, all at batch 1 with random weights:
   moge bf16          the model built on the device and filled in place (what load_model builds)
+  moge bf16 op by op the same model with no whole-step plan: every op launched from Python (on CUDA: no
+                     graph replay; on the CPU: no kernels/step.c step), to show what the graph gains
   moge int8 / int4   a compressed-tensors checkpoint (per channel int8; int4 g128 asymmetric, as `moge quantize`
                      writes by default) of random integers, written to a temp dir and loaded by load_model
   transformers       Qwen2-MoE of the same shape holding moge bf16's weights (bench_runtime.load_transformers), with
@@ -218,6 +220,8 @@ def bench_shape(cfg: MoGEConfig, args, bandwidth: float, tmp: Path) -> dict:
 
     ours = random_model(cfg, "bfloat16", args.device)
     run("moge bf16", lambda: None, moge_engine(ours, max_len), ours)
+    op_by_op = moge_engine(ours, max_len)  # the same weights with no whole-step plan (model._plan None):
+    run("moge bf16 op by op", lambda: setattr(ours, "_plan", None), op_by_op, ours)  # no CUDA graph (nor C step)
     if not args.no_transformers:
         try:
             for name, (prepare, step) in transformers_engines(cfg, ours, args.device).items():
