@@ -180,6 +180,34 @@ def test_decode_speed_comes_from_an_untimed_pass_over_the_same_tokens(zero_route
     assert sum(c["seconds"] for c in d.components.values()) == pytest.approx(4 / d.op_by_op_tokens_per_s)
 
 
+def test_the_timed_decode_pass_starts_with_its_plan_built(zero_router, monkeypatch):
+    """The whole-step plan (the C step; on CUDA the captured graph, one per cache) is made at a cache's first
+    step: the timed pass must start with it made, not time its making."""
+    import moge_cli.profiling as module
+    from moge_kernels import native
+
+    seen = {"model": None, "plan at start": "unread"}
+    real_replay, real_clock = module._replay_decode, module.time.perf_counter
+
+    def replay(model, *args):
+        seen["model"] = model
+        try:
+            return real_replay(model, *args)
+        finally:
+            seen["model"] = None
+
+    def clock():
+        if seen["model"] is not None and seen["plan at start"] == "unread":
+            seen["plan at start"] = seen["model"]._plan  # False: not built yet
+        return real_clock()
+
+    monkeypatch.setattr(module, "_replay_decode", replay)
+    monkeypatch.setattr(module.time, "perf_counter", clock)
+    profile(zero_router, prompt_ids=[1, 2, 3, 4], decode=5)
+    assert seen["plan at start"] != "unread"
+    assert seen["plan at start"] is not False or not native.available()
+
+
 def test_report_to_dict_is_the_json_output(zero_router, tmp_path, monkeypatch):
     import moge_cli.profiling as module
 
