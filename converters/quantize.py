@@ -119,17 +119,12 @@ def _mse_params(x: torch.Tensor, scheme: Scheme, scale_dtype, a: torch.Tensor | 
     Ratio 1.0 is round-to-nearest itself, so the result is never worse than rtn (by the same measure).
     """
     wt = torch.ones_like(x[:1]) if a is None else a  # [1, G, gs]
-    best_s, best_z = _rtn_params(x, scheme, scale_dtype)
-    best_e = _group_error(x, best_s, best_z, scheme, a)
+    s, z = _rtn_params(x, scheme, scale_dtype)
+    best = (_group_error(x, s, z, scheme, a), s, z)  # per group: error, scale, zero
     for r in CLIP_RATIOS[1:]:
         s, z = _rtn_params(x, scheme, scale_dtype, r)
-        e = _group_error(x, s, z, scheme, a)
-        better = e < best_e
-        best_e = torch.where(better, e, best_e)
-        best_s = torch.where(better, s, best_s)
-        if z is not None:
-            best_z = torch.where(better, z, best_z)
-    s, z = best_s, best_z
+        best = _lower(_group_error(x, s, z, scheme, a), s, z, best)
+    _, s, z = best
     for _ in range(REFINE_STEPS):
         q = _round(x, s, z, scheme)  # [N, G, gs]
         if z is None:
@@ -148,14 +143,16 @@ def _mse_params(x: torch.Tensor, scheme: Scheme, scale_dtype, a: torch.Tensor | 
             d = q - z.unsqueeze(-1)  # integers relative to the new zero
             den = (wt * d.pow(2)).sum(-1)
             s = _stored(torch.where(den > 0, (wt * x * d).sum(-1) / den.clamp(min=1e-30), slope), scale_dtype)
-        e = _group_error(x, s, z, scheme, a)
-        better = e < best_e
-        best_e = torch.where(better, e, best_e)
-        best_s = torch.where(better, s, best_s)
-        if z is not None:
-            best_z = torch.where(better, z, best_z)
-        s, z = best_s, best_z
-    return best_s, best_z
+        best = _lower(_group_error(x, s, z, scheme, a), s, z, best)
+        _, s, z = best
+    return s, z
+
+
+def _lower(e: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, best: tuple) -> tuple:
+    """Per group, the candidate (error e, scale s, zero z) where its error is lower than best's, else best's."""
+    best_e, best_s, best_z = best
+    lower = e < best_e
+    return torch.where(lower, e, best_e), torch.where(lower, s, best_s), None if z is None else torch.where(lower, z, best_z)
 
 
 # ---- error -------------------------------------------------------------------------------------
