@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from moge_cli.profiling import proc_status_kib
 from moge_cli.safetensors_format import DTYPE_SIZES, TORCH_NAMES
 
 from moge_converters.overflow import CastStats, Fp16OverflowError
@@ -103,15 +104,8 @@ DRY_RUN_KEYS = ("source", "destination", "layout", "dtype", "dtype_changes", "te
 
 
 def rss_anon() -> int:
-    """This process's anonymous resident memory (RssAnon) in bytes; memory-mapped file pages do not count."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    """This process's anonymous resident memory (RssAnon) in bytes; memory-mapped file pages do not count (0 without /proc)."""
+    return (proc_status_kib("RssAnon") or 0) * 1024
 
 
 class PeakRss:

@@ -19,25 +19,24 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Callable
 
 import torch
 
 WARMUP_STEPS = 2  # before capture, on a side stream (lazy set-up: cuBLAS handles, kernel selection)
 
-StepAt = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]  # (token [1, 1], pos [1], cache) -> logits [1, 1, V]
-
-
 class GraphStep:
-    """Replays `step_at` from a CUDA graph captured for the cache it is called with (re-captured for a new one)."""
+    """Replays the model's `step_at(token, pos, cache)` from a CUDA graph captured for the cache it is called with
+    (captured again for a new one). Reads the model duck-typed, as decode_step.plan does: step_at,
+    static_positions(cache) (whether step_at can run over a cache), _rope (the RoPE tables step_at reads, held as
+    long as the graph is: the graph keeps only their addresses), device, config.vocab_size. Holds the model weakly
+    (the model holds its plan)."""
 
-    def __init__(self, step_at: StepAt, usable: Callable[[object], bool], tables: Callable[[], object], device: torch.device, vocab: int) -> None:
-        # usable(cache): step_at runs over it; tables(): what step_at reads besides the cache and the weights (the
-        # RoPE tables), held for as long as the graph is, since the graph keeps only their addresses
-        self.step_at, self.usable, self.tables, self.device, self.vocab = step_at, usable, tables, device, vocab
+    def __init__(self, model) -> None:
+        self._model = weakref.ref(model)
+        self.device, self.vocab = model.device, model.config.vocab_size
         with torch.inference_mode(False):  # built inside a forward call, written outside one too
-            self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
-            self.pos = torch.zeros(1, dtype=torch.long, device=device)
+            self.token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+            self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self._held: object = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # the graph's output [1, 1, V] float32, overwritten by each replay
@@ -47,9 +46,10 @@ class GraphStep:
 
     def step(self, input_ids: torch.Tensor, pos: int, cache) -> torch.Tensor | None:
         """Logits [1, 1, V] float32 of token input_ids [1, 1] at position pos (< cache.max_len); writes its k and v
-        to the cache. None where capture failed, the cache is not usable(cache), or the id is outside the vocabulary (a host tensor's is checked
-        here; one already on the device is not read). Does not advance the cache."""
-        if self.failed is not None or not self.usable(cache):
+        to the cache. None where capture failed, the model cannot step over this cache (static_positions), or the
+        id is outside the vocabulary (a host tensor's is checked here; one already on the device is not read).
+        Does not advance the cache."""
+        if self.failed is not None:
             return None
         if input_ids.device.type == "cpu" and not 0 <= int(input_ids) < self.vocab:
             return None  # the op-by-op path explains
@@ -61,6 +61,10 @@ class GraphStep:
         return self.logits.clone()
 
     def _capture(self, cache) -> bool:
+        """Capture step_at over `cache`; False (the model runs op by op) where it cannot step over it or capture fails."""
+        model = self._model()
+        if model is None or not model.static_positions(cache):
+            return False
         self.graph = self.logits = None
         stream = torch.cuda.current_stream(self.device)  # a failed capture may leave its own stream current
         try:
@@ -68,17 +72,17 @@ class GraphStep:
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(WARMUP_STEPS):  # writes k and v at pos, which the replay writes again
-                    self.step_at(self.token, self.pos, cache)
+                    model.step_at(self.token, self.pos, cache)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self.logits = self.step_at(self.token, self.pos, cache)
+                self.logits = model.step_at(self.token, self.pos, cache)
         except RuntimeError as e:  # an op that cannot be captured: say so once, then run op by op
             torch.cuda.set_stream(stream)
             self.failed = f"CUDA graph capture failed, decoding op by op: {e}"
             warnings.warn(self.failed, RuntimeWarning, stacklevel=3)
             return False
-        self.graph, self._cache, self._held = graph, weakref.ref(cache), self.tables()
+        self.graph, self._cache, self._held = graph, weakref.ref(cache), model._rope
         self.captures += 1
         return True
 
@@ -87,4 +91,4 @@ def plan(model) -> GraphStep | None:
     """A GraphStep for a model on a CUDA device (its step_at), or None where there is no CUDA."""
     if model.device.type != "cuda" or not torch.cuda.is_available():
         return None
-    return GraphStep(model.step_at, model.static_positions, lambda: model._rope, model.device, model.config.vocab_size)
+    return GraphStep(model)

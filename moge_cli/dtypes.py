@@ -6,7 +6,7 @@ asked for. kernels/native.py keeps its own map from torch dtypes to the C enum (
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from moge_cli.errors import UsageError
 
@@ -25,6 +25,22 @@ SPELLINGS = {
     "float32": "float32", "fp32": "float32", "f32": "float32",
 }  # fmt: skip
 CHOICES = " | ".join(f"{n} ({', '.join(s for s, m in SPELLINGS.items() if m == n and s != n)})" for n in NAMES)  # for help texts
+
+
+def loaded_dtype_name(tensors: Iterable[tuple[str, int]], where: object, quantized: bool = False) -> str:
+    """The model dtype a load picks without one given: the code holding most bytes among `tensors` ((safetensors
+    code, bytes) pairs; quantized: only the float ones count, the packed integers do not; bfloat16 where there are
+    none). UsageError where that is not a float dtype moge runs (`where` names the checkpoint)."""
+    by_code: dict[str, int] = {}
+    for code, nbytes in tensors:
+        if not quantized or code in NAME_OF_CODE:
+            by_code[code] = by_code.get(code, 0) + nbytes
+    if not by_code:
+        return "bfloat16"
+    code = max(by_code, key=by_code.get)
+    if code not in NAME_OF_CODE:
+        raise UsageError(f"{where}: weights are {code}; choose a dtype (--dtype, or dtype= in Python): one of {', '.join(NAMES)}")
+    return NAME_OF_CODE[code]
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -20,14 +20,13 @@ from torch import nn
 
 from moge_cli import hugepages
 from moge_cli.checkpoint import Checkpoint, open_checkpoint
-from moge_cli.dtypes import FLOAT_DTYPES, NAME_OF_CODE, NAMES, resolve_dtype, torch_dtype
+from moge_cli.dtypes import loaded_dtype_name, resolve_dtype, torch_dtype
 from moge_cli.errors import CheckpointError, UsageError
 from moge_kernels.ops import runs_natively
 from moge_kernels.qlinear import KERNELS, Parts, QLinear, dequantize
 from moge_cli.model import MoGEForCausalLM
 from moge_cli.names import PER_EXPERT, PER_EXPERT_RE, SHAPE, STACKED_RE, expected_tensors, module_of, parameter_sources, skipped_reason, tensor_name
 from moge_cli.quant_format import QuantizedCheckpoint, Scheme, expected_quantized, quantization_of, read_module
-from moge_cli.safetensors_format import TORCH_NAMES
 
 LOAD_CHUNK_BYTES = 1 << 20  # file bytes mapped at a time while loading
 DEFAULT_KERNEL = os.environ.get("MOGE_QUANT_KERNEL", "native")  # which kernels run quantized weights: moge_kernels.qlinear.KERNELS
@@ -177,19 +176,8 @@ def check_tied_head(ckpt) -> None:
 
 
 def checkpoint_dtype(ckpt, quant: QuantizedCheckpoint | None = None) -> torch.dtype:
-    """The dtype holding most of the checkpoint's bytes. Quantized: most of its float bytes (scales and
-    unquantized weights; the packed integers do not count), bfloat16 where there are none."""
-    bytes_by_code: dict[str, int] = {}
-    for info in ckpt.tensors.values():
-        if quant is None or info.dtype in NAME_OF_CODE:
-            bytes_by_code[info.dtype] = bytes_by_code.get(info.dtype, 0) + info.nbytes
-    if not bytes_by_code:
-        return torch.bfloat16
-    code = max(bytes_by_code, key=bytes_by_code.get)
-    name = TORCH_NAMES.get(code, code)
-    if name not in FLOAT_DTYPES:
-        raise UsageError(f"{ckpt.root}: weights are {name}; pass dtype= one of {', '.join(NAMES)} to load them")
-    return torch_dtype(name)
+    """The dtype holding most of the checkpoint's bytes (dtypes.loaded_dtype_name; quantized: of its float bytes)."""
+    return torch_dtype(loaded_dtype_name(((i.dtype, i.nbytes) for i in ckpt.tensors.values()), ckpt.root, quant is not None))
 
 
 def expert_slice(model: MoGEForCausalLM, sources: dict[str, list[str]], experts: tuple[int, int]) -> dict[str, tuple[int, int]]:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from moge_cli.checkpoint import Checkpoint
 from moge_cli.config import MoGEConfig
-from moge_cli.dtypes import FLOAT_DTYPES, NAME_OF_CODE, NAMES, SPELLINGS
+from moge_cli.dtypes import NAME_OF_CODE, NAMES, SPELLINGS, loaded_dtype_name
 from moge_cli.errors import UsageError
 from moge_cli.names import PER_EXPERT, PER_EXPERT_RE, SCALE, STACKED, expected_tensors, module_of, parameter_sources
 from moge_cli.quant_format import Scheme, read_quantization
@@ -221,22 +221,14 @@ def _as_quantized(ckpt: Checkpoint, options: QuantOptions) -> tuple[dict[str, tu
 
 def _dtype_name(dtype: str | None, tensors: dict[str, tuple[str, tuple[int, ...]]], quantized: bool, ckpt: Checkpoint) -> str:
     """The model dtype after load: `dtype`, else the float dtype holding most of the checkpoint's bytes (quantized:
-    of its float tensors; bfloat16 where there are none), as moge_cli.loader.checkpoint_dtype chooses."""
+    of its float tensors; bfloat16 where there are none): dtypes.loaded_dtype_name, as the loader chooses."""
     if dtype is not None:
         name = SPELLINGS.get(str(dtype).removeprefix("torch.").lower())
         if name is None:
             raise UsageError(f"unsupported dtype {dtype!s}; use one of {', '.join(NAMES)}")
         return name
-    by_code: dict[str, int] = {}
-    for code, shape in tensors.values():
-        if not quantized or code in NAME_OF_CODE:
-            by_code[code] = by_code.get(code, 0) + math.prod(shape) * DTYPE_SIZES.get(code, 1)
-    if not by_code:
-        return "bfloat16"
-    code = max(by_code, key=by_code.get)
-    if code not in NAME_OF_CODE:
-        raise UsageError(f"{ckpt.root}: weights are {code}; pass a --dtype, one of {', '.join(FLOAT_DTYPES)}")
-    return NAME_OF_CODE[code]
+    sizes = ((code, math.prod(shape) * DTYPE_SIZES.get(code, 1)) for code, shape in tensors.values())
+    return loaded_dtype_name(sizes, ckpt.root, quantized)
 
 
 # ---- the device ----------------------------------------------------------------------------------

@@ -147,13 +147,13 @@ def peak_memory_bytes(device: Any = "cpu") -> int:
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated(device))
-    if (hwm := _status_kib("VmHWM")) is not None:
+    if (hwm := proc_status_kib("VmHWM")) is not None:
         return hwm * 1024
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB elsewhere
 
 
-def _status_kib(field: str) -> int | None:
+def proc_status_kib(field: str) -> int | None:
     """A `field:  N kB` line of /proc/self/status, in KiB; None where there is no such file (macOS)."""
     try:
         lines = Path("/proc/self/status").read_text().splitlines()

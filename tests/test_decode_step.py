@@ -348,8 +348,9 @@ def test_graph_step_buffers_can_be_written_outside_inference_mode():
     tests/test_cuda.py.)"""
     from moge_kernels.cuda_graph import GraphStep
 
+    model = random_model("G2-K2", torch.float32)
     with torch.inference_mode():
-        step = GraphStep(lambda token, pos, cache: None, lambda cache: True, lambda: None, torch.device("cpu"), 96)
+        step = GraphStep(model)
     assert not step.token.is_inference() and not step.pos.is_inference()
     step.token.copy_(torch.tensor([[3]]))
     step.pos.fill_(5)

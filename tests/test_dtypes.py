@@ -32,3 +32,14 @@ def test_every_spelling_names_a_dtype_and_the_help_lists_them():
     assert set(SPELLINGS.values()) == set(NAMES)
     assert all(s in CHOICES for s in SPELLINGS)
     assert resolve_dtype(None) == torch.bfloat16 and resolve_dtype(None, torch.float16) == torch.float16
+
+
+def test_loaded_dtype_name_is_the_one_choice_loader_and_memory_plan_make():
+    """The code holding most bytes; quantized: only float codes count (bfloat16 where none); non-float: UsageError."""
+    from moge_cli.dtypes import loaded_dtype_name
+
+    assert loaded_dtype_name([("BF16", 10), ("F32", 30), ("BF16", 25)], "ck") == "bfloat16"
+    assert loaded_dtype_name([("I32", 100), ("F16", 5)], "ck", quantized=True) == "float16"
+    assert loaded_dtype_name([("I32", 100)], "ck", quantized=True) == "bfloat16"
+    with pytest.raises(UsageError, match="^ck: weights are I32; choose a dtype"):
+        loaded_dtype_name([("I32", 100), ("F16", 5)], "ck")
